@@ -1,0 +1,94 @@
+"""Intake: a secure refill-request intake pipeline for specialty pharmacies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from flask import Flask
+
+from config import Settings
+from intake import embedded
+from intake.phi import Keyring
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the web application for ``settings`` (read from the environment by default)."""
+    from intake.logs import configure_logging
+
+    settings = settings or Settings.from_env()
+    data_dir = Path(settings.data_dir)
+    configure_logging(settings.log_level, data_dir / "logs")
+
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=_secret_key(settings),
+        SQLALCHEMY_DATABASE_URI=settings.effective_database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        MAX_FORM_MEMORY_SIZE=settings.max_content_length,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=not settings.embedded,
+        SESSION_COOKIE_NAME="intake_session",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        WTF_CSRF_TIME_LIMIT=int(settings.max_form_age_seconds) or None,
+        WTF_CSRF_SSL_STRICT=not settings.embedded,
+        BABEL_DEFAULT_LOCALE="en",
+        BABEL_TRANSLATION_DIRECTORIES=str(Path(__file__).with_name("translations")),
+        RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
+        RATELIMIT_KEY_PREFIX="intake-limits",
+        RATELIMIT_SWALLOW_ERRORS=True,
+    )
+    app.extensions["intake.settings"] = settings
+    app.extensions["intake.keyring"] = _keyring(settings)
+
+    register_extensions(app)
+    register_blueprints(app)
+    register_errorhandlers(app)
+    return app
+
+
+def _secret_key(settings: Settings) -> str:
+    if settings.secret_key:
+        return embedded.read_secret_setting(settings.secret_key)
+    return embedded.ensure_secret_file(
+        Path(settings.data_dir) / "secret_key", embedded.generate_secret_key, "flask secret key"
+    )
+
+
+def _keyring(settings: Settings) -> Keyring:
+    if settings.keyring:
+        return Keyring.from_json(embedded.read_secret_setting(settings.keyring))
+    text = embedded.ensure_secret_file(
+        Path(settings.data_dir) / "keyring.json",
+        lambda: Keyring.generate().to_json(),
+        "keyring",
+    )
+    return Keyring.from_json(text)
+
+
+def register_extensions(app: Flask) -> None:
+    from intake import i18n
+    from intake.extensions import babel, csrf, db, limiter, migrate
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(Path(__file__).with_name("migrations")))
+    csrf.init_app(app)
+    babel.init_app(app, locale_selector=i18n.select_locale)
+    limiter.init_app(app)
+    i18n.init_app(app)
+
+
+def register_blueprints(app: Flask) -> None:
+    from intake import ops
+    from intake.patient.views import bp as patient
+
+    app.register_blueprint(patient)
+    app.register_blueprint(ops.bp)
+
+
+def register_errorhandlers(app: Flask) -> None:
+    from intake import web
+
+    web.init_app(app)

@@ -1,0 +1,28 @@
+"""The ``intake`` command: Flask's CLI with Intake's commands added."""
+
+from __future__ import annotations
+
+import click
+from flask.cli import FlaskGroup
+
+from intake import create_app
+
+
+@click.group(cls=FlaskGroup, create_app=lambda: create_app(), add_version_option=False,
+             load_dotenv=False, set_debug_flag=False)
+def cli() -> None:
+    """Intake: secure refill-request intake for specialty pharmacies."""
+
+
+def register(group: click.Group) -> None:
+    from intake import commands
+
+    for command in commands.COMMANDS:
+        group.add_command(command)
+
+
+register(cli)
+
+
+def main() -> None:
+    cli(prog_name="intake")

@@ -1,0 +1,55 @@
+"""Structured logging: JSON lines to stderr and to the data folder, never PHI.
+
+Log events carry ids, references, counts and reasons. Nothing logs a form, a request body or
+a decrypted document; the canary tests read every line written to prove it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import structlog
+
+_configured_files: set[Path] = set()
+
+
+def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
+    """Send structlog and stdlib logging through one JSON formatter."""
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(getattr(h, "_intake", False) for h in root.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter)
+        stream._intake = True  # type: ignore[attr-defined]
+        root.addHandler(stream)
+    if log_dir is not None:
+        path = (log_dir / "intake.log").resolve()
+        if path not in _configured_files:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path, encoding="utf-8")
+            handler.setFormatter(formatter)
+            handler._intake = True  # type: ignore[attr-defined]
+            root.addHandler(handler)
+            _configured_files.add(path)

@@ -1,0 +1,117 @@
+"""The transactional outbox: tasks recorded with the change, published after commit.
+
+Why: publishing a Celery task inside the database transaction risks a task for a request that
+then rolls back; publishing after commit risks losing the task if the process dies or the broker
+is down in between. The outbox row is written in the same transaction as the request, published
+after commit, and a periodic sweep republishes any row still pending, so a request may be
+delayed by a broker outage but never lost. Consumers are idempotent, so publishing twice is safe.
+
+This module is the one narrow door from the domain to the task queue: the worker package
+registers a publisher (``set_publisher``); nothing here imports Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from intake.clock import utcnow
+from intake.models import OutboxMessage
+
+log = structlog.get_logger(__name__)
+
+Publisher = Callable[[str, str], None]
+"""Publish task ``name`` with the single argument ``request_id``; raise if the broker fails."""
+
+# A message published but not marked done after this long is published again: the broker
+# may have lost it (a Redis restart without persistence) or no worker may have taken it.
+REPUBLISH_AFTER = timedelta(seconds=60)
+
+_publisher: Publisher | None = None
+
+
+def set_publisher(publisher: Publisher | None) -> None:
+    global _publisher
+    _publisher = publisher
+
+
+def get_publisher() -> Publisher | None:
+    return _publisher
+
+
+def enqueue(session: Session, request_id: str, task: str) -> OutboxMessage:
+    """Record a task for ``request_id`` in the caller's transaction."""
+    message = OutboxMessage(request_id=request_id, task=task)
+    session.add(message)
+    return message
+
+
+def publish(session: Session, message_ids: list[int]) -> int:
+    """Publish committed outbox rows; return how many reached the broker.
+
+    A failure leaves the rows pending for the sweep; it is logged, never raised, so a patient
+    whose request is saved always gets the thanks page.
+    """
+    publisher = _publisher
+    if publisher is None or not message_ids:
+        return 0
+    rows = session.execute(
+        select(OutboxMessage.id, OutboxMessage.task, OutboxMessage.request_id).where(
+            OutboxMessage.id.in_(message_ids), OutboxMessage.status == "pending"
+        )
+    ).all()
+    published: list[int] = []
+    for row in rows:
+        try:
+            publisher(row.task, row.request_id)
+        except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
+            log.warning("outbox_publish_failed", outbox_id=row.id, error=type(error).__name__)
+            break
+        published.append(row.id)
+    session.rollback()
+    if published:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(published))
+            .values(published_at=utcnow(), attempts=OutboxMessage.attempts + 1)
+        )
+        session.commit()
+    return len(published)
+
+
+def sweep(session: Session, limit: int = 500) -> int:
+    """Publish pending rows never published, or published too long ago without being done."""
+    stale = utcnow() - REPUBLISH_AFTER
+    ids = list(
+        session.execute(
+            select(OutboxMessage.id)
+            .where(
+                OutboxMessage.status == "pending",
+                or_(OutboxMessage.published_at.is_(None), OutboxMessage.published_at < stale),
+            )
+            .order_by(OutboxMessage.id)
+            .limit(limit)
+        ).scalars()
+    )
+    session.rollback()
+    count = publish(session, ids)
+    if ids:
+        log.info("outbox_swept", pending=len(ids), published=count)
+    return count
+
+
+def mark_done(session: Session, request_id: str, task: str) -> None:
+    """Mark a request's pending rows for ``task`` done, in the consumer's transaction."""
+    session.execute(
+        update(OutboxMessage)
+        .where(
+            OutboxMessage.request_id == request_id,
+            OutboxMessage.task == task,
+            OutboxMessage.status == "pending",
+        )
+        .values(status="done", done_at=utcnow())
+    )

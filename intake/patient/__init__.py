@@ -1,0 +1,1 @@
+"""The patient's side: refill and contact forms, thanks and status pages."""

@@ -1,0 +1,117 @@
+"""Accept a patient's request: seal its PHI and record it, its consents, its routing task and
+its audit event in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from intake import outbox, phi
+from intake.audit import record_event
+from intake.consents import ConsentText
+from intake.models import ConsentAcceptance, Request, new_uuid
+from intake.references import new_reference
+
+ROUTE_TASK = "route_request"
+
+
+@dataclass(frozen=True)
+class Submission:
+    kind: str
+    language: str
+    phi: Mapping[str, Any]
+    consents: list[ConsentText]
+    topic: str | None = None
+    location: str | None = None
+    ip_hmac: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: str
+    reference: str
+    outbox_id: int
+
+
+def _indexes(keyring: phi.Keyring, document: Mapping[str, Any]) -> dict[str, str | None]:
+    dob = document.get("date_of_birth")
+    return {
+        "phone_index": phi.phone_index(keyring, document["phone"]) if document.get("phone") else None,
+        "email_index": phi.email_index(keyring, document["email"]) if document.get("email") else None,
+        "name_dob_index": (
+            phi.name_dob_index(keyring, document["last_name"], dob) if dob else None
+        ),
+    }
+
+
+def _unused_reference(session: Session, kind: str) -> str:
+    while True:
+        reference = new_reference(kind)
+        taken = session.execute(select(Request.id).where(Request.reference == reference)).first()
+        if taken is None:
+            return reference
+
+
+def submit_request(session: Session, keyring: phi.Keyring, submission: Submission) -> Accepted:
+    """Store a request atomically; the caller publishes the outbox row after this returns."""
+    for attempt in range(3):
+        request_id = new_uuid()
+        sealed = phi.seal_phi(keyring, request_id, submission.phi)
+        reference = _unused_reference(session, submission.kind)
+        row = Request(
+            id=request_id,
+            reference=reference,
+            kind=submission.kind,
+            topic=submission.topic,
+            location=submission.location,
+            language=submission.language,
+            status="received",
+            kek_id=sealed.wrapped_key.kek_id,
+            wrapped_key=sealed.wrapped_key.blob,
+            phi=sealed.ciphertext,
+            **_indexes(keyring, submission.phi),
+        )
+        session.add(row)
+        session.flush()  # the request row first: consents and the outbox refer to it
+        for text in submission.consents:
+            session.add(
+                ConsentAcceptance(
+                    request_id=request_id,
+                    document=text.document,
+                    version=text.version,
+                    language=text.language,
+                    sha256=text.sha256,
+                )
+            )
+        message = outbox.enqueue(session, request_id, ROUTE_TASK)
+        record_event(
+            session,
+            actor="patient",
+            action="request.submitted",
+            reference=reference,
+            ip_hmac=submission.ip_hmac,
+            details={
+                "kind": submission.kind,
+                "topic": submission.topic,
+                "location": submission.location,
+                "language": submission.language,
+                "consents": [f"{c.document}-{c.version}.{c.language}" for c in submission.consents],
+                **submission.details,
+            },
+        )
+        try:
+            session.commit()
+        except IntegrityError:
+            # Two submissions drew the same reference at once: start over with a new one.
+            session.rollback()
+            if attempt == 2:
+                raise
+            continue
+        return Accepted(request_id=request_id, reference=reference, outbox_id=message.id)
+    raise AssertionError("unreachable")
