@@ -116,7 +116,8 @@ class Settings:
             ]
             if missing:
                 raise SettingsError(
-                    "the production profile needs " + ", ".join(missing)
+                    "the production profile needs "
+                    + ", ".join(missing)
                     + "; secrets are never generated outside the embedded profile"
                 )
 

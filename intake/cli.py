@@ -8,8 +8,13 @@ from flask.cli import FlaskGroup
 from intake import create_app
 
 
-@click.group(cls=FlaskGroup, create_app=lambda: create_app(), add_version_option=False,
-             load_dotenv=False, set_debug_flag=False)
+@click.group(
+    cls=FlaskGroup,
+    create_app=lambda: create_app(),
+    add_version_option=False,
+    load_dotenv=False,
+    set_debug_flag=False,
+)
 def cli() -> None:
     """Intake: secure refill-request intake for specialty pharmacies."""
 

@@ -27,8 +27,13 @@ def ensure_secret_file(path: Path, generate: Callable[[], str], what: str) -> st
         return path.read_text(encoding="utf-8").strip()
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(generate())
-    log.warning("secret_generated", secret=what, path=str(path), mode="0600",
-                advice="back this file up; production reads it from the environment")
+    log.warning(
+        "secret_generated",
+        secret=what,
+        path=str(path),
+        mode="0600",
+        advice="back this file up; production reads it from the environment",
+    )
     return path.read_text(encoding="utf-8").strip()
 
 

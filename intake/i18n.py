@@ -30,7 +30,11 @@ def _remember(response: Response) -> Response:
     language = g.get("remember_language")
     if language:
         response.set_cookie(
-            COOKIE, language, max_age=365 * 24 * 3600, httponly=True, samesite="Lax",
+            COOKIE,
+            language,
+            max_age=365 * 24 * 3600,
+            httponly=True,
+            samesite="Lax",
             secure=request.is_secure,
         )
     return response

@@ -212,6 +212,7 @@ def open_phi(keyring: Keyring, row_id: str, sealed: SealedPHI) -> dict[str, Any]
 
 # -- blind indexes ---------------------------------------------------------------------------
 
+
 def normalize_email(value: str) -> str:
     return value.strip().lower()
 

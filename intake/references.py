@@ -10,16 +10,12 @@ ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PREFIXES = {"refill": "R", "contact": "C"}
 GROUPS, GROUP_LENGTH = 2, 4  # 8 symbols x 5 bits = 40 random bits
 
-REFERENCE_RE = re.compile(
-    rf"^[RC]-[{ALPHABET}]{{{GROUP_LENGTH}}}-[{ALPHABET}]{{{GROUP_LENGTH}}}$"
-)
+REFERENCE_RE = re.compile(rf"^[RC]-[{ALPHABET}]{{{GROUP_LENGTH}}}-[{ALPHABET}]{{{GROUP_LENGTH}}}$")
 _CONFUSABLE = str.maketrans({"I": "1", "L": "1", "O": "0", "U": "V"})
 
 
 def new_reference(kind: str) -> str:
-    groups = (
-        "".join(secrets.choice(ALPHABET) for _ in range(GROUP_LENGTH)) for _ in range(GROUPS)
-    )
+    groups = ("".join(secrets.choice(ALPHABET) for _ in range(GROUP_LENGTH)) for _ in range(GROUPS))
     return "-".join((PREFIXES[kind], *groups))
 
 

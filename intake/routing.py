@@ -151,8 +151,10 @@ def parse_routing(text: str, path: Path, known: Mapping[str, Iterable[str]]) -> 
     locations = {
         str(raw["id"]): Location(
             id=str(raw["id"]),
-            names={"en": str(raw.get("name_en", raw["id"])), "es": str(raw.get("name_es", ""))
-                   or str(raw.get("name_en", raw["id"]))},
+            names={
+                "en": str(raw.get("name_en", raw["id"])),
+                "es": str(raw.get("name_es", "")) or str(raw.get("name_en", raw["id"])),
+            },
         )
         for raw in doc.get("locations", [])
         if "id" in raw
@@ -167,7 +169,9 @@ def parse_routing(text: str, path: Path, known: Mapping[str, Iterable[str]]) -> 
         name = str(raw.get("name", f"rule {index + 1}"))
         unknown_keys = set(raw) - {*CONDITIONS, "name", "team", "priority", "sla"}
         if unknown_keys:
-            raise RoutingError(f"{where}: rule {name!r} has unknown key {sorted(unknown_keys)[0]!r}")
+            raise RoutingError(
+                f"{where}: rule {name!r} has unknown key {sorted(unknown_keys)[0]!r}"
+            )
         conditions = {k: _values(raw[k], where, k) for k in CONDITIONS if k in raw}
         for key, values in conditions.items():
             bad = sorted(values - set(known.get(key, values)))

@@ -12,4 +12,6 @@ def location_choices() -> list[tuple[str, str]]:
 
     table = load_routing(current_app.extensions["intake.settings"].routing_file)
     language = current_language()
-    return [(loc.id, loc.names.get(language) or loc.names["en"]) for loc in table.locations.values()]
+    return [
+        (loc.id, loc.names.get(language) or loc.names["en"]) for loc in table.locations.values()
+    ]

@@ -29,11 +29,16 @@ COARSE = {
 
 
 def look_up_status(
-    session: Session, keyring: phi.Keyring, reference: str, date_of_birth: str,
+    session: Session,
+    keyring: phi.Keyring,
+    reference: str,
+    date_of_birth: str,
     ip_hmac: str | None,
 ) -> str | None:
     """Return the coarse status, or None when the pair matches no request."""
-    row = session.execute(select(Request).where(Request.reference == reference)).scalar_one_or_none()
+    row = session.execute(
+        select(Request).where(Request.reference == reference)
+    ).scalar_one_or_none()
     status: str | None = None
     if row is not None and row.wrapped_key is not None and row.kek_id is not None:
         try:

@@ -42,8 +42,12 @@ class Accepted:
 def _indexes(keyring: phi.Keyring, document: Mapping[str, Any]) -> dict[str, str | None]:
     dob = document.get("date_of_birth")
     return {
-        "phone_index": phi.phone_index(keyring, document["phone"]) if document.get("phone") else None,
-        "email_index": phi.email_index(keyring, document["email"]) if document.get("email") else None,
+        "phone_index": phi.phone_index(keyring, document["phone"])
+        if document.get("phone")
+        else None,
+        "email_index": phi.email_index(keyring, document["email"])
+        if document.get("email")
+        else None,
         "name_dob_index": (
             phi.name_dob_index(keyring, document["last_name"], dob) if dob else None
         ),

@@ -26,19 +26,28 @@ CONTENT_SECURITY_POLICY = "; ".join(
 )
 
 ERROR_TEXTS = {
-    400: (_l("Something was wrong with that request"),
-          _l("Please go back, reload the page and try again.")),
-    404: (_l("Page not found"), _l("Check the address, or start again from the home page.")),
+    400: (
+        _l("Something was wrong with that request"),
+        _l("Please go back, reload the page and try again."),
+    ),
+    404: (_l("Page not found"), _l("Check the web address, or start again from the home page.")),
     405: (_l("That action is not allowed here"), _l("Please start again from the home page.")),
-    413: (_l("That was too much to send"),
-          _l("The form was larger than we accept. Please shorten your message and send it again.")),
-    429: (_l("Too many attempts"),
-          _l("Please wait a few minutes before trying again.")),
-    500: (_l("Something went wrong on our side"),
-          _l("Your information was not saved. Please try again in a few minutes or call the "
-             "pharmacy.")),
-    503: (_l("The service is briefly unavailable"),
-          _l("Nothing was saved. Please try again in a few minutes or call the pharmacy.")),
+    413: (
+        _l("That was too much to send"),
+        _l("The form was larger than we accept. Please shorten your message and send it again."),
+    ),
+    429: (_l("Too many attempts"), _l("Please wait a few minutes before trying again.")),
+    500: (
+        _l("Something went wrong on our side"),
+        _l(
+            "Your information was not saved. Please try again in a few minutes or call the "
+            "pharmacy."
+        ),
+    ),
+    503: (
+        _l("The service is briefly unavailable"),
+        _l("Nothing was saved. Please try again in a few minutes or call the pharmacy."),
+    ),
 }
 
 

@@ -21,7 +21,7 @@ from wtforms.validators import ValidationError
 from intake.routing_data import location_choices
 
 REQUIRED = _l("This field is required.")
-NAME_INVALID = _l("Use letters only (spaces, hyphens and apostrophes are fine).")
+NAME_INVALID = _l("Use letters only (spaces, hyphens, apostrophes and periods are fine).")
 NAME_TOO_LONG = _l("Use at most 60 characters.")
 DATE_INVALID = _l("Enter a real date as YYYY-MM-DD.")
 DOB_FUTURE = _l("The date of birth must be in the past.")
@@ -35,7 +35,7 @@ RX_INVALID = _l("Each prescription number has 6 to 12 digits or dashes, one per 
 ADDRESS_NEEDED = _l("Enter the address for delivery or shipping.")
 TOO_LONG = _l("This is too long.")
 NEEDED_BY_PAST = _l("Choose today or a later date.")
-NEEDED_BY_FAR = _l("Choose a date within the next year.")
+NEEDED_BY_FAR = _l("Choose a date within the next 12 months.")
 CONSENT_NEEDED = _l("You must accept this to send the request.")
 CHOICE_INVALID = _l("Choose one of the options.")
 
@@ -189,7 +189,7 @@ class RefillForm(PatientForm):
     medication = StringField(_l("Medication name (optional)"), filters=[_strip])
     location = SelectField(_l("Pharmacy location"), validate_choice=False)
     fulfillment = RadioField(
-        _l("How would you like to receive it?"),
+        _l("How would you like to receive your medication?"),
         choices=options(
             [
                 ("pickup", _l("Pick up at the pharmacy")),
@@ -316,4 +316,4 @@ class StatusForm(FlaskForm):
         field.data = clean_dob(_required(field), self.today)
 
 
-REFERENCE_INVALID = _l("Enter the reference as it appears on your thanks page, like R-7K3M-Q9P2.")
+REFERENCE_INVALID = _l("Enter the reference number we gave you, like R-7K3M-Q9P2.")

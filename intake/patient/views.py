@@ -30,13 +30,33 @@ FORM_STALE = _l(
 FORM_HAS_ERRORS = _l("Please correct the highlighted fields.")
 
 REFILL_ORDER = (
-    "first_name", "last_name", "date_of_birth", "phone", "email", "contact_method", "rx_numbers",
-    "medication", "location", "fulfillment", "address", "needed_by", "notes", "consent_privacy",
+    "first_name",
+    "last_name",
+    "date_of_birth",
+    "phone",
+    "email",
+    "contact_method",
+    "rx_numbers",
+    "medication",
+    "location",
+    "fulfillment",
+    "address",
+    "needed_by",
+    "notes",
+    "consent_privacy",
     "consent_contact",
 )
 CONTACT_ORDER = (
-    "first_name", "last_name", "date_of_birth", "phone", "email", "contact_method", "topic",
-    "message", "callback_time", "consent_privacy",
+    "first_name",
+    "last_name",
+    "date_of_birth",
+    "phone",
+    "email",
+    "contact_method",
+    "topic",
+    "message",
+    "callback_time",
+    "consent_privacy",
 )
 FORMS: dict[str, tuple[type[PatientForm], str, tuple[str, ...]]] = {
     "refill": (RefillForm, "patient/refill.html", REFILL_ORDER),
@@ -65,7 +85,10 @@ def _render(kind: str, form: PatientForm, status: int = 200, notice: Any = None)
     if kind == "refill":
         consents["contact"] = current_consent("contact", language)
     page = render_template(
-        template, form=form, first_error=first_error, consents=consents,
+        template,
+        form=form,
+        first_error=first_error,
+        consents=consents,
         notice=notice or (FORM_HAS_ERRORS if first_error else None),
     )
     return page, status
@@ -203,11 +226,17 @@ def status() -> ResponseReturnValue:
             "patient/status.html", form=form, first_error=first_error, notice=FORM_HAS_ERRORS
         ), 400
     found = look_up_status(
-        db.session, current_app.extensions["intake.keyring"], form.reference.data,
-        form.date_of_birth.data, _client_ip_hmac(),
+        db.session,
+        current_app.extensions["intake.keyring"],
+        form.reference.data,
+        form.date_of_birth.data,
+        _client_ip_hmac(),
     )
     log.info("status_looked_up", found=found is not None)
     return render_template(
-        "patient/status.html", form=form, first_error=None,
-        result=STATUS_TEXT[found] if found else STATUS_NOT_FOUND, found=found is not None,
+        "patient/status.html",
+        form=form,
+        first_error=None,
+        result=STATUS_TEXT[found] if found else STATUS_NOT_FOUND,
+        found=found is not None,
     )

@@ -1,0 +1,106 @@
+"""A submission is one transaction: request, consents, outbox row and audit event together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from intake.audit import verify_chain
+from intake.consents import current_consent
+from intake.extensions import db
+from intake.models import AuditEvent, ConsentAcceptance, OutboxMessage, Request
+from intake.references import REFERENCE_RE, normalize_reference
+from tests.conftest import reference_from
+
+
+def test_refill_is_stored_sealed_with_its_consents_outbox_and_audit_event(app, patient):
+    reference = reference_from(patient.refill(lang="es"))
+    assert REFERENCE_RE.match(reference)
+    with app.app_context():
+        row = db.session.execute(select(Request).where(Request.reference == reference)).scalar_one()
+        assert (row.kind, row.location, row.language, row.status) == (
+            "refill",
+            "main",
+            "es",
+            "received",
+        )
+        assert row.kek_id == "k1" and row.wrapped_key and row.phone_index and row.name_dob_index
+        assert b"Maria" not in row.phi
+
+        consents = (
+            db.session.execute(
+                select(ConsentAcceptance).where(ConsentAcceptance.request_id == row.id)
+            )
+            .scalars()
+            .all()
+        )
+        assert {(c.document, c.version, c.language) for c in consents} == {
+            ("privacy", "2026-11", "es"),
+            ("contact", "2026-11", "es"),
+        }
+        for consent in consents:
+            assert consent.sha256 == current_consent(consent.document, "es").sha256
+
+        outbox = db.session.execute(select(OutboxMessage)).scalars().all()
+        assert [(o.request_id, o.task, o.status) for o in outbox] == [
+            (row.id, "route_request", "pending")
+        ]
+
+        events = db.session.execute(select(AuditEvent)).scalars().all()
+        assert [(e.action, e.actor, e.reference) for e in events] == [
+            ("request.submitted", "patient", reference)
+        ]
+        details = json.loads(events[0].details)
+        assert details["kind"] == "refill" and details["language"] == "es"
+        assert events[0].ip_hmac and "127.0.0.1" not in events[0].ip_hmac
+        assert verify_chain(db.session).ok
+
+
+def test_thanks_page_shows_the_reference_and_no_phi(client, patient):
+    response = patient.refill(first_name="Wilhelmina", medication="Privigen")
+    page = client.get(response.headers["Location"])
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and reference_from(response) in html
+    assert "Wilhelmina" not in html and "Privigen" not in html
+    assert page.headers["Cache-Control"] == "no-store"
+
+
+def test_thanks_page_for_a_malformed_reference_is_404(client):
+    assert client.get("/thanks/not-a-reference").status_code == 404
+    assert client.get("/thanks/R-IIII-OOOO").status_code == 404
+
+
+def test_a_failing_audit_write_leaves_nothing_behind(app, patient, monkeypatch):
+    import intake.submissions as submissions
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("audit store unavailable")
+
+    monkeypatch.setattr(submissions, "record_event", broken)
+    response = patient.refill()
+    assert response.status_code == 500
+    with app.app_context():
+        for model in (Request, ConsentAcceptance, OutboxMessage, AuditEvent):
+            assert db.session.execute(select(model)).first() is None
+
+
+def test_many_submissions_get_distinct_references(app, patient):
+    references = {reference_from(patient.contact()) for _ in range(25)}
+    assert len(references) == 25
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [
+        ("r 7k3m q9p2", "R-7K3M-Q9P2"),
+        ("R-7K3M-Q9PZ", "R-7K3M-Q9PZ"),
+        ("c-1l0o-aaaa", "C-1100-AAAA"),
+        ("R-7K3M", None),
+        ("X-7K3M-Q9P2", None),
+        ("", None),
+    ],
+)
+def test_references_are_read_as_patients_type_them(typed, expected):
+    assert normalize_reference(typed) == expected
