@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,10 @@ class Settings:
     max_content_length: int = 1024 * 1024
     session_idle_minutes: int = 15
     log_level: str = "INFO"
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    smtp_from: str = "intake@localhost"
+    broker_visibility_timeout: float = 300.0
+    outbox_sweep_seconds: float = 5.0
+    outbox_republish_seconds: float = 60.0
 
     @property
     def embedded(self) -> bool:
@@ -98,6 +101,10 @@ class Settings:
             ),
             session_idle_minutes=_int(env, "INTAKE_SESSION_IDLE_MINUTES", 15),
             log_level=(env.get("INTAKE_LOG_LEVEL") or "INFO").upper(),
+            smtp_from=env.get("INTAKE_SMTP_FROM") or cls.smtp_from,
+            broker_visibility_timeout=_float(env, "INTAKE_BROKER_VISIBILITY_TIMEOUT", 300.0),
+            outbox_sweep_seconds=_float(env, "INTAKE_OUTBOX_SWEEP_SECONDS", 5.0),
+            outbox_republish_seconds=_float(env, "INTAKE_OUTBOX_REPUBLISH_SECONDS", 60.0),
         )
         settings.check()
         return settings

@@ -10,6 +10,7 @@ from flask import Flask
 from config import Settings
 from intake import embedded
 from intake.phi import Keyring
+from intake.routing import load_routing
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions["intake.settings"] = settings
     app.extensions["intake.keyring"] = _keyring(settings)
+    app.extensions["intake.routing"] = load_routing(settings.routing_file)
 
     register_extensions(app)
     register_blueprints(app)
@@ -69,7 +71,7 @@ def _keyring(settings: Settings) -> Keyring:
 
 
 def register_extensions(app: Flask) -> None:
-    from intake import i18n
+    from intake import i18n, outbox
     from intake.extensions import babel, csrf, db, limiter, migrate
 
     db.init_app(app)
@@ -78,6 +80,7 @@ def register_extensions(app: Flask) -> None:
     babel.init_app(app, locale_selector=i18n.select_locale)
     limiter.init_app(app)
     i18n.init_app(app)
+    outbox.init_app(app)
 
 
 def register_blueprints(app: Flask) -> None:

@@ -10,12 +10,14 @@ from flask.cli import with_appcontext
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--web-only", is_flag=True, help="Run the web app without a worker and beat.")
 @with_appcontext
-def serve(host: str, port: int) -> None:
-    """Run the web app (and, on the embedded profile, the worker and beat) on one machine."""
+def serve(host: str, port: int, web_only: bool) -> None:
+    """Run the web app, a Celery worker and beat on this machine; Ctrl-C stops all three."""
     from intake.serve import run
 
-    run(current_app._get_current_object(), host=host, port=port)  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    run(app, host=host, port=port, with_workers=not web_only)
 
 
 COMMANDS: list[click.Command] = [serve]

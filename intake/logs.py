@@ -29,6 +29,13 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+    console = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+    )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
@@ -39,9 +46,14 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
     )
     root = logging.getLogger()
     root.setLevel(level)
+    # Quiet chatter that tells an operator nothing.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    logging.getLogger("kombu.connection").addFilter(
+        lambda record: "No hostname was supplied" not in record.getMessage()
+    )
     if not any(getattr(h, "_intake", False) for h in root.handlers):
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
+        stream.setFormatter(console if sys.stderr.isatty() else formatter)
         stream._intake = True  # type: ignore[attr-defined]
         root.addHandler(stream)
     if log_dir is not None:

@@ -7,7 +7,7 @@ after commit, and a periodic sweep republishes any row still pending, so a reque
 delayed by a broker outage but never lost. Consumers are idempotent, so publishing twice is safe.
 
 This module is the one narrow door from the domain to the task queue: the worker package
-registers a publisher (``set_publisher``); nothing here imports Celery.
+registers a publisher (``init_app``); nothing else here imports Celery.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
+from flask import Flask, current_app, has_app_context
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
@@ -24,23 +25,22 @@ from intake.models import OutboxMessage
 
 log = structlog.get_logger(__name__)
 
-Publisher = Callable[[str, str], None]
-"""Publish task ``name`` with the single argument ``request_id``; raise if the broker fails."""
+Publisher = Callable[[str, str, int], None]
+"""Publish task ``name`` for ``request_id`` and outbox row id; raise if the broker fails."""
 
-# A message published but not marked done after this long is published again: the broker
-# may have lost it (a Redis restart without persistence) or no worker may have taken it.
-REPUBLISH_AFTER = timedelta(seconds=60)
-
-_publisher: Publisher | None = None
+# A message published but not marked done after INTAKE_OUTBOX_REPUBLISH_SECONDS is published
+# again: the broker may have lost it (a Redis restart without persistence) or no worker took it.
 
 
-def set_publisher(publisher: Publisher | None) -> None:
-    global _publisher
-    _publisher = publisher
+def init_app(app: Flask) -> None:
+    """Connect the outbox to the task queue (the only place the domain reaches workers/)."""
+    from workers.publish import init_publisher
+
+    app.extensions["intake.publisher"] = init_publisher(app)
 
 
 def get_publisher() -> Publisher | None:
-    return _publisher
+    return current_app.extensions.get("intake.publisher") if has_app_context() else None
 
 
 def enqueue(session: Session, request_id: str, task: str) -> OutboxMessage:
@@ -56,7 +56,7 @@ def publish(session: Session, message_ids: list[int]) -> int:
     A failure leaves the rows pending for the sweep; it is logged, never raised, so a patient
     whose request is saved always gets the thanks page.
     """
-    publisher = _publisher
+    publisher = get_publisher()
     if publisher is None or not message_ids:
         return 0
     rows = session.execute(
@@ -67,7 +67,7 @@ def publish(session: Session, message_ids: list[int]) -> int:
     published: list[int] = []
     for row in rows:
         try:
-            publisher(row.task, row.request_id)
+            publisher(row.task, row.request_id, row.id)
         except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
             log.warning("outbox_publish_failed", outbox_id=row.id, error=type(error).__name__)
             break
@@ -83,9 +83,11 @@ def publish(session: Session, message_ids: list[int]) -> int:
     return len(published)
 
 
-def sweep(session: Session, limit: int = 500) -> int:
+def sweep(session: Session, limit: int = 500, republish_after: float | None = None) -> int:
     """Publish pending rows never published, or published too long ago without being done."""
-    stale = utcnow() - REPUBLISH_AFTER
+    if republish_after is None:
+        republish_after = current_app.extensions["intake.settings"].outbox_republish_seconds
+    stale = utcnow() - timedelta(seconds=republish_after)
     ids = list(
         session.execute(
             select(OutboxMessage.id)
@@ -104,14 +106,23 @@ def sweep(session: Session, limit: int = 500) -> int:
     return count
 
 
-def mark_done(session: Session, request_id: str, task: str) -> None:
-    """Mark a request's pending rows for ``task`` done, in the consumer's transaction."""
-    session.execute(
-        update(OutboxMessage)
-        .where(
-            OutboxMessage.request_id == request_id,
-            OutboxMessage.task == task,
-            OutboxMessage.status == "pending",
-        )
-        .values(status="done", done_at=utcnow())
+def mark_done(
+    session: Session,
+    request_id: str,
+    task: str,
+    outbox_id: int | None = None,
+    status: str = "done",
+) -> int:
+    """Mark pending rows done (one row, or all of a request's rows for ``task``) in the
+    consumer's transaction; return how many were still pending."""
+    condition = [
+        OutboxMessage.request_id == request_id,
+        OutboxMessage.task == task,
+        OutboxMessage.status == "pending",
+    ]
+    if outbox_id is not None:
+        condition.append(OutboxMessage.id == outbox_id)
+    result = session.execute(
+        update(OutboxMessage).where(*condition).values(status=status, done_at=utcnow())
     )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

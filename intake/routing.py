@@ -225,3 +225,86 @@ def load_routing(path: Path = DEFAULT_ROUTING_FILE) -> RoutingTable:
     except OSError as error:
         raise RoutingError(f"{path}: cannot read the routing file ({error.strerror})") from None
     return parse_routing(text, Path(path), known_values())
+
+
+# -- applying the rules to a stored request ------------------------------------------------------
+
+ROUTE_TASK = "route_request"
+NOTIFY_TASK = "notify_team"
+
+
+@dataclass(frozen=True)
+class Routed:
+    reference: str
+    team: str
+    priority: str
+    notify_outbox_id: int
+
+
+def route_request(
+    session: Any, table: RoutingTable, request_id: str, now: datetime
+) -> Routed | None:
+    """Route one ``received`` request, exactly once, in one transaction.
+
+    Locks the row (``FOR UPDATE`` on PostgreSQL; SQLite transactions here hold the write lock
+    from their first statement), and changes it only with a conditional update on its status, so
+    a second delivery of the same task, or two workers racing, change nothing and notify nobody
+    twice. Returns what was done, or None when there was nothing to do.
+    """
+    from sqlalchemy import select, update
+
+    from intake import outbox
+    from intake.audit import record_event
+    from intake.models import Request
+
+    row = session.execute(
+        select(
+            Request.reference,
+            Request.status,
+            Request.kind,
+            Request.topic,
+            Request.location,
+            Request.language,
+        )
+        .where(Request.id == request_id)
+        .with_for_update()
+    ).first()
+    if row is None or row.status != "received":
+        outbox.mark_done(session, request_id, ROUTE_TASK)
+        session.commit()
+        return None
+    decision = table.decide(
+        {"kind": row.kind, "topic": row.topic, "location": row.location, "language": row.language},
+        now,
+    )
+    changed = session.execute(
+        update(Request)
+        .where(Request.id == request_id, Request.status == "received")
+        .values(
+            status="queued",
+            team=decision.team,
+            priority=decision.priority,
+            sla_due_at=decision.sla_due_at,
+            routed_at=now,
+            updated_at=now,
+        )
+    ).rowcount
+    if changed != 1:
+        session.rollback()
+        return None
+    record_event(
+        session,
+        actor=f"system:{ROUTE_TASK}",
+        action="request.routed",
+        reference=row.reference,
+        details={
+            "team": decision.team,
+            "priority": decision.priority,
+            "rule": decision.rule.name,
+            "sla_due_at": decision.sla_due_at.isoformat(),
+        },
+    )
+    outbox.mark_done(session, request_id, ROUTE_TASK)
+    message = outbox.enqueue(session, request_id, NOTIFY_TASK)
+    session.commit()
+    return Routed(row.reference, decision.team, decision.priority, message.id)

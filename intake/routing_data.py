@@ -8,9 +8,7 @@ from intake.i18n import current_language
 
 
 def location_choices() -> list[tuple[str, str]]:
-    from intake.routing import load_routing
-
-    table = load_routing(current_app.extensions["intake.settings"].routing_file)
+    table = current_app.extensions["intake.routing"]
     language = current_language()
     return [
         (loc.id, loc.names.get(language) or loc.names["en"]) for loc in table.locations.values()

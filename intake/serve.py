@@ -1,13 +1,102 @@
-"""``intake serve``: web, worker and beat for one machine, stopped together on Ctrl-C."""
+"""``intake serve``: web, worker and beat for one machine, stopped together on Ctrl-C.
+
+The web app runs in this process under waitress; the Celery worker and beat run as child
+processes (``celery -A workers worker`` / ``beat``) with the same environment, so what runs
+here is exactly what runs on separate machines in production.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+
+import structlog
 from flask import Flask
 
+log = structlog.get_logger(__name__)
 
-def run(app: Flask, host: str, port: int) -> None:
-    from waitress import serve
+
+def _celery(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers", *args]
+
+
+def start_children(app: Flask) -> list[subprocess.Popen[bytes]]:
+    settings = app.extensions["intake.settings"]
+    env = {**os.environ, "INTAKE_DATA_DIR": str(settings.data_dir)}
+    worker = subprocess.Popen(  # noqa: S603 - fixed argv
+        _celery(
+            "worker", "--loglevel", "INFO", "--concurrency", "2", "--hostname", "intake-worker@%h"
+        ),
+        env=env,
+    )
+    beat = subprocess.Popen(  # noqa: S603 - fixed argv
+        _celery("beat", "--loglevel", "INFO"),
+        env=env,
+    )
+    return [worker, beat]
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
+    from waitress.server import create_server
 
     settings = app.extensions["intake.settings"]
-    print(f"Intake is running: open http://{host}:{port}/  (profile: {settings.profile})")
-    serve(app, host=host, port=port, threads=8, ident="intake")
+    children = start_children(app) if with_workers else []
+    server = create_server(app, host=host, port=port, threads=8, ident="intake")
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            print("\nStopping Intake (web, worker, beat)...", flush=True)
+            server.close()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def watch() -> None:
+        while not stopping.wait(1):
+            for child in children:
+                if child.poll() is not None:
+                    log.error(
+                        "child_process_exited",
+                        argv=" ".join(child.args[3:5]),
+                        code=child.returncode,
+                    )
+                    stop(signal.SIGTERM, None)
+                    return
+
+    threading.Thread(target=watch, daemon=True).start()
+    broker = "Redis" if settings.redis_url else "embedded broker in " + str(settings.data_dir)
+    print(
+        f"\n  Intake is running on the {settings.profile} profile ({broker}).\n"
+        f"  Open http://{host}:{port}/ for the patient forms,\n"
+        f"       http://{host}:{port}/staff/login for staff.\n"
+        "  Press Ctrl-C to stop.\n",
+        flush=True,
+    )
+    try:
+        server.run()
+    except OSError:
+        if not stopping.is_set():
+            raise
+    finally:
+        stop_children(children)
+        print("Intake stopped.", flush=True)

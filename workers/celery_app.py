@@ -1,0 +1,92 @@
+"""Build the Celery app for a Flask app: tasks run in its app context, JSON only.
+
+Broker: ``INTAKE_REDIS_URL`` when set; otherwise kombu's ``filesystem://`` transport in the data
+folder, so a real worker process consumes real messages with no server installed.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from flask import Flask
+
+
+def broker_settings(flask_app: Flask) -> dict[str, Any]:
+    settings = flask_app.extensions["intake.settings"]
+    if settings.redis_url:
+        return {
+            "broker_url": settings.redis_url,
+            "broker_transport_options": {
+                # A task taken by a worker that died is handed out again after this long.
+                "visibility_timeout": settings.broker_visibility_timeout,
+                "socket_connect_timeout": 2,
+                "socket_timeout": 5,
+                "retry_on_timeout": True,
+            },
+        }
+    folder = (Path(settings.data_dir) / "broker").resolve()
+    for sub in ("queue", "processed"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return {
+        "broker_url": "filesystem://",
+        "broker_transport_options": {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.05,
+        },
+    }
+
+
+def celery_init_app(flask_app: Flask) -> Celery:
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    settings = flask_app.extensions["intake.settings"]
+    app = Celery(flask_app.name, task_cls=FlaskTask)
+    app.conf.update(
+        **broker_settings(flask_app),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=4,
+        # A patient must never wait on a broken broker: fail fast and let the outbox sweep retry.
+        task_publish_retry=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        beat_schedule_filename=str((Path(settings.data_dir) / "celerybeat-schedule").resolve()),
+        beat_schedule={
+            "sweep-outbox": {
+                "task": "workers.tasks.sweep_outbox",
+                "schedule": timedelta(seconds=settings.outbox_sweep_seconds),
+            },
+        },
+        timezone="UTC",
+        include=["workers.tasks"],
+    )
+    app.set_default()
+    flask_app.extensions["celery"] = app
+    return app
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_kwargs: object) -> None:
+    """A forked pool process must not share its parent's database connections."""
+    from intake.extensions import db
+
+    for engines in list(db._app_engines.values()):  # noqa: SLF001 - Flask-SQLAlchemy's registry
+        for engine in engines.values():
+            engine.dispose(close=False)

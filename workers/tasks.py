@@ -1,0 +1,131 @@
+"""Celery tasks: thin wrappers that call the domain in ``intake/``. Arguments are ids only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import shared_task
+from flask import current_app
+from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from intake import outbox, routing
+from intake.audit import record_event
+from intake.clock import utcnow
+from intake.extensions import db
+from intake.models import OutboxMessage, Request
+from intake.notifications import Notice, NotificationError, deliver
+
+log = structlog.get_logger(__name__)
+
+# A lost database connection is worth retrying; a bug is not.
+TRANSIENT = (OperationalError, InterfaceError)
+NOTIFY_MAX_RETRIES = 6
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=20,
+)
+def route_request(request_id: str, outbox_id: int | None = None) -> None:
+    """Route a received request to its team (idempotent), then publish its notification."""
+    structlog.contextvars.bind_contextvars(task="route_request", request_id=request_id)
+    try:
+        table = current_app.extensions["intake.routing"]
+        routed = routing.route_request(db.session, table, request_id, utcnow())
+        if routed is None:
+            log.info("route_skipped", reason="already routed or unknown")
+            return
+        log.info(
+            "request_routed", reference=routed.reference, team=routed.team, priority=routed.priority
+        )
+        outbox.publish(db.session, [routed.notify_outbox_id])
+    finally:
+        structlog.contextvars.unbind_contextvars("task", "request_id")
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    max_retries=20,
+)
+def notify_team(self: Any, request_id: str, outbox_id: int | None = None) -> None:
+    """Tell the request's team it is waiting; a failed channel retries, then is recorded."""
+    settings = current_app.extensions["intake.settings"]
+    table = current_app.extensions["intake.routing"]
+    pending = select(OutboxMessage.id).where(
+        OutboxMessage.request_id == request_id,
+        OutboxMessage.task == routing.NOTIFY_TASK,
+        OutboxMessage.status == "pending",
+    )
+    if outbox_id is not None:
+        pending = pending.where(OutboxMessage.id == outbox_id)
+    if db.session.execute(pending).first() is None:
+        log.info("notify_skipped", request_id=request_id, reason="already sent")
+        return
+    request = db.session.get(Request, request_id)
+    if request is None or request.team not in table.teams:
+        outbox.mark_done(db.session, request_id, routing.NOTIFY_TASK, outbox_id, status="failed")
+        db.session.commit()
+        return
+    team = table.teams[request.team]
+    notice = Notice(
+        reference=request.reference,
+        kind=request.kind,
+        topic=request.topic,
+        priority=request.priority,
+        team=team.id,
+        team_name=team.name,
+        sla_due_at=request.sla_due_at,
+        link=f"{settings.public_url}/staff/requests/{request.reference}",
+    )
+    db.session.rollback()  # hold no lock while talking to the outside world
+    try:
+        channels = deliver(team, notice, settings.smtp_url, settings.smtp_from)
+    except NotificationError as error:
+        if self.request.retries >= NOTIFY_MAX_RETRIES:
+            record_event(
+                db.session,
+                actor="system:notify_team",
+                action="notification.failed",
+                reference=notice.reference,
+                outcome="failure",
+                details={"team": team.id, "error": str(error)},
+            )
+            outbox.mark_done(
+                db.session, request_id, routing.NOTIFY_TASK, outbox_id, status="failed"
+            )
+            db.session.commit()
+            log.error("notify_failed", reference=notice.reference, team=team.id)
+            return
+        log.warning(
+            "notify_retry",
+            reference=notice.reference,
+            team=team.id,
+            attempt=self.request.retries + 1,
+            error=str(error),
+        )
+        raise self.retry(exc=error, countdown=min(2**self.request.retries * 5, 600)) from None
+    record_event(
+        db.session,
+        actor="system:notify_team",
+        action="notification.sent",
+        reference=notice.reference,
+        details={"team": team.id, "channels": channels},
+    )
+    outbox.mark_done(db.session, request_id, routing.NOTIFY_TASK, outbox_id)
+    db.session.commit()
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
+def sweep_outbox() -> int:
+    """Publish outbox rows still pending: a broker outage delays requests, never loses them."""
+    return outbox.sweep(db.session)
