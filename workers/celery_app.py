@@ -29,7 +29,7 @@ def broker_settings(flask_app: Flask) -> dict[str, Any]:
             },
         }
     folder = (Path(settings.data_dir) / "broker").resolve()
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return {
         "broker_url": "filesystem://",
@@ -38,6 +38,7 @@ def broker_settings(flask_app: Flask) -> dict[str, Any]:
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            "control_folder": str(folder / "control"),
             "polling_interval": 0.05,
         },
     }

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from flask import Flask
+from kombu.exceptions import OperationalError
 
 from intake import outbox
 
 TASK_PREFIX = "workers.tasks."
+# After a failed publish, stop trying for this long: each attempt on a dead broker costs the
+# patient seconds of connection retries, and the outbox sweep publishes the rows anyway.
+COOL_OFF_SECONDS = 5.0
+
+
+class BrokerUnavailable(OperationalError):
+    """The broker failed recently; publishing is skipped until the cool-off ends."""
 
 
 def init_publisher(flask_app: Flask) -> outbox.Publisher:
@@ -15,13 +26,23 @@ def init_publisher(flask_app: Flask) -> outbox.Publisher:
 
     celery = celery_init_app(flask_app)
 
+    lock = threading.Lock()
+    broken_until = [0.0]
+
     def publish(task: str, request_id: str, outbox_id: int) -> None:
-        celery.send_task(
-            TASK_PREFIX + task,
-            args=[request_id],
-            kwargs={"outbox_id": outbox_id},
-            retry=False,
-        )
+        if time.monotonic() < broken_until[0]:
+            raise BrokerUnavailable("broker failed recently")
+        try:
+            celery.send_task(
+                TASK_PREFIX + task,
+                args=[request_id],
+                kwargs={"outbox_id": outbox_id},
+                retry=False,
+            )
+        except Exception:
+            with lock:
+                broken_until[0] = time.monotonic() + COOL_OFF_SECONDS
+            raise
 
     def broker_reachable() -> bool:
         try:

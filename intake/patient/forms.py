@@ -52,6 +52,11 @@ def _strip(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
+def _unix_newlines(value: Any) -> Any:
+    """Browsers count a line break as one character for maxlength but send it as CRLF."""
+    return value.replace("\r\n", "\n").replace("\r", "\n") if isinstance(value, str) else value
+
+
 def _required(field: Any) -> str:
     value = (field.data or "").strip() if isinstance(field.data, str) else field.data
     if not value:
@@ -185,7 +190,7 @@ class PatientForm(FlaskForm):
 
 class RefillForm(PatientForm):
     date_of_birth = StringField(_l("Date of birth"), filters=[_strip])
-    rx_numbers = TextAreaField(_l("Prescription numbers"))
+    rx_numbers = TextAreaField(_l("Prescription numbers"), filters=[_unix_newlines])
     medication = StringField(_l("Medication name (optional)"), filters=[_strip])
     location = SelectField(_l("Pharmacy location"), validate_choice=False)
     fulfillment = RadioField(
@@ -200,9 +205,9 @@ class RefillForm(PatientForm):
         default="pickup",
         validate_choice=False,
     )
-    address = TextAreaField(_l("Delivery or shipping address"))
+    address = TextAreaField(_l("Delivery or shipping address"), filters=[_unix_newlines])
     needed_by = StringField(_l("Needed by (optional)"), filters=[_strip])
-    notes = TextAreaField(_l("Anything else we should know? (optional)"))
+    notes = TextAreaField(_l("Anything else we should know? (optional)"), filters=[_unix_newlines])
     consent_contact = BooleanField(_l("I agree to be contacted about this request."))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -273,7 +278,7 @@ class ContactForm(PatientForm):
         choices=options([("", _l("Choose a topic")), *TOPICS]),
         validate_choice=False,
     )
-    message = TextAreaField(_l("Your message"))
+    message = TextAreaField(_l("Your message"), filters=[_unix_newlines])
     callback_time = StringField(_l("Best time to call you back (optional)"), filters=[_strip])
 
     def validate_date_of_birth(self, field: Any) -> None:

@@ -1,0 +1,144 @@
+"""docker-compose.yml: Docker does not run here, so run its services' own commands against the
+local PostgreSQL and a throwaway password-protected Redis, and check a request goes through."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from tests.conftest import valid_refill
+from tests.workers.conftest import RedisServer, free_port, wait_until
+
+ROOT = Path(__file__).parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_compose_declares_a_production_topology():
+    assert {"postgres", "redis", "migrate", "web", "worker", "beat"} <= set(SERVICES)
+    redis_cmd = " ".join(SERVICES["redis"]["command"])
+    assert "--requirepass" in redis_cmd and "--appendonly yes" in redis_cmd
+    for name in ("postgres", "redis", "web"):
+        assert "healthcheck" in SERVICES[name], name
+    for name in ("web", "worker", "beat"):
+        depends = SERVICES[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["redis"]["condition"] == "service_healthy"
+    assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("migrate", "web", "worker", "beat"):
+        assert SERVICES[name]["env_file"] == ".env"
+        assert SERVICES[name]["environment"]["INTAKE_PROFILE"] == "production"
+    example = (ROOT / ".env.example").read_text()
+    for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "INTAKE_SECRET_KEY", "INTAKE_KEYRING"):
+        assert re.search(rf"^{variable}=", example, re.M), variable
+
+
+def command(service: str, port: int) -> list[str]:
+    argv = [str(part) for part in SERVICES[service]["command"]]
+    argv = [a.replace("0.0.0.0:8000", f"127.0.0.1:{port}") for a in argv]
+    if argv[0] in ("intake", "gunicorn", "celery"):
+        binary = Path(sys.executable).with_name(argv[0])
+        argv[0] = str(binary)
+    return argv
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_compose_services_run_and_route_a_request(database_url, settings, tmp_path):
+    redis = RedisServer(tmp_path, password="s3cret-" + os.urandom(4).hex())
+    redis.start()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+    env.update(
+        {
+            "INTAKE_PROFILE": "production",
+            "INTAKE_DATABASE_URL": database_url,
+            "INTAKE_REDIS_URL": redis.url,
+            "INTAKE_DATA_DIR": str(tmp_path / "data"),
+            "INTAKE_SECRET_KEY": settings.secret_key,
+            "INTAKE_KEYRING": settings.keyring,
+            "INTAKE_MIN_FILL_SECONDS": "0",
+        }
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = tmp_path / "services.log"
+    try:
+        migrate = subprocess.run(
+            command("migrate", port),
+            env=env,
+            cwd=tmp_path,  # noqa: S603
+            capture_output=True,
+            timeout=120,
+        )
+        assert migrate.returncode == 0, migrate.stderr.decode()[-2000:]
+        with logs.open("ab") as log:
+            for service in ("web", "worker", "beat"):
+                processes.append(
+                    subprocess.Popen(  # noqa: S603
+                        command(service, port),
+                        env=env,
+                        cwd=tmp_path,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=2) as response:  # noqa: S310
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, 60, 0.5, "gunicorn ready: " + shlex.join(command("web", port)))
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        # Production sets Secure cookies; over plain loopback HTTP keep them anyway for the test.
+        form = opener.open(base + "/refill").read().decode()
+        hidden = dict(re.findall(r'name="(csrf_token|rendered_at)"[^>]*value="([^"]*)"', form))
+        for cookie in jar:
+            cookie.secure = False
+        body = urllib.parse.urlencode({**valid_refill(), **hidden}).encode()
+        request = urllib.request.Request(
+            base + "/refill", data=body, headers={"Referer": base + "/refill"}
+        )
+        response = opener.open(request)
+        assert "/thanks/R-" in response.geturl(), response.read().decode()[:500]
+        reference = response.geturl().rsplit("/", 1)[1]
+
+        engine = sa.create_engine(database_url)
+
+        def status() -> str | None:
+            with engine.connect() as conn:
+                return conn.execute(
+                    sa.text("SELECT status FROM requests WHERE reference = :r"), {"r": reference}
+                ).scalar()
+
+        try:
+            wait_until(lambda: status() == "queued", 30, 0.5, "routed by the compose worker")
+        finally:
+            engine.dispose()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        redis.stop()

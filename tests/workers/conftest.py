@@ -1,0 +1,244 @@
+"""Real processes for pipeline tests: a throwaway redis-server, Celery workers and beat, and an
+SMTP server (aiosmtpd) that keeps what it receives."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_client
+
+from config import Settings
+from tests.conftest import IN_CI
+
+ROOT = Path(__file__).parents[2]
+SAMPLE_ROUTING = ROOT / "config" / "routing.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.2, message: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server of our own on a free port, which tests may stop and start again."""
+
+    def __init__(self, folder: Path, password: str | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if IN_CI:
+                pytest.fail("redis-server is required in CI (scripts/test installs it)")
+            pytest.skip("redis-server not installed")
+        self.binary, self.folder, self.password = binary, folder, password
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis_client.Redis:
+        return redis_client.Redis.from_url(self.url)
+
+    def start(self) -> None:
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.folder),
+            "--daemonize",
+            "no",
+        ]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # noqa: S603
+
+        def answers() -> bool:
+            try:
+                with self.client() as client:
+                    return bool(client.ping())
+            except redis_client.RedisError:
+                return False
+
+        wait_until(answers, 10, 0.05, "redis-server to start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Mailbox:
+    messages: list[Any] = field(default_factory=list)
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 Message accepted for delivery"
+
+    def bodies(self) -> list[str]:
+        return [m.get_payload(decode=True).decode() for m in self.messages]
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[str, Mailbox]]:
+    from aiosmtpd.controller import Controller
+
+    mailbox = Mailbox()
+    port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield f"smtp://127.0.0.1:{port}", mailbox
+    controller.stop()
+
+
+def email_routing_file(folder: Path) -> Path:
+    """The sample routing rules, with every team notified by e-mail."""
+    text = SAMPLE_ROUTING.read_text()
+    lines = []
+    team_id = None
+    for line in text.splitlines():
+        if line.startswith("id = "):
+            team_id = line.split('"')[1]
+        if line.startswith("notify = ") and team_id:
+            line = f'notify = ["email"]\nemail = "{team_id}@pharmacy.test"'
+        lines.append(line)
+    path = folder / "routing.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+    env.update(
+        {
+            "INTAKE_DATA_DIR": str(settings.data_dir),
+            "INTAKE_DATABASE_URL": settings.effective_database_url,
+            "INTAKE_SECRET_KEY": settings.secret_key or "",
+            "INTAKE_KEYRING": settings.keyring or "",
+            "INTAKE_ROUTING_FILE": str(settings.routing_file),
+            "INTAKE_OUTBOX_SWEEP_SECONDS": str(settings.outbox_sweep_seconds),
+            "INTAKE_OUTBOX_REPUBLISH_SECONDS": str(settings.outbox_republish_seconds),
+            "INTAKE_BROKER_VISIBILITY_TIMEOUT": str(settings.broker_visibility_timeout),
+            "INTAKE_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if settings.redis_url:
+        env["INTAKE_REDIS_URL"] = settings.redis_url
+    if settings.smtp_url:
+        env["INTAKE_SMTP_URL"] = settings.smtp_url
+    env.update(extra)
+    return env
+
+
+class CeleryProcess:
+    """``celery -A workers worker|beat`` as a separate process group, logging to a file."""
+
+    def __init__(self, settings: Settings, role: str, log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "celery", "-A", "workers", role, "--loglevel", "INFO", *args]
+        if role == "beat":
+            argv += ["--schedule", str(log_path.with_suffix(".schedule"))]
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603
+            argv,
+            env=process_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> CeleryProcess:
+        wait_until(
+            lambda: b"ready." in self.log_path.read_bytes() or self.process.poll(),
+            timeout,
+            message=f"worker ready ({self.log_path})",
+        )
+        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: main process and pool children, no goodbyes."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def celery_processes(tmp_path: Path) -> Iterator[Callable[..., CeleryProcess]]:
+    started: list[CeleryProcess] = []
+
+    def start(settings: Settings, role: str = "worker", *args: str) -> CeleryProcess:
+        name = f"{role}-{len(started)}.log"
+        if role == "worker":
+            args = (
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "--without-gossip",
+                "--without-mingle",
+                "--hostname",
+                f"w{len(started)}@%h",
+                *args,
+            )
+        process = CeleryProcess(settings, role, tmp_path / name, *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
