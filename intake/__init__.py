@@ -9,6 +9,7 @@ from flask import Flask
 
 from config import Settings
 from intake import embedded
+from intake.clock import utcnow
 from intake.phi import Keyring
 from intake.routing import load_routing
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["intake.settings"] = settings
     app.extensions["intake.keyring"] = _keyring(settings)
     app.extensions["intake.routing"] = load_routing(settings.routing_file)
+    app.extensions["intake.clock"] = utcnow
 
     register_extensions(app)
     register_blueprints(app)
@@ -71,9 +73,22 @@ def _keyring(settings: Settings) -> Keyring:
     return Keyring.from_json(text)
 
 
+def format_duration(delta: timedelta) -> str:
+    """'3 d 4 h', '2 h 5 min', '12 min' for queue countdowns."""
+    minutes = max(0, int(delta.total_seconds() // 60))
+    days, rest = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min"
+
+
 def register_extensions(app: Flask) -> None:
     from intake import i18n, outbox
     from intake.extensions import babel, csrf, db, limiter, migrate
+    from intake.staff.auth import login_manager
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(__file__).with_name("migrations")))
@@ -82,13 +97,19 @@ def register_extensions(app: Flask) -> None:
     limiter.init_app(app)
     i18n.init_app(app)
     outbox.init_app(app)
+    login_manager.init_app(app)
+    app.add_template_filter(format_duration, "duration")
 
 
 def register_blueprints(app: Flask) -> None:
     from intake import ops
+    from intake.compliance.views import bp as compliance
     from intake.patient.views import bp as patient
+    from intake.staff.views import bp as staff
 
     app.register_blueprint(patient)
+    app.register_blueprint(staff)
+    app.register_blueprint(compliance)
     app.register_blueprint(ops.bp)
 
 

@@ -52,6 +52,7 @@ ACTIONS = (
     "user.logout",
     "user.created",
     "user.changed",
+    "team.created",
     "audit.exported",
     "audit.verified",
     "key.rotated",

@@ -13,6 +13,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def now() -> datetime:
+    """The app's clock: ``utcnow`` unless a test put another in ``app.extensions``."""
+    from flask import current_app, has_app_context
+
+    if has_app_context():
+        clock = current_app.extensions.get("intake.clock")
+        if clock is not None:
+            return clock()  # type: ignore[no-any-return]
+    return utcnow()
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware (SQLite forgets zones)."""
 

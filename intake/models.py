@@ -5,7 +5,18 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from intake.clock import UTCDateTime, utcnow
@@ -22,6 +33,9 @@ STATUSES = (
     "cancelled",
 )
 PRIORITIES = ("urgent", "high", "normal", "low")
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+OPEN_STATUSES = ("queued", "in_progress", "waiting_on_patient", "waiting_on_prescriber")
+ROLES = ("staff", "supervisor", "compliance", "admin")
 TOPICS = ("question", "copay", "specialist", "insurance", "transfer", "side_effect")
 FULFILLMENT = ("pickup", "delivery", "ship")
 
@@ -43,7 +57,13 @@ class Request(db.Model):  # type: ignore[name-defined]
     language: Mapped[str] = mapped_column(String(8))
     status: Mapped[str] = mapped_column(String(32), default="received")
     priority: Mapped[str] = mapped_column(String(16), default="normal")
+    # 0 = urgent ... 3 = low: the queue sorts by it, so it is kept beside ``priority``.
+    priority_rank: Mapped[int] = mapped_column(SmallInteger, default=2)
     team: Mapped[str | None] = mapped_column(String(64))
+    assignee_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    escalated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -54,6 +74,8 @@ class Request(db.Model):  # type: ignore[name-defined]
     kek_id: Mapped[str | None] = mapped_column(String(32))
     wrapped_key: Mapped[bytes | None] = mapped_column("wrapped_key_encrypted", LargeBinary)
     phi: Mapped[bytes] = mapped_column("phi_encrypted", LargeBinary)
+    # First name and last initial, sealed apart so the queue never opens the whole document.
+    display_name: Mapped[bytes | None] = mapped_column("display_name_encrypted", LargeBinary)
 
     # Blind indexes for exact-match search (HMAC, see intake.phi).
     phone_index: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -67,6 +89,26 @@ class Request(db.Model):  # type: ignore[name-defined]
     __table_args__ = (
         Index("ix_requests_status_team", "status", "team"),
         Index("ix_requests_created_at", "created_at"),
+        # The queue: open requests in priority, then due-time order, paged by keyset.
+        Index(
+            "ix_requests_open_queue",
+            "priority_rank",
+            "sla_due_at",
+            "id",
+            postgresql_where=text(
+                "status IN ('queued', 'in_progress', 'waiting_on_patient', 'waiting_on_prescriber')"
+            ),
+            sqlite_where=text(
+                "status IN ('queued', 'in_progress', 'waiting_on_patient', 'waiting_on_prescriber')"
+            ),
+        ),
+        Index("ix_requests_team_queue", "team", "status", "priority_rank", "sla_due_at", "id"),
+        Index(
+            "ix_requests_overdue",
+            "sla_due_at",
+            postgresql_where=text("escalated_at IS NULL"),
+            sqlite_where=text("escalated_at IS NULL"),
+        ),
     )
 
 
@@ -123,3 +165,90 @@ class AuditEvent(db.Model):  # type: ignore[name-defined]
     ip_hmac: Mapped[str | None] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Team(db.Model):  # type: ignore[name-defined]
+    """A team of pharmacy staff; its id matches a team of the routing file."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(120))
+    spanish: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class User(db.Model):  # type: ignore[name-defined]
+    """A staff, supervisor, compliance or admin account: password plus TOTP."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    # The TOTP secret, sealed like PHI under its own data key (row id "user:<id>").
+    kek_id: Mapped[str] = mapped_column(String(32))
+    wrapped_key: Mapped[bytes] = mapped_column("wrapped_key_encrypted", LargeBinary)
+    totp_secret: Mapped[bytes] = mapped_column("totp_secret_encrypted", LargeBinary)
+    last_totp_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    teams: Mapped[list[UserTeam]] = relationship(cascade="all, delete-orphan")
+
+    @property
+    def team_ids(self) -> list[str]:
+        return sorted(t.team_id for t in self.teams)
+
+
+class UserTeam(db.Model):  # type: ignore[name-defined]
+    __tablename__ = "user_teams"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), primary_key=True)
+
+
+class StaffSession(db.Model):  # type: ignore[name-defined]
+    """A server-side login session: ending the row ends the session, whatever the cookie says."""
+
+    __tablename__ = "staff_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    end_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class Note(db.Model):  # type: ignore[name-defined]
+    """A staff note on a request, sealed under the request's data key."""
+
+    __tablename__ = "notes"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True
+    )
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    text: Mapped[bytes] = mapped_column("text_encrypted", LargeBinary)
+
+
+class BreakGlassReview(db.Model):  # type: ignore[name-defined]
+    """A compliance officer's review of one break-glass access (an audit event)."""
+
+    __tablename__ = "break_glass_reviews"
+
+    audit_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    comment: Mapped[str] = mapped_column(Text)

@@ -196,6 +196,7 @@ class SealedPHI:
 
 
 PHI_PURPOSE = "phi"
+DISPLAY_PURPOSE = "display"
 
 
 def seal_phi(keyring: Keyring, row_id: str, document: Mapping[str, Any]) -> SealedPHI:

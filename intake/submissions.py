@@ -54,6 +54,12 @@ def _indexes(keyring: phi.Keyring, document: Mapping[str, Any]) -> dict[str, str
     }
 
 
+def display_name(document: Mapping[str, Any]) -> str:
+    """First name and last initial: what the queue shows, and no more."""
+    last = str(document.get("last_name", "")).strip()
+    return f"{document.get('first_name', '')} {last[:1]}.".strip()
+
+
 def _unused_reference(session: Session, kind: str) -> str:
     while True:
         reference = new_reference(kind)
@@ -66,7 +72,12 @@ def submit_request(session: Session, keyring: phi.Keyring, submission: Submissio
     """Store a request atomically; the caller publishes the outbox row after this returns."""
     for attempt in range(3):
         request_id = new_uuid()
-        sealed = phi.seal_phi(keyring, request_id, submission.phi)
+        data_key, wrapped = phi.new_data_key(keyring, request_id)
+        document = submission.phi
+        sealed = phi.seal(data_key, request_id, phi.PHI_PURPOSE, document)
+        display = phi.seal(
+            data_key, request_id, phi.DISPLAY_PURPOSE, {"name": display_name(document)}
+        )
         reference = _unused_reference(session, submission.kind)
         row = Request(
             id=request_id,
@@ -76,9 +87,10 @@ def submit_request(session: Session, keyring: phi.Keyring, submission: Submissio
             location=submission.location,
             language=submission.language,
             status="received",
-            kek_id=sealed.wrapped_key.kek_id,
-            wrapped_key=sealed.wrapped_key.blob,
-            phi=sealed.ciphertext,
+            kek_id=wrapped.kek_id,
+            wrapped_key=wrapped.blob,
+            phi=sealed,
+            display_name=display,
             **_indexes(keyring, submission.phi),
         )
         session.add(row)

@@ -11,6 +11,11 @@ target_db = current_app.extensions["migrate"].db
 def run_migrations_online() -> None:
     connectable = target_db.engine
     with connectable.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch migrations rebuild tables; with foreign keys enforced, dropping the old
+            # table would cascade-delete the rows that refer to it. The pragma only takes
+            # effect outside a transaction, so set it on the raw connection first.
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
         context.configure(
             connection=connection,
             target_metadata=target_db.metadata,
@@ -19,6 +24,9 @@ def run_migrations_online() -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+        if connection.dialect.name == "sqlite":
+            connection.commit()
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys = ON")
 
 
 if context.is_offline_mode():

@@ -1,0 +1,525 @@
+"""What staff do to a request: open it, claim, release, change status, note, transfer, find.
+
+Every function here is one audited transaction: the change and its audit event commit together
+or not at all. Access follows the minimum-necessary rule: staff see their own teams' requests,
+supervisors every team's, compliance officers and anyone else only through break-glass, which
+records the typed reason and flags the access for review.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from intake import outbox, phi
+from intake.audit import record_event
+from intake.models import (
+    OPEN_STATUSES,
+    PRIORITIES,
+    AuditEvent,
+    ConsentAcceptance,
+    Note,
+    Request,
+    User,
+)
+
+CLAIM_IDLE = timedelta(minutes=30)
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "received": ("cancelled",),
+    "queued": ("in_progress", "cancelled"),
+    "in_progress": (
+        "waiting_on_patient",
+        "waiting_on_prescriber",
+        "completed",
+        "cancelled",
+        "queued",
+    ),
+    "waiting_on_patient": ("in_progress", "completed", "cancelled"),
+    "waiting_on_prescriber": ("in_progress", "completed", "cancelled"),
+    "completed": (),
+    "cancelled": (),
+}
+NOTIFY_TASK = "notify_team"
+MAX_REASON = 300
+MAX_NOTE = 4000
+
+
+class CaseworkError(Exception):
+    """An action that cannot be done; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class NotFound(CaseworkError):
+    status = 404
+
+
+class Conflict(CaseworkError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is acting: a logged-in user, with their role and teams."""
+
+    user_id: int
+    username: str
+    role: str
+    teams: tuple[str, ...]
+    ip_hmac: str | None = None
+
+    @property
+    def audit_name(self) -> str:
+        return f"user:{self.user_id}"
+
+    def in_scope(self, request: Request) -> bool:
+        if self.role == "supervisor":
+            return True
+        return self.role == "staff" and request.team in self.teams
+
+    def record(self, session: Session, action: str, reference: str | None, **details: Any) -> None:
+        record_event(
+            session,
+            actor=self.audit_name,
+            actor_role=self.role,
+            action=action,
+            reference=reference,
+            ip_hmac=self.ip_hmac,
+            details={"username": self.username, **details},
+        )
+
+
+def _data_key(keyring: phi.Keyring, request: Request) -> bytes:
+    if request.wrapped_key is None or request.kek_id is None:
+        raise CaseworkError("this request's data was purged", 410)
+    return phi.unwrap_data_key(
+        keyring, request.id, phi.WrappedKey(request.kek_id, request.wrapped_key)
+    )
+
+
+def get_request(
+    session: Session, reference: str, actor: Actor, *, lock: bool = False, break_glass: bool = False
+) -> Request:
+    """The request, if ``actor`` may act on it; 404 otherwise (existence is not revealed)."""
+    query = select(Request).where(Request.reference == reference)
+    if lock:
+        query = query.with_for_update()
+    request = session.execute(query).scalar_one_or_none()
+    if request is None or not (break_glass or actor.in_scope(request)):
+        raise NotFound("no such request in your teams' queues")
+    return request
+
+
+@dataclass
+class OpenedRequest:
+    request: Request
+    phi: dict[str, Any]
+    notes: list[dict[str, Any]]
+    consents: list[ConsentAcceptance]
+    timeline: list[AuditEvent]
+    break_glass: bool = False
+    claim_active: bool = False
+    assignee: str | None = None
+    transitions: Sequence[str] = field(default_factory=tuple)
+
+
+def claim_is_active(request: Request, now: datetime) -> bool:
+    return (
+        request.assignee_id is not None
+        and request.last_activity_at is not None
+        and now - request.last_activity_at < CLAIM_IDLE
+    )
+
+
+def open_request(
+    session: Session,
+    keyring: phi.Keyring,
+    reference: str,
+    actor: Actor,
+    now: datetime,
+    break_glass_reason: str | None = None,
+) -> OpenedRequest:
+    """Decrypt a request for ``actor`` and record ``phi.viewed`` (or ``phi.break_glass``)."""
+    reason = (break_glass_reason or "").strip()
+    if break_glass_reason is not None:
+        if actor.role not in ("staff", "supervisor", "compliance"):
+            raise NotFound("no such request")
+        if len(reason) < 10:
+            raise CaseworkError("type a reason of at least 10 characters to break the glass")
+        request = get_request(session, reference, actor, break_glass=True)
+    else:
+        request = get_request(session, reference, actor)
+    data_key = _data_key(keyring, request)
+    document = phi.open_sealed(data_key, request.id, phi.PHI_PURPOSE, request.phi)
+    notes = []
+    for note in session.execute(
+        select(Note).where(Note.request_id == request.id).order_by(Note.created_at)
+    ).scalars():
+        author = session.get(User, note.author_id)
+        body = phi.open_sealed(data_key, request.id, f"note:{note.id}", note.text)
+        notes.append(
+            {
+                "at": note.created_at,
+                "author": author.username if author else "?",
+                "text": body["text"],
+            }
+        )
+    glass = break_glass_reason is not None
+    if glass:
+        actor.record(
+            session, "phi.break_glass", reference, reason=reason[:MAX_REASON], review="pending"
+        )
+    actor.record(session, "phi.viewed", reference, break_glass=glass, notes=len(notes))
+    session.commit()
+    consents = list(
+        session.execute(
+            select(ConsentAcceptance)
+            .where(ConsentAcceptance.request_id == request.id)
+            .order_by(ConsentAcceptance.id)
+        ).scalars()
+    )
+    timeline = list(
+        session.execute(
+            select(AuditEvent).where(AuditEvent.reference == reference).order_by(AuditEvent.seq)
+        ).scalars()
+    )
+    assignee = session.get(User, request.assignee_id) if request.assignee_id else None
+    return OpenedRequest(
+        request=request,
+        phi=document,
+        notes=notes,
+        consents=consents,
+        timeline=timeline,
+        break_glass=glass,
+        claim_active=claim_is_active(request, now),
+        assignee=assignee.username if assignee else None,
+        transitions=TRANSITIONS.get(request.status, ()),
+    )
+
+
+def _touch(request: Request, now: datetime) -> None:
+    request.updated_at = now
+    if request.assignee_id is not None:
+        request.last_activity_at = now
+
+
+def claim(session: Session, reference: str, actor: Actor, now: datetime) -> None:
+    request = get_request(session, reference, actor, lock=True)
+    if request.status not in OPEN_STATUSES:
+        raise Conflict("only an open request can be claimed")
+    if claim_is_active(request, now) and request.assignee_id != actor.user_id:
+        raise Conflict("another team member is working on this request")
+    previous = request.assignee_id
+    request.assignee_id, request.claimed_at, request.last_activity_at = actor.user_id, now, now
+    request.updated_at = now
+    actor.record(session, "request.claimed", reference, previous_assignee=previous)
+    session.commit()
+
+
+def release(session: Session, reference: str, actor: Actor, now: datetime) -> None:
+    request = get_request(session, reference, actor, lock=True)
+    if request.assignee_id is None:
+        raise Conflict("this request is not claimed")
+    if request.assignee_id != actor.user_id and actor.role != "supervisor":
+        raise Conflict("only the assignee or a supervisor can release this claim")
+    previous = request.assignee_id
+    request.assignee_id = request.claimed_at = request.last_activity_at = None
+    request.updated_at = now
+    actor.record(session, "request.released", reference, previous_assignee=previous)
+    session.commit()
+
+
+def change_status(
+    session: Session, reference: str, actor: Actor, new_status: str, now: datetime
+) -> None:
+    request = get_request(session, reference, actor, lock=True)
+    allowed = TRANSITIONS.get(request.status, ())
+    if new_status not in allowed:
+        raise Conflict(
+            f"a request that is {request.status.replace('_', ' ')} cannot become "
+            f"{new_status.replace('_', ' ')}"
+        )
+    old = request.status
+    request.status = new_status
+    if new_status in ("completed", "cancelled", "queued"):
+        request.assignee_id = request.claimed_at = request.last_activity_at = None
+    elif request.assignee_id is None:
+        # Starting work on a request claims it.
+        request.assignee_id, request.claimed_at, request.last_activity_at = (
+            actor.user_id,
+            now,
+            now,
+        )
+    _touch(request, now)
+    actor.record(session, "request.status_changed", reference, old=old, new=new_status)
+    session.commit()
+
+
+def add_note(
+    session: Session, keyring: phi.Keyring, reference: str, actor: Actor, text: str, now: datetime
+) -> None:
+    text = text.strip()
+    if not text:
+        raise CaseworkError("a note cannot be empty")
+    if len(text) > MAX_NOTE:
+        raise CaseworkError(f"a note holds at most {MAX_NOTE} characters")
+    request = get_request(session, reference, actor, lock=True)
+    note = Note(request_id=request.id, author_id=actor.user_id, created_at=now, text=b"")
+    session.add(note)
+    session.flush()
+    note.text = phi.seal(_data_key(keyring, request), request.id, f"note:{note.id}", {"text": text})
+    _touch(request, now)
+    actor.record(session, "note.added", reference, note_id=note.id, length=len(text))
+    session.commit()
+
+
+def transfer(
+    session: Session,
+    reference: str,
+    actor: Actor,
+    team: str,
+    reason: str,
+    known_teams: Sequence[str],
+    now: datetime,
+) -> int:
+    """Move a request to another team's queue; returns the notification's outbox id."""
+    reason = reason.strip()
+    if team not in known_teams:
+        raise CaseworkError("choose one of the teams")
+    if len(reason) < 5 or len(reason) > MAX_REASON:
+        raise CaseworkError(f"give a reason of 5 to {MAX_REASON} characters")
+    request = get_request(session, reference, actor, lock=True)
+    if request.status not in OPEN_STATUSES:
+        raise Conflict("only an open request can be transferred")
+    if team == request.team:
+        raise Conflict("the request is already in that team's queue")
+    old_team = request.team
+    request.team, request.status = team, "queued"
+    request.assignee_id = request.claimed_at = request.last_activity_at = None
+    request.updated_at = now
+    actor.record(
+        session, "request.transferred", reference, from_team=old_team, to_team=team, reason=reason
+    )
+    message = outbox.enqueue(session, request.id, NOTIFY_TASK)
+    session.commit()
+    return message.id
+
+
+# -- the queue ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    reference: str
+    kind: str
+    topic: str | None
+    language: str
+    status: str
+    priority: str
+    team: str | None
+    sla_due_at: datetime | None
+    assignee: str | None
+    display_name: str
+    cursor: str
+
+
+def _cursor(request: Request) -> str:
+    due = request.sla_due_at.isoformat() if request.sla_due_at else ""
+    return f"{request.priority_rank}|{due}|{request.id}"
+
+
+def queue_query(
+    actor: Actor,
+    *,
+    status: str | None = None,
+    team: str | None = None,
+    kind: str | None = None,
+    after: str | None = None,
+    limit: int = 50,
+) -> Any:
+    """Open requests (or ``status``) of the actor's teams, urgent first, then soonest due.
+
+    Keyset pagination on (priority_rank, sla_due_at, id), which the partial index
+    ``ix_requests_open_queue`` serves in order, so page 2,000 costs what page 1 costs.
+    """
+    query = select(Request)
+    if status:
+        query = query.where(Request.status == status)
+    else:
+        query = query.where(Request.status.in_(OPEN_STATUSES))
+    if actor.role != "supervisor":
+        query = query.where(Request.team.in_(actor.teams))
+    if team:
+        query = query.where(Request.team == team)
+    if kind:
+        query = query.where(Request.kind == kind)
+    if after:
+        rank_text, due_text, last_id = (after.split("|") + ["", "", ""])[:3]
+        try:
+            rank = int(rank_text)
+            due = datetime.fromisoformat(due_text) if due_text else None
+        except ValueError:
+            rank, due = -1, None
+        if rank >= 0 and due is not None:
+            query = query.where(
+                or_(
+                    Request.priority_rank > rank,
+                    and_(Request.priority_rank == rank, Request.sla_due_at > due),
+                    and_(
+                        Request.priority_rank == rank,
+                        Request.sla_due_at == due,
+                        Request.id > last_id,
+                    ),
+                )
+            )
+    return query.order_by(Request.priority_rank, Request.sla_due_at, Request.id).limit(limit)
+
+
+def queue_page(
+    session: Session, keyring: phi.Keyring, actor: Actor, *, limit: int = 50, **filters: Any
+) -> list[QueueRow]:
+    requests = session.execute(queue_query(actor, limit=limit, **filters)).scalars().all()
+    return queue_rows_for(session, keyring, requests)
+
+
+def queue_rows_for(
+    session: Session, keyring: phi.Keyring, requests: Sequence[Request]
+) -> list[QueueRow]:
+    usernames = dict(
+        session.execute(
+            select(User.id, User.username).where(
+                User.id.in_({r.assignee_id for r in requests if r.assignee_id})
+            )
+        ).all()
+    )
+    rows = []
+    for request in requests:
+        name = "?"
+        if request.display_name and request.wrapped_key and request.kek_id:
+            try:
+                name = phi.open_sealed(
+                    _data_key(keyring, request),
+                    request.id,
+                    phi.DISPLAY_PURPOSE,
+                    request.display_name,
+                )["name"]
+            except phi.SealError:
+                name = "(unreadable)"
+        rows.append(
+            QueueRow(
+                reference=request.reference,
+                kind=request.kind,
+                topic=request.topic,
+                language=request.language,
+                status=request.status,
+                priority=request.priority,
+                team=request.team,
+                sla_due_at=request.sla_due_at,
+                assignee=usernames.get(request.assignee_id),
+                display_name=name,
+                cursor=_cursor(request),
+            )
+        )
+    return rows
+
+
+# -- finding a request -------------------------------------------------------------------------
+
+
+def search(
+    session: Session,
+    keyring: phi.Keyring,
+    actor: Actor,
+    *,
+    reference: str | None = None,
+    phone_e164: str | None = None,
+    last_name: str | None = None,
+    date_of_birth: str | None = None,
+) -> list[Request]:
+    """Exact-match search through blind indexes; audited without the search terms."""
+    query = select(Request)
+    if reference:
+        query, by = query.where(Request.reference == reference), "reference"
+    elif phone_e164:
+        query, by = (
+            query.where(Request.phone_index == phi.phone_index(keyring, phone_e164)),
+            "phone",
+        )
+    elif last_name and date_of_birth:
+        query, by = (
+            query.where(
+                Request.name_dob_index == phi.name_dob_index(keyring, last_name, date_of_birth)
+            ),
+            "name_dob",
+        )
+    else:
+        raise CaseworkError("search by reference, phone, or last name and date of birth")
+    found = [
+        r
+        for r in session.execute(query.order_by(Request.created_at.desc()).limit(50)).scalars()
+        if actor.in_scope(r)
+    ]
+    actor.record(session, "request.searched", None, by=by, results=len(found))
+    session.commit()
+    return found
+
+
+# -- SLA escalation ----------------------------------------------------------------------------
+
+
+def escalate_overdue(session: Session, now: datetime, limit: int = 200) -> list[tuple[str, int]]:
+    """Raise overdue open requests one priority step, once each; returns (reference, outbox id)
+    pairs for the supervisor notifications to publish."""
+    overdue = (
+        session.execute(
+            select(Request)
+            .where(
+                Request.status.in_(OPEN_STATUSES),
+                Request.sla_due_at < now,
+                Request.escalated_at.is_(None),
+            )
+            .order_by(Request.sla_due_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+    published = []
+    for request in overdue:
+        old = request.priority
+        rank = max(0, request.priority_rank - 1)
+        changed = session.execute(
+            update(Request)
+            .where(Request.id == request.id, Request.escalated_at.is_(None))
+            .values(priority=PRIORITIES[rank], priority_rank=rank, escalated_at=now)
+        ).rowcount
+        if changed != 1:
+            continue
+        record_event(
+            session,
+            actor="system:escalate_overdue",
+            action="request.escalated",
+            reference=request.reference,
+            details={
+                "old_priority": old,
+                "new_priority": PRIORITIES[rank],
+                "team": request.team,
+                "sla_due_at": request.sla_due_at.isoformat() if request.sla_due_at else None,
+            },
+        )
+        message = outbox.enqueue(session, request.id, "notify_supervisors")
+        session.flush()
+        published.append((request.reference, message.id))
+    session.commit()
+    return published

@@ -1,0 +1,1 @@
+"""The compliance officer's side: the audit trail, access reports, verification."""

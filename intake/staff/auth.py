@@ -1,0 +1,88 @@
+"""Who is logged in: Flask-Login backed by server-side sessions (see intake.accounts).
+
+The cookie holds a random token; Flask-Login's user id *is* that token, so every request looks
+the session row up and a logged-out, disabled or idle session is gone for good, even if an old
+cookie is replayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import abort, current_app, request
+from flask_login import LoginManager, current_user
+
+from intake import accounts
+from intake.casework import Actor
+from intake.clock import now
+from intake.extensions import db
+from intake.phi import ip_pseudonym
+
+login_manager = LoginManager()
+login_manager.login_view = "staff.login"
+login_manager.login_message = "Please log in to continue."
+login_manager.session_protection = None
+
+
+class StaffPrincipal:
+    """The logged-in user as Flask-Login sees them."""
+
+    is_authenticated = True
+    is_active = True
+    is_anonymous = False
+
+    def __init__(self, token: str, user: Any) -> None:
+        self.token = token
+        self.user_id = user.id
+        self.username = user.username
+        self.role = user.role
+        self.teams = tuple(user.team_ids)
+
+    def get_id(self) -> str:
+        return self.token
+
+    def actor(self) -> Actor:
+        return Actor(self.user_id, self.username, self.role, self.teams, client_ip_hmac())
+
+
+@login_manager.user_loader
+def load_user(token: str) -> StaffPrincipal | None:
+    idle = timedelta(minutes=current_app.extensions["intake.settings"].session_idle_minutes)
+    found = accounts.load_session(db.session, token, now(), idle)
+    if found is None:
+        return None
+    _row, user = found
+    return StaffPrincipal(token, user)
+
+
+def client_ip_hmac() -> str | None:
+    return ip_pseudonym(current_app.extensions["intake.keyring"], request.remote_addr)
+
+
+def safe_next(target: str | None) -> str | None:
+    """Accept only a path on this site: no scheme, no host, no '//' or backslash tricks."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return None
+    return target
+
+
+def roles_required(*roles: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not current_user.is_authenticated:
+                return login_manager.unauthorized()
+            if current_user.role not in roles:
+                abort(404)
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

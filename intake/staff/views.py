@@ -1,0 +1,304 @@
+"""Staff pages: login, queue, request page and its actions, search."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import structlog
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from flask_login import current_user, login_required, login_user, logout_user
+
+from intake import accounts, casework, outbox
+from intake.casework import CaseworkError
+from intake.clock import now
+from intake.extensions import db, limiter
+from intake.models import KINDS, OPEN_STATUSES, STATUSES
+from intake.patient.forms import clean_phone, options
+from intake.references import normalize_reference
+from intake.staff.auth import client_ip_hmac, roles_required, safe_next
+from intake.staff.forms import (
+    BreakGlassForm,
+    LoginForm,
+    NoteForm,
+    SearchForm,
+    StatusForm,
+    TransferForm,
+)
+
+log = structlog.get_logger(__name__)
+bp = Blueprint("staff", __name__, url_prefix="/staff", template_folder="templates")
+
+LOGIN_FAILED = "The username, password or authenticator code is not right."
+LOCKED = "Too many failed attempts. Try again in {seconds} seconds."
+WORKERS = ("staff", "supervisor")
+
+
+def _login_limit() -> str:
+    return str(current_app.extensions["intake.settings"].login_rate_limit)
+
+
+def _keyring() -> Any:
+    return current_app.extensions["intake.keyring"]
+
+
+def _team_names() -> dict[str, str]:
+    return {t.id: t.name for t in current_app.extensions["intake.routing"].teams.values()}
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(_login_limit, methods=["POST"])
+def login() -> ResponseReturnValue:
+    form = LoginForm()
+    if request.method == "GET":
+        form.next.data = safe_next(request.args.get("next")) or ""
+        return render_template("staff/login.html", form=form)
+    if not form.validate():
+        return render_template("staff/login.html", form=form), 400
+    result = accounts.authenticate(
+        db.session,
+        _keyring(),
+        username=form.username.data or "",
+        password=form.password.data or "",
+        otp=form.otp.data or "",
+        now=now(),
+        ip_hmac=client_ip_hmac(),
+    )
+    db.session.commit()
+    if result.token is None:
+        log.info("login_failed", reason=result.reason)
+        if result.reason == "locked":
+            message = LOCKED.format(seconds=result.retry_after)
+            page = render_template("staff/login.html", form=form, error=message)
+            return page, 429, {"Retry-After": str(result.retry_after)}
+        return render_template("staff/login.html", form=form, error=LOGIN_FAILED), 400
+    session.clear()  # a fresh session cookie: nothing from before the login survives it
+    from intake.staff.auth import StaffPrincipal
+
+    assert result.user is not None
+    login_user(StaffPrincipal(result.token, result.user))
+    session.permanent = True
+    log.info("login", user_id=result.user.id)
+    target = safe_next(form.next.data)
+    if result.user.role == "compliance":
+        target = target or url_for("compliance.audit")
+    return redirect(target or url_for("staff.queue"), 303)
+
+
+@bp.post("/logout")
+@login_required
+def logout() -> ResponseReturnValue:
+    accounts.logout(db.session, current_user.token, now(), client_ip_hmac())
+    logout_user()
+    session.clear()
+    return redirect(url_for("staff.login"), 303)
+
+
+@bp.get("/")
+@login_required
+def home() -> ResponseReturnValue:
+    if current_user.role == "compliance":
+        return redirect(url_for("compliance.audit"))
+    return redirect(url_for("staff.queue"))
+
+
+def _queue_filters() -> dict[str, Any]:
+    status = request.args.get("status") or None
+    team = request.args.get("team") or None
+    kind = request.args.get("kind") or None
+    if status not in (None, *STATUSES) or kind not in (None, *KINDS):
+        abort(400)
+    if team is not None and current_user.role != "supervisor" and team not in current_user.teams:
+        abort(404)
+    return {"status": status, "team": team, "kind": kind}
+
+
+@bp.get("/queue")
+@roles_required(*WORKERS)
+def queue() -> ResponseReturnValue:
+    filters = _queue_filters()
+    after = request.args.get("after") or None
+    rows = casework.queue_page(db.session, _keyring(), current_user.actor(), after=after, **filters)
+    # The queue shows first name and last initial: a minimum-necessary view, still recorded.
+    current_user.actor().record(
+        db.session, "phi.viewed", None, view="queue", rows=len(rows), after=after is not None
+    )
+    db.session.commit()
+    teams = _team_names()
+    visible_teams = sorted(teams) if current_user.role == "supervisor" else list(current_user.teams)
+    template = "staff/_queue_rows.html" if request.args.get("fragment") else "staff/queue.html"
+    return render_template(
+        template,
+        rows=rows,
+        filters=filters,
+        now=now(),
+        teams=teams,
+        visible_teams=visible_teams,
+        statuses=STATUSES,
+        open_statuses=OPEN_STATUSES,
+        kinds=KINDS,
+        next_cursor=rows[-1].cursor if len(rows) == 50 else None,
+        after=after,
+    )
+
+
+@bp.get("/queue/version")
+@roles_required(*WORKERS)
+def queue_version() -> ResponseReturnValue:
+    """A fingerprint of the queue (no PHI): the page reloads its rows only when it changes."""
+    filters = _queue_filters()
+    query = casework.queue_query(
+        current_user.actor(), after=request.args.get("after") or None, **filters
+    )
+    from intake.models import Request
+
+    ids = db.session.execute(
+        query.with_only_columns(
+            Request.id, Request.status, Request.priority, Request.assignee_id, Request.updated_at
+        )
+    ).all()
+    db.session.rollback()
+    digest = hashlib.sha256(repr([tuple(map(str, row)) for row in ids]).encode()).hexdigest()
+    return {"version": digest[:16]}
+
+
+def _render_opened(opened: casework.OpenedRequest, status: int = 200) -> ResponseReturnValue:
+    teams = _team_names()
+    transfer = TransferForm()
+    transfer.team.choices = options(
+        (tid, name) for tid, name in teams.items() if tid != opened.request.team
+    )
+    status_form = StatusForm()
+    status_form.status.choices = options((s, s.replace("_", " ")) for s in opened.transitions)
+    return render_template(
+        "staff/request.html",
+        opened=opened,
+        r=opened.request,
+        doc=opened.phi,
+        teams=teams,
+        note_form=NoteForm(),
+        status_form=status_form,
+        transfer_form=transfer,
+        now=now(),
+    ), status
+
+
+@bp.get("/requests/<reference>")
+@login_required
+def request_page(reference: str) -> ResponseReturnValue:
+    if current_user.role not in ("staff", "supervisor", "compliance"):
+        abort(404)
+    try:
+        opened = casework.open_request(
+            db.session, _keyring(), reference, current_user.actor(), now()
+        )
+    except casework.NotFound:
+        db.session.rollback()
+        return render_template(
+            "staff/not_in_scope.html", reference=reference, form=BreakGlassForm()
+        ), 404
+    return _render_opened(opened)
+
+
+@bp.post("/requests/<reference>/<action>")
+@login_required
+def act(reference: str, action: str) -> ResponseReturnValue:
+    actor = current_user.actor()
+    when = now()
+    try:
+        if action == "break-glass":
+            form = BreakGlassForm()
+            if not form.validate():
+                return render_template(
+                    "staff/not_in_scope.html", reference=reference, form=form
+                ), 400
+            opened = casework.open_request(
+                db.session, _keyring(), reference, actor, when, break_glass_reason=form.reason.data
+            )
+            return _render_opened(opened)
+        if current_user.role not in WORKERS:
+            abort(404)
+        if action == "claim":
+            casework.claim(db.session, reference, actor, when)
+            flash("You claimed this request.")
+        elif action == "release":
+            casework.release(db.session, reference, actor, when)
+            flash("You released this request.")
+        elif action == "status":
+            form = StatusForm()
+            form.validate()
+            casework.change_status(db.session, reference, actor, form.status.data or "", when)
+            flash(f"Status changed to {str(form.status.data).replace('_', ' ')}.")
+        elif action == "note":
+            note = NoteForm()
+            if not note.validate():
+                raise CaseworkError("a note needs 1 to 4000 characters")
+            casework.add_note(db.session, _keyring(), reference, actor, note.text.data or "", when)
+            flash("Note added.")
+        elif action == "transfer":
+            transfer = TransferForm()
+            transfer.validate()
+            outbox_id = casework.transfer(
+                db.session,
+                reference,
+                actor,
+                transfer.team.data or "",
+                transfer.reason.data or "",
+                list(_team_names()),
+                when,
+            )
+            outbox.publish(db.session, [outbox_id])
+            flash(f"Transferred to {_team_names().get(transfer.team.data or '', '?')}.")
+            return redirect(url_for("staff.queue"), 303)
+        else:
+            abort(404)
+    except CaseworkError as error:
+        db.session.rollback()
+        return render_template(
+            "staff/action_error.html", reference=reference, message=str(error), status=error.status
+        ), error.status
+    return redirect(url_for("staff.request_page", reference=reference), 303)
+
+
+@bp.get("/search")
+@roles_required(*WORKERS)
+def search() -> ResponseReturnValue:
+    form = SearchForm(request.args)
+    results = None
+    error = None
+    if any(request.args.get(k) for k in ("reference", "phone", "last_name", "date_of_birth")):
+        if not form.validate():
+            error = "Check the search fields."
+        else:
+            try:
+                reference = (
+                    normalize_reference(form.reference.data or "") if form.reference.data else None
+                )
+                phone = clean_phone(form.phone.data) if form.phone.data else None
+                found = casework.search(
+                    db.session,
+                    _keyring(),
+                    current_user.actor(),
+                    reference=reference,
+                    phone_e164=phone,
+                    last_name=form.last_name.data or None,
+                    date_of_birth=form.date_of_birth.data or None,
+                )
+                results = casework.queue_rows_for(db.session, _keyring(), found)
+            except (CaseworkError, ValueError) as problem:
+                db.session.rollback()
+                error = str(problem) or "Check the search fields."
+    return render_template(
+        "staff/search.html", form=form, results=results, error=error, teams=_team_names(), now=now()
+    )
