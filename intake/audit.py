@@ -55,6 +55,8 @@ ACTIONS = (
     "team.created",
     "audit.exported",
     "audit.verified",
+    "audit.checkpointed",
+    "break_glass.reviewed",
     "key.rotated",
     "retention.purged",
 )
