@@ -64,6 +64,7 @@ class Settings:
     broker_visibility_timeout: float = 300.0
     outbox_sweep_seconds: float = 5.0
     outbox_republish_seconds: float = 60.0
+    retention_days: int = 2190
 
     @property
     def embedded(self) -> bool:
@@ -105,6 +106,7 @@ class Settings:
             broker_visibility_timeout=_float(env, "INTAKE_BROKER_VISIBILITY_TIMEOUT", 300.0),
             outbox_sweep_seconds=_float(env, "INTAKE_OUTBOX_SWEEP_SECONDS", 5.0),
             outbox_republish_seconds=_float(env, "INTAKE_OUTBOX_REPUBLISH_SECONDS", 60.0),
+            retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
         )
         settings.check()
         return settings

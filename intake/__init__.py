@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
+    register_commands(app)
     return app
 
 
@@ -111,6 +112,13 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(staff)
     app.register_blueprint(compliance)
     app.register_blueprint(ops.bp)
+
+
+def register_commands(app: Flask) -> None:
+    from intake import commands
+
+    for command in commands.COMMANDS:
+        app.cli.add_command(command)
 
 
 def register_errorhandlers(app: Flask) -> None:

@@ -184,4 +184,106 @@ def demo_otp(username: str) -> None:
     click.echo(pyotp.TOTP(secret).now())
 
 
-COMMANDS: list[click.Command] = [serve, users, teams, demo, demo_otp]
+@click.group("keys")
+def keys() -> None:
+    """Generate, rotate and inspect the keyring."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new keyring (JSON) for INTAKE_KEYRING; keep it in your secret store."""
+    from intake.phi import Keyring
+
+    click.echo(Keyring.generate().to_json())
+
+
+@keys.command("status")
+@with_appcontext
+def keys_status() -> None:
+    """Show the primary KEK and how many rows each KEK protects."""
+    from intake.keys import key_usage
+
+    keyring = current_app.extensions["intake.keyring"]
+    usage = key_usage(db.session)
+    click.echo(f"primary: {keyring.primary}")
+    for key_id in sorted(keyring.keks):
+        count = usage.get(key_id, 0)
+        note = (
+            " (primary)"
+            if key_id == keyring.primary
+            else (" (unused: may be removed)" if count == 0 else " (rewrap pending)")
+        )
+        click.echo(f"  {key_id}: {count} rows{note}")
+    unknown = sorted(set(usage) - set(keyring.keks))
+    if unknown:
+        raise click.ClickException(f"rows use key ids missing from the keyring: {unknown}")
+
+
+@keys.command("rotate")
+@with_appcontext
+def keys_rotate() -> None:
+    """Add a new primary KEK; data keys are rewrapped by the worker (or `intake keys rewrap`)."""
+    from pathlib import Path
+
+    from intake.embedded import read_secret_setting
+    from intake.keys import record_rotation, write_keyring_file
+
+    settings = current_app.extensions["intake.settings"]
+    old = current_app.extensions["intake.keyring"]
+    new = old.with_new_primary()
+    if settings.keyring is None:
+        path = Path(settings.data_dir) / "keyring.json"
+    else:
+        candidate = Path(settings.keyring.strip())
+        path = (
+            candidate
+            if (
+                read_secret_setting(settings.keyring) != settings.keyring.strip()
+                and candidate.is_file()
+            )
+            else None
+        )  # type: ignore[assignment]
+    record_rotation(db.session, old, new, _actor())
+    if path is not None:
+        write_keyring_file(path, new)
+        db.session.commit()
+        click.echo(f"New primary key {new.primary} written to {path}.")
+    else:
+        db.session.commit()
+        click.echo(new.to_json())
+        click.echo(f"Store this keyring as INTAKE_KEYRING (new primary {new.primary}).", err=True)
+    click.echo("Restart web, worker and beat; the worker then rewraps every data key.", err=True)
+
+
+@keys.command("rewrap")
+@with_appcontext
+def keys_rewrap() -> None:
+    """Rewrap every data key under the primary KEK now."""
+    from intake.keys import rewrap_data_keys
+
+    keyring = current_app.extensions["intake.keyring"]
+    total = 0
+    while done := rewrap_data_keys(db.session, keyring):
+        total += done
+    click.echo(f"Rewrapped {total} data keys under {keyring.primary}.")
+
+
+@click.group("retention")
+def retention() -> None:
+    """Crypto-shred requests closed longer than the retention period."""
+
+
+@retention.command("purge")
+@with_appcontext
+def retention_purge() -> None:
+    """Shred every request closed more than INTAKE_RETENTION_DAYS ago."""
+    from intake.retention import purge_expired
+
+    days = current_app.extensions["intake.settings"].retention_days
+    total = 0
+    while purged := purge_expired(db.session, now(), days):
+        total += len(purged)
+    click.echo(f"Purged {total} requests closed more than {days} days ago.")
+
+
+COMMANDS: list[click.Command] = [serve, users, teams, keys, retention, demo, demo_otp]

@@ -77,6 +77,8 @@ class RoutingTable:
     teams: Mapping[str, Team]
     locations: Mapping[str, Location]
     rules: tuple[Rule, ...] = field(default_factory=tuple)
+    # Where overdue-request escalations go (the [supervisors] table of the file).
+    supervisors: Team = Team(id="supervisors", name="Supervisors")
 
     def decide(self, facts: Mapping[str, str | None], now: datetime) -> Decision:
         for rule in self.rules:
@@ -123,6 +125,23 @@ def parse_routing(text: str, path: Path, known: Mapping[str, Iterable[str]]) -> 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RoutingError(f"{path}: {error}") from None
+
+    supervisors = Team(id="supervisors", name="Supervisors")
+    if "supervisors" in doc:
+        raw = doc["supervisors"]
+        notify = tuple(raw.get("notify", ["log"]))
+        if any(c not in CHANNELS for c in notify) or ("email" in notify and not raw.get("email")):
+            raise RoutingError(
+                f"{path}: [supervisors] needs known channels (and an 'email' "
+                "when notified by e-mail)"
+            )
+        supervisors = Team(
+            id="supervisors",
+            name=str(raw.get("name", "Supervisors")),
+            notify=notify,
+            email=raw.get("email"),
+            webhook=raw.get("webhook"),
+        )
 
     team_lines = _header_lines(text, "teams")
     teams: dict[str, Team] = {}
@@ -204,7 +223,9 @@ def parse_routing(text: str, path: Path, known: Mapping[str, Iterable[str]]) -> 
 
     if not rules or rules[-1].conditions:
         raise RoutingError(f"{path}: the last rule must be a default rule with no conditions")
-    return RoutingTable(path=path, teams=teams, locations=locations, rules=tuple(rules))
+    return RoutingTable(
+        path=path, teams=teams, locations=locations, rules=tuple(rules), supervisors=supervisors
+    )
 
 
 def known_values() -> dict[str, set[str]]:

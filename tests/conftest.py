@@ -143,6 +143,25 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 
 @pytest.fixture
+def make_app() -> Iterator[Any]:
+    """Build more apps in a test (another keyring, profile...); their pools close afterwards."""
+    from intake.extensions import db
+
+    apps: list[Flask] = []
+
+    def make(settings: Settings) -> Flask:
+        made = create_app(settings)
+        apps.append(made)
+        return made
+
+    yield make
+    for made in apps:
+        with made.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+@pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
 

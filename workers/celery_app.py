@@ -74,6 +74,18 @@ def celery_init_app(flask_app: Flask) -> Celery:
                 "task": "workers.tasks.sweep_outbox",
                 "schedule": timedelta(seconds=settings.outbox_sweep_seconds),
             },
+            "escalate-overdue": {
+                "task": "workers.tasks.escalate_overdue",
+                "schedule": timedelta(seconds=60),
+            },
+            "rewrap-data-keys": {
+                "task": "workers.tasks.rewrap_data_keys",
+                "schedule": timedelta(minutes=10),
+            },
+            "purge-expired": {
+                "task": "workers.tasks.purge_expired",
+                "schedule": timedelta(hours=6),
+            },
         },
         timezone="UTC",
         include=["workers.tasks"],
