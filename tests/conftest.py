@@ -137,6 +137,7 @@ def app(settings: Settings) -> Iterator[Flask]:
     yield app
     from intake.extensions import db
 
+    app.extensions["celery"].close()
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
