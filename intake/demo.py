@@ -93,11 +93,12 @@ def _describe(app: Flask, credentials: dict[str, str]) -> list[str]:
     lines = ["", "Demo staff accounts (password, then the 6-digit code of the account's TOTP):"]
     for username, role, _teams in DEMO_USERS:
         if username in credentials:
-            lines.append(f"  {role:<11} {username:<11} password: {credentials[username]}")
+            secret = credentials.get(f"{username}:totp", "?")
+            lines.append(f"  {role:<11} {username:<11} password: {credentials[username]}"
+                         f"   TOTP secret: {secret}")
     lines += [
-        f"Log in at {url}/staff/login as pharmacist. For the code, add the TOTP secret printed",
-        "when the user was created to an authenticator app, or print the current one with:",
-        "  .venv/bin/intake demo-otp pharmacist",
+        f"Log in at {url}/staff/login as pharmacist. For the code, add the TOTP secret to an",
+        "authenticator app, or print the current code with:  .venv/bin/intake demo-otp pharmacist",
         "",
     ]
     return lines
@@ -135,7 +136,7 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
             demo=True,
         )
         credentials[username] = password
-        lines.append(f"  {username}: TOTP secret {created.totp_secret}")
+        credentials[f"{username}:totp"] = created.totp_secret
     session.commit()
     _save_credentials(path, credentials)
 

@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 
 def _celery(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers", *args]
+    return [sys.executable, "-m", "celery", "--quiet", "-A", "workers", *args]
 
 
 def start_children(app: Flask) -> list[subprocess.Popen[bytes]]:
@@ -84,6 +84,8 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
                     return
 
     threading.Thread(target=watch, daemon=True).start()
+    if children:
+        time.sleep(2)  # let the worker and beat say hello before the banner
     broker = "Redis" if settings.redis_url else "embedded broker in " + str(settings.data_dir)
     print(
         f"\n  Intake is running on the {settings.profile} profile ({broker}).\n"
