@@ -65,6 +65,7 @@ class Settings:
     outbox_sweep_seconds: float = 5.0
     outbox_republish_seconds: float = 60.0
     retention_days: int = 2190
+    trusted_proxies: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -107,6 +108,7 @@ class Settings:
             outbox_sweep_seconds=_float(env, "INTAKE_OUTBOX_SWEEP_SECONDS", 5.0),
             outbox_republish_seconds=_float(env, "INTAKE_OUTBOX_REPUBLISH_SECONDS", 60.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
+            trusted_proxies=_int(env, "INTAKE_TRUSTED_PROXIES", 0),
         )
         settings.check()
         return settings

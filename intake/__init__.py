@@ -23,6 +23,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings.log_level, data_dir / "logs")
 
     app = Flask(__name__)
+    if settings.trusted_proxies:
+        # Behind N reverse proxies, trust their X-Forwarded-* headers (client IP for rate limits
+        # and audit pseudonyms, https for Secure cookies) and nobody else's.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
+        )
     app.config.update(
         SECRET_KEY=_secret_key(settings),
         SQLALCHEMY_DATABASE_URI=settings.effective_database_url,
