@@ -111,8 +111,8 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
     existing = session.execute(select(User.username).where(User.demo.is_(True))).scalars().all()
     if existing:
         if if_empty:
-            credentials = json.loads(path.read_text()) if path.exists() else {}
-            return _describe(app, credentials)
+            saved: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+            return _describe(app, saved)
         raise RuntimeError("demo users exist already (use --if-empty to just show them)")
 
     table = app.extensions["intake.routing"]
@@ -122,7 +122,7 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
     session.commit()
 
     credentials: dict[str, str] = {}
-    lines = []
+    lines: list[str] = []
     for username, role, teams in DEMO_USERS:
         password = "-".join("".join(secrets.choice(ALPHABET) for _ in range(4)) for _ in range(4))
         created = accounts.create_user(
@@ -147,7 +147,7 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
         kind = "refill" if index % 3 else "contact"
         language = "es" if index % 5 == 0 else "en"
         first, last = rng.choice(FIRST), rng.choice(LAST)
-        document = {
+        document: dict[str, object] = {
             "first_name": first,
             "last_name": last,
             "date_of_birth": f"{rng.randint(1940, 2005)}-{rng.randint(1, 12):02d}-"

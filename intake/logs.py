@@ -17,7 +17,7 @@ _configured_files: set[Path] = set()
 
 def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
     """Send structlog and stdlib logging through one JSON formatter."""
-    shared = [
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

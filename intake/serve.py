@@ -77,7 +77,7 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
                 if child.poll() is not None:
                     log.error(
                         "child_process_exited",
-                        argv=" ".join(child.args[3:5]),
+                        argv=str(child.args),
                         code=child.returncode,
                     )
                     stop(signal.SIGTERM, None)

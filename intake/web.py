@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import structlog
 from flask import Flask, Response, current_app, render_template, request
+from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -77,7 +78,7 @@ def init_app(app: Flask) -> None:
     app.after_request(security_headers)
 
     @app.errorhandler(CSRFError)
-    def csrf_error(error: CSRFError) -> tuple[str, int] | Response:
+    def csrf_error(error: CSRFError) -> ResponseReturnValue:
         from intake.patient.views import rerender_after_csrf_error
 
         log.info("csrf_rejected", path=request.path, reason=error.description)
@@ -85,7 +86,7 @@ def init_app(app: Flask) -> None:
         return page if page is not None else error_page(400)
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> tuple[str, int] | Response:
+    def http_error(error: HTTPException) -> ResponseReturnValue:
         status = error.code or 500
         if status in (301, 302, 303, 307, 308):
             return error.get_response()
