@@ -339,9 +339,13 @@ def authenticate(
 
 
 def load_session(
-    session: Session, token: str, now: datetime, idle: timedelta
+    session: Session, token: str, now: datetime, idle: timedelta, refresh: bool = True
 ) -> tuple[StaffSession, User] | None:
-    """The live session for ``token``, refreshed; None if it ended, idled out or is too old."""
+    """The live session for ``token``, refreshed; None if it ended, idled out or is too old.
+
+    ``refresh=False`` is for requests a page makes on its own (the queue polling for changes):
+    they must not count as activity, or an open queue would never idle out.
+    """
     row = session.execute(
         select(StaffSession).where(StaffSession.token_hash == hash_token(token))
     ).scalar_one_or_none()
@@ -368,7 +372,7 @@ def load_session(
         session.commit()
         return None
     # Refresh at most once a minute, so busy pages do not write on every request.
-    if now - row.last_seen_at > timedelta(seconds=60):
+    if refresh and now - row.last_seen_at > timedelta(seconds=60):
         row.last_seen_at = now
         session.commit()
     assert user is not None

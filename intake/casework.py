@@ -21,6 +21,7 @@ from intake.audit import record_event
 from intake.models import (
     OPEN_STATUSES,
     PRIORITIES,
+    PRIORITY_RANK,
     AuditEvent,
     ConsentAcceptance,
     Note,
@@ -370,11 +371,26 @@ def queue_query(
             due = datetime.fromisoformat(due_text) if due_text else None
         except ValueError:
             rank, due = -1, None
-        if rank >= 0 and due is not None:
+        # Requests not routed yet have no due time; they sort last within their priority.
+        if rank >= 0 and due is None:
             query = query.where(
                 or_(
                     Request.priority_rank > rank,
-                    and_(Request.priority_rank == rank, Request.sla_due_at > due),
+                    and_(
+                        Request.priority_rank == rank,
+                        Request.sla_due_at.is_(None),
+                        Request.id > last_id,
+                    ),
+                )
+            )
+        elif rank >= 0:
+            query = query.where(
+                or_(
+                    Request.priority_rank > rank,
+                    and_(
+                        Request.priority_rank == rank,
+                        or_(Request.sla_due_at > due, Request.sla_due_at.is_(None)),
+                    ),
                     and_(
                         Request.priority_rank == rank,
                         Request.sla_due_at == due,
@@ -382,7 +398,9 @@ def queue_query(
                     ),
                 )
             )
-    return query.order_by(Request.priority_rank, Request.sla_due_at, Request.id).limit(limit)
+    return query.order_by(
+        Request.priority_rank, Request.sla_due_at.asc().nulls_last(), Request.id
+    ).limit(limit)
 
 
 def queue_page(
@@ -498,7 +516,8 @@ def escalate_overdue(session: Session, now: datetime, limit: int = 200) -> list[
     published = []
     for request in overdue:
         old = request.priority
-        rank = max(0, request.priority_rank - 1)
+        # From the priority itself: one step up from what staff see, whatever the rank says.
+        rank = max(0, PRIORITY_RANK.get(old, request.priority_rank) - 1)
         changed = session.execute(
             update(Request)
             .where(Request.id == request.id, Request.escalated_at.is_(None))

@@ -305,6 +305,7 @@ def route_request(
             status="queued",
             team=decision.team,
             priority=decision.priority,
+            priority_rank=PRIORITIES.index(decision.priority),
             sla_due_at=decision.sla_due_at,
             routed_at=now,
             updated_at=now,

@@ -52,11 +52,18 @@ class StaffPrincipal:
 @login_manager.user_loader
 def load_user(token: str) -> StaffPrincipal | None:
     idle = timedelta(minutes=current_app.extensions["intake.settings"].session_idle_minutes)
-    found = accounts.load_session(db.session, token, now(), idle)
+    found = accounts.load_session(db.session, token, now(), idle, refresh=not background_poll())
     if found is None:
         return None
     _row, user = found
     return StaffPrincipal(token, user)
+
+
+def background_poll() -> bool:
+    """True for the requests the queue page makes by itself to stay current (queue.js)."""
+    return request.endpoint == "staff.queue_version" or (
+        request.endpoint == "staff.queue" and bool(request.args.get("fragment"))
+    )
 
 
 def client_ip_hmac() -> str | None:

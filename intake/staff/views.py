@@ -129,6 +129,8 @@ def _queue_filters() -> dict[str, Any]:
 def queue() -> ResponseReturnValue:
     filters = _queue_filters()
     after = request.args.get("after") or None
+    # Taken before the rows: a change in between makes the page refresh once more, never miss it.
+    version = _queue_version(filters, after)
     rows = casework.queue_page(db.session, _keyring(), current_user.actor(), after=after, **filters)
     # The queue shows first name and last initial: a minimum-necessary view, still recorded.
     current_user.actor().record(
@@ -150,6 +152,7 @@ def queue() -> ResponseReturnValue:
         kinds=KINDS,
         next_cursor=rows[-1].cursor if len(rows) == 50 else None,
         after=after,
+        version=version,
     )
 
 
@@ -157,12 +160,13 @@ def queue() -> ResponseReturnValue:
 @roles_required(*WORKERS)
 def queue_version() -> ResponseReturnValue:
     """A fingerprint of the queue (no PHI): the page reloads its rows only when it changes."""
-    filters = _queue_filters()
-    query = casework.queue_query(
-        current_user.actor(), after=request.args.get("after") or None, **filters
-    )
+    return {"version": _queue_version(_queue_filters(), request.args.get("after") or None)}
+
+
+def _queue_version(filters: dict[str, Any], after: str | None) -> str:
     from intake.models import Request
 
+    query = casework.queue_query(current_user.actor(), after=after, **filters)
     ids = db.session.execute(
         query.with_only_columns(
             Request.id, Request.status, Request.priority, Request.assignee_id, Request.updated_at
@@ -170,7 +174,7 @@ def queue_version() -> ResponseReturnValue:
     ).all()
     db.session.rollback()
     digest = hashlib.sha256(repr([tuple(map(str, row)) for row in ids]).encode()).hexdigest()
-    return {"version": digest[:16]}
+    return digest[:16]
 
 
 def _render_opened(opened: casework.OpenedRequest, status: int = 200) -> ResponseReturnValue:

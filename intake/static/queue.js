@@ -7,7 +7,8 @@
   var body = document.getElementById("queue-rows");
   var versionUrl = table.getAttribute("data-version-url");
   var rowsUrl = table.getAttribute("data-rows-url");
-  var current = null;
+  // The version of the rows the server rendered: a change made before the first poll shows too.
+  var current = table.getAttribute("data-version") || null;
   var EVERY_MS = 5000;
 
   function refreshRows() {
@@ -22,7 +23,9 @@
   function check() {
     fetch(versionUrl, { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (response) {
-        if (response.redirected || !response.ok) { throw new Error("queue unavailable"); }
+        // Logged out (idle, disabled, elsewhere): show the login page, not stale names.
+        if (response.redirected) { window.location.reload(); throw new Error("logged out"); }
+        if (!response.ok) { throw new Error("queue unavailable"); }
         return response.json();
       })
       .then(function (data) {
