@@ -351,7 +351,8 @@ def queue_query(
     """Open requests (or ``status``) of the actor's teams, urgent first, then soonest due.
 
     Keyset pagination on (priority_rank, sla_due_at, id), which the partial index
-    ``ix_requests_open_queue`` serves in order, so page 2,000 costs what page 1 costs.
+    ``ix_requests_open_queue`` serves in order: no sort and no OFFSET. The cursor's priority is
+    also an index bound, so a later page starts its scan at its own priority level.
     """
     query = select(Request)
     if status:
@@ -371,6 +372,8 @@ def queue_query(
             due = datetime.fromisoformat(due_text) if due_text else None
         except ValueError:
             rank, due = -1, None
+        if rank >= 0:
+            query = query.where(Request.priority_rank >= rank)
         # Requests not routed yet have no due time; they sort last within their priority.
         if rank >= 0 and due is None:
             query = query.where(
