@@ -50,6 +50,7 @@ class Settings:
     secret_key: str | None = None
     keyring: str | None = None
     audit_signing_key: str | None = None
+    audit_checkpoints: Path | None = None
     smtp_url: str | None = None
     public_url: str = "http://127.0.0.1:8000"
     routing_file: Path = DEFAULT_ROUTING_FILE
@@ -64,6 +65,7 @@ class Settings:
     broker_visibility_timeout: float = 300.0
     outbox_sweep_seconds: float = 5.0
     outbox_republish_seconds: float = 60.0
+    audit_checkpoint_seconds: float = 300.0
     retention_days: int = 2190
     trusted_proxies: int = 0
 
@@ -92,6 +94,9 @@ class Settings:
             secret_key=env.get("INTAKE_SECRET_KEY") or None,
             keyring=env.get("INTAKE_KEYRING") or None,
             audit_signing_key=env.get("INTAKE_AUDIT_SIGNING_KEY") or None,
+            audit_checkpoints=Path(env["INTAKE_AUDIT_CHECKPOINTS"])
+            if env.get("INTAKE_AUDIT_CHECKPOINTS")
+            else None,
             smtp_url=env.get("INTAKE_SMTP_URL") or None,
             public_url=(env.get("INTAKE_PUBLIC_URL") or cls.public_url).rstrip("/"),
             routing_file=Path(env.get("INTAKE_ROUTING_FILE") or DEFAULT_ROUTING_FILE),
@@ -107,6 +112,7 @@ class Settings:
             broker_visibility_timeout=_float(env, "INTAKE_BROKER_VISIBILITY_TIMEOUT", 300.0),
             outbox_sweep_seconds=_float(env, "INTAKE_OUTBOX_SWEEP_SECONDS", 5.0),
             outbox_republish_seconds=_float(env, "INTAKE_OUTBOX_REPUBLISH_SECONDS", 60.0),
+            audit_checkpoint_seconds=_float(env, "INTAKE_AUDIT_CHECKPOINT_SECONDS", 300.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
             trusted_proxies=_int(env, "INTAKE_TRUSTED_PROXIES", 0),
         )
@@ -122,6 +128,7 @@ class Settings:
                     ("INTAKE_SECRET_KEY", self.secret_key),
                     ("INTAKE_KEYRING", self.keyring),
                     ("INTAKE_DATABASE_URL", self.database_url),
+                    ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
                 )
                 if not value
             ]

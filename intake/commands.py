@@ -11,6 +11,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from intake import accounts
+from intake.audit_commands import audit
 from intake.clock import now
 from intake.extensions import db
 
@@ -286,4 +287,4 @@ def retention_purge() -> None:
     click.echo(f"Purged {total} requests closed more than {days} days ago.")
 
 
-COMMANDS: list[click.Command] = [serve, users, teams, keys, retention, demo, demo_otp]
+COMMANDS: list[click.Command] = [serve, users, teams, keys, retention, audit, demo, demo_otp]

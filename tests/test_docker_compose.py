@@ -3,6 +3,7 @@ local PostgreSQL and a throwaway password-protected Redis, and check a request g
 
 from __future__ import annotations
 
+import base64
 import http.cookiejar
 import os
 import re
@@ -41,7 +42,8 @@ def test_compose_declares_a_production_topology():
         assert SERVICES[name]["env_file"] == ".env"
         assert SERVICES[name]["environment"]["INTAKE_PROFILE"] == "production"
     example = (ROOT / ".env.example").read_text()
-    for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "INTAKE_SECRET_KEY", "INTAKE_KEYRING"):
+    for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "INTAKE_SECRET_KEY", "INTAKE_KEYRING",
+                     "INTAKE_AUDIT_SIGNING_KEY"):
         assert re.search(rf"^{variable}=", example, re.M), variable
 
 
@@ -68,6 +70,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
             "INTAKE_DATA_DIR": str(tmp_path / "data"),
             "INTAKE_SECRET_KEY": settings.secret_key,
             "INTAKE_KEYRING": settings.keyring,
+        "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
             "INTAKE_MIN_FILL_SECONDS": "0",
         }
     )

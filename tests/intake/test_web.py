@@ -92,6 +92,9 @@ def test_production_refuses_to_start_without_its_secrets():
         Settings.from_env(
             {"INTAKE_PROFILE": "production", "INTAKE_DATABASE_URL": "postgresql://db/intake"}
         )
+    with pytest.raises(SettingsError, match="INTAKE_AUDIT_SIGNING_KEY"):
+        Settings.from_env({"INTAKE_PROFILE": "production", "INTAKE_SECRET_KEY": "x" * 40,
+                           "INTAKE_KEYRING": "{}", "INTAKE_DATABASE_URL": "postgresql://db/x"})
     with pytest.raises(SettingsError, match="INTAKE_KEYRING"):
         Settings.from_env(
             {

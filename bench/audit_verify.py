@@ -1,0 +1,230 @@
+"""Measure how fast ``intake audit verify`` recomputes the audit chain.
+
+Writes N realistic events into a temporary SQLite database (and, with --postgres, a temporary
+PostgreSQL database), then times ``intake.audit.verify_chain`` against a baseline measured in
+the same run: a bare loop that reads the same rows through the same streaming query and
+computes one SHA-256 over each. The ratio (verify time / baseline time) is what to compare
+between machines and versions; events per second depend on the machine.
+
+    .venv/bin/python bench/audit_verify.py                      # 300,000 events, SQLite
+    .venv/bin/python bench/audit_verify.py --postgres           # and the local PostgreSQL
+    .venv/bin/python bench/audit_verify.py --events 1000000 --postgres postgresql+psycopg://...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from intake.audit import (
+    GENESIS_HASH,
+    _stored_rows,  # the query verify streams, so the baseline reads exactly the same rows
+    event_hash,
+    verify_chain,
+)
+from intake.models import AuditEvent
+
+DEFAULT_POSTGRES = os.environ.get(
+    "INTAKE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+ACTIONS = (
+    ("request.submitted", "patient", None),
+    ("request.routed", "system:route_request", None),
+    ("notification.sent", "system:notify_team", None),
+    ("phi.viewed", "staff:17", "staff"),
+    ("request.claimed", "staff:17", "staff"),
+    ("request.status_changed", "staff:23", "supervisor"),
+    ("note.added", "staff:23", "staff"),
+    ("user.login", "staff:31", "compliance"),
+)
+INSERT_BATCH = 5_000
+
+
+def fake_events(count: int) -> Iterator[dict[str, Any]]:
+    """Events shaped like the real trail (no PHI exists here either), hashed as the writer does."""
+    prev = GENESIS_HASH
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for seq in range(1, count + 1):
+        action, actor, role = ACTIONS[seq % len(ACTIONS)]
+        details: dict[str, Any] = {"team": "ivig-es" if seq % 3 else "specialty"}
+        if action == "request.status_changed":
+            details |= {"from": "queued", "to": "in_progress"}
+        if action == "note.added":
+            details |= {"note_id": seq, "length": 240}
+        event = SimpleNamespace(
+            seq=seq,
+            created_at=start + timedelta(milliseconds=seq * 37, microseconds=seq % 997),
+            actor=actor,
+            actor_role=role,
+            action=action,
+            reference=f"R-{seq % 9000 + 1000:04d}-Q9P{seq % 10}" if actor != "staff:31" else None,
+            outcome="success",
+            details=json.dumps(details, sort_keys=True, separators=(",", ":")),
+            ip_hmac=hashlib.sha256(str(seq % 50).encode()).hexdigest() if role else None,
+        )
+        event.prev_hash = prev
+        event.hash = prev = event_hash(prev, event)  # type: ignore[arg-type]
+        yield vars(event)
+
+
+def fill(engine: sa.Engine, count: int) -> None:
+    table = AuditEvent.__table__
+    table.create(engine)  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        batch: list[dict[str, Any]] = []
+        for row in fake_events(count):
+            batch.append(row)
+            if len(batch) == INSERT_BATCH:
+                conn.execute(table.insert(), batch)  # type: ignore[attr-defined]
+                batch = []
+        if batch:
+            conn.execute(table.insert(), batch)  # type: ignore[attr-defined]
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("ANALYZE audit_events")
+
+
+def run_verify(engine: sa.Engine) -> int:
+    with Session(engine) as session:
+        report = verify_chain(session)
+        if not report.ok:
+            raise SystemExit(f"verify failed on a clean chain: {report}")
+        return report.events
+
+
+def run_baseline(engine: sa.Engine) -> int:
+    """Read the same rows the same way and hash each once: the floor verify cannot beat."""
+    count = 0
+    sha256 = hashlib.sha256
+    with Session(engine) as session:
+        rows = _stored_rows(session, 0)
+        for row in rows:
+            sha256("\x1f".join(map(str, row)).encode()).hexdigest()
+            count += 1
+    return count
+
+
+def run_read(engine: sa.Engine) -> int:
+    """Only read the rows: how much of either time is the database and its driver."""
+    with Session(engine) as session:
+        return sum(1 for _row in _stored_rows(session, 0))
+
+
+def best_of(repeat: int, work: Callable[[], int]) -> tuple[float, int]:
+    best, count = float("inf"), 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        count = work()
+        best = min(best, time.perf_counter() - started)
+    return best, count
+
+
+@contextmanager
+def sqlite_engine() -> Iterator[sa.Engine]:
+    with tempfile.TemporaryDirectory(prefix="intake-bench-") as folder:
+        engine = sa.create_engine(f"sqlite:///{Path(folder) / 'bench.sqlite3'}")
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def postgres_engine(url: str) -> Iterator[sa.Engine]:
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    name = f"intake_bench_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine = sa.create_engine(sa.make_url(url).set(database=name))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def measure(label: str, engine: sa.Engine, count: int, repeat: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    fill(engine, count)
+    filled = time.perf_counter() - started
+    run_baseline(engine)  # warm the caches for both
+    verify_s, verified = best_of(repeat, lambda: run_verify(engine))
+    baseline_s, hashed = best_of(repeat, lambda: run_baseline(engine))
+    read_s, read = best_of(repeat, lambda: run_read(engine))
+    assert verified == hashed == read == count, (verified, hashed, read, count)
+    return {
+        "backend": label,
+        "events": count,
+        "fill_s": filled,
+        "verify_s": verify_s,
+        "events_per_s": count / verify_s,
+        "baseline_s": baseline_s,
+        "ratio": verify_s / baseline_s,
+        "read_s": read_s,
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = f"{'backend':<11}{'events':>10}{'verify s':>10}{'events/s':>11}"
+    header += f"{'baseline s':>12}{'ratio':>8}{'read only s':>13}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['backend']:<11}{r['events']:>10,}{r['verify_s']:>10.3f}"
+            f"{r['events_per_s']:>11,.0f}{r['baseline_s']:>12.3f}{r['ratio']:>8.2f}"
+            f"{r['read_s']:>13.3f}"
+        )
+    print(
+        "\nbaseline: the same rows through the same query, one SHA-256 over each row's fields."
+        "\nratio = verify s / baseline s. read only: the same rows, nothing done with them."
+        "\nTimes are the best of the repeats."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=300_000, help="events to generate")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best counts")
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=DEFAULT_POSTGRES,
+        default=None,
+        metavar="URL",
+        help="also measure PostgreSQL (a server URL; a temporary database is made and dropped)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.repeat < 1:
+        parser.error("--events and --repeat must be at least 1")
+    results = []
+    with sqlite_engine() as engine:
+        results.append(measure("sqlite", engine, args.events, args.repeat))
+    if args.postgres:
+        with postgres_engine(args.postgres) as engine:
+            results.append(measure("postgresql", engine, args.events, args.repeat))
+    print_table(results)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
