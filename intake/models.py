@@ -156,15 +156,22 @@ class AuditEvent(db.Model):  # type: ignore[name-defined]
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    actor: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
     actor_role: Mapped[str | None] = mapped_column(String(32))
-    action: Mapped[str] = mapped_column(String(64), index=True)
-    reference: Mapped[str | None] = mapped_column(String(16), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    reference: Mapped[str | None] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(String(16))
     details: Mapped[str] = mapped_column(Text)
     ip_hmac: Mapped[str | None] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+    # Compliance searches filter on one of these and page newest first by seq.
+    __table_args__ = (
+        Index("ix_audit_events_actor_seq", "actor", "seq"),
+        Index("ix_audit_events_action_seq", "action", "seq"),
+        Index("ix_audit_events_reference_seq", "reference", "seq"),
+    )
 
 
 class Team(db.Model):  # type: ignore[name-defined]

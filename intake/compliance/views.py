@@ -1,64 +1,316 @@
-"""Compliance pages."""
+"""Compliance pages: dashboard, audit search and export, access and activity reports,
+break-glass review, anomalies, verification. For the ``compliance`` role only."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
 
-from flask import Blueprint, abort, render_template, request
+import structlog
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
+from flask_login import current_user
 from sqlalchemy import select
 
+from intake import anomalies
+from intake.clock import now
+from intake.compliance import break_glass, charts, dashboard, reports
+from intake.compliance.forms import AccessLookupForm, AuditFilterForm, ReviewForm, VerifyForm
+from intake.compliance.verification import run_verification
 from intake.extensions import db
-from intake.models import AuditEvent
-from intake.staff.auth import roles_required
+from intake.models import User
+from intake.references import normalize_reference
+from intake.staff.auth import login_manager
 
+log = structlog.get_logger(__name__)
 bp = Blueprint("compliance", __name__, url_prefix="/compliance", template_folder="templates")
-PAGE = 100
+
+ANOMALY_DAYS = (1, 7, 30)
+CSV_FLUSH_ROWS = 200
+# Cells a spreadsheet would read as a formula are prefixed with an apostrophe (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def audit_query(args: dict[str, str]) -> tuple[object, dict[str, str]]:
-    """The audit search of ``args`` (actor, action, reference, since, until, before)."""
-    filters = {
-        k: (args.get(k) or "").strip() for k in ("actor", "action", "reference", "since", "until")
-    }
-    query = select(AuditEvent)
-    if filters["actor"]:
-        query = query.where(AuditEvent.actor == filters["actor"])
-    if filters["action"]:
-        query = query.where(AuditEvent.action == filters["action"])
-    if filters["reference"]:
-        query = query.where(AuditEvent.reference == filters["reference"].upper())
-    for key, op in (("since", "__ge__"), ("until", "__le__")):
-        if filters[key]:
-            try:
-                moment = datetime.fromisoformat(filters[key])
-            except ValueError:
-                abort(400)
-            if moment.tzinfo is None:
-                from datetime import UTC
+@bp.before_request
+def compliance_only() -> ResponseReturnValue | None:
+    """Every page here is for compliance officers; anyone else learns nothing (404)."""
+    if not current_user.is_authenticated:
+        return login_manager.unauthorized()  # type: ignore[no-any-return]
+    if current_user.role != "compliance":
+        abort(404)
+    return None
 
-                moment = moment.replace(tzinfo=UTC)
-            query = query.where(getattr(AuditEvent.created_at, op)(moment))
-    return query, filters
+
+def _team_names() -> dict[str, str]:
+    return {t.id: t.name for t in current_app.extensions["intake.routing"].teams.values()}
+
+
+# -- dashboard --------------------------------------------------------------------------------
+
+
+@bp.get("/")
+def index() -> ResponseReturnValue:
+    moment = now()
+    _since, flagged = _flagged(moment, 7)
+    return render_template(
+        "compliance/dashboard.html",
+        now=moment,
+        pending_reviews=break_glass.pending_count(db.session),
+        anomaly_count=len(flagged),
+        last_verified=reports.latest_event(db.session, "audit.verified"),
+        lookup=AccessLookupForm(formdata=None),
+        verify_form=VerifyForm(),
+        **dashboard.build(db.session, moment, _team_names()),
+    )
+
+
+# -- audit search, export, verification -------------------------------------------------------
+
+
+def _audit_filter() -> tuple[AuditFilterForm, reports.AuditFilter | None]:
+    form = AuditFilterForm(request.args)
+    if not form.validate():
+        return form, None
+    return form, form.to_filter()
 
 
 @bp.get("/audit")
-@roles_required("compliance")
 def audit() -> ResponseReturnValue:
-    query, filters = audit_query(request.args.to_dict())
+    form, filt = _audit_filter()
+    if filt is None:
+        page = reports.AuditPage([], None, None)
+        return render_template(
+            "compliance/audit.html",
+            form=form,
+            filt=None,
+            page=page,
+            columns=reports.AUDIT_COLUMNS,
+            verify_form=VerifyForm(),
+        ), 400
     before = request.args.get("before", type=int)
-    if before:
-        query = query.where(AuditEvent.seq < before)  # type: ignore[attr-defined]
-    events = (
-        db.session.execute(
-            query.order_by(AuditEvent.seq.desc()).limit(PAGE)  # type: ignore[attr-defined]
-        )
-        .scalars()
-        .all()
-    )
+    after = request.args.get("after", type=int)
+    page = reports.audit_page(db.session, filt, before=before, after=after)
     return render_template(
         "compliance/audit.html",
-        events=events,
-        filters=filters,
-        next_before=events[-1].seq if len(events) == PAGE else None,
+        form=form,
+        filt=filt,
+        page=page,
+        paged=before is not None or after is not None,
+        columns=reports.AUDIT_COLUMNS,
+        verify_form=VerifyForm(),
+    )
+
+
+def spreadsheet_safe(cell: str) -> str:
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
+def csv_chunks(rows: Iterable[reports.AuditRow]) -> Iterator[str]:
+    """The CSV text of ``rows`` under a header line, a few hundred rows at a time."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(reports.AUDIT_COLUMNS)
+    for count, row in enumerate(rows, start=1):
+        writer.writerow([spreadsheet_safe(cell) for cell in row.cells])
+        if count % CSV_FLUSH_ROWS == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+@bp.get("/audit.csv")
+def audit_csv() -> ResponseReturnValue:
+    """Stream the current filter's events as CSV, after recording the export in the trail."""
+    _form, filt = _audit_filter()
+    if filt is None:
+        abort(400)
+    # The export is recorded and committed before a byte is sent: an export that cannot be
+    # audited does not happen. It covers the events before its own record.
+    up_to = reports.last_seq(db.session)
+    actor = current_user.actor()
+    actor.record(
+        db.session, "audit.exported", None, format="csv", up_to_seq=up_to, **filt.as_details()
+    )
+    db.session.commit()
+    log.info("audit_exported", user_id=actor.user_id, up_to_seq=up_to)
+    stamp = now().strftime("%Y%m%dT%H%M%SZ")
+    rows = reports.export_rows(db.session, filt, up_to)
+    return Response(
+        stream_with_context(csv_chunks(rows)),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="audit-{stamp}.csv"'},
+    )
+
+
+@bp.post("/verify")
+def verify() -> ResponseReturnValue:
+    form = VerifyForm()
+    if not form.validate():
+        abort(400)
+    event = run_verification(db.session, current_user.actor())
+    return redirect(url_for("compliance.verified", seq=event.seq), 303)
+
+
+@bp.get("/verify/<int:seq>")
+def verified(seq: int) -> ResponseReturnValue:
+    """Show the result of a verification, as recorded in its ``audit.verified`` event."""
+    row = reports.event_row(db.session, seq)
+    if row is None or row.action != "audit.verified":
+        abort(404)
+    return render_template("compliance/verify.html", row=row, result=row.detail_values)
+
+
+# -- access report ----------------------------------------------------------------------------
+
+
+@bp.get("/access")
+def access_lookup() -> ResponseReturnValue:
+    form = AccessLookupForm(request.args)
+    if not form.validate():
+        return render_template("compliance/access_lookup.html", form=form), 400
+    reference = normalize_reference(form.reference.data or "")
+    return redirect(url_for("compliance.access", reference=reference), 303)
+
+
+@bp.get("/access/<reference>")
+def access(reference: str) -> ResponseReturnValue:
+    normalized = normalize_reference(reference)
+    if normalized is None:
+        abort(404)
+    if normalized != reference:
+        return redirect(url_for("compliance.access", reference=normalized), 301)
+    report = reports.access_report(db.session, normalized)
+    status = 200 if report.request is not None or report.entries else 404
+    return render_template(
+        "compliance/access.html", report=report, now=now(), teams=_team_names()
+    ), status
+
+
+# -- users ------------------------------------------------------------------------------------
+
+
+@bp.get("/users")
+def users() -> ResponseReturnValue:
+    moment = now()
+    since = reports.start_of_day(moment) - timedelta(days=29)
+    per_user = reports.views_per_day(db.session, since)
+    people = db.session.execute(select(User).order_by(User.username)).scalars().all()
+    views = {u: sum(v[0] for v in days.values()) for u, days in per_user.items()}
+    return render_template("compliance/users.html", people=people, views=views)
+
+
+@bp.get("/users/<username>")
+def user(username: str) -> ResponseReturnValue:
+    person = db.session.execute(select(User).where(User.username == username)).scalar_one_or_none()
+    if person is None:
+        abort(404)
+    moment = now()
+    activity = reports.user_activity(db.session, person, moment)
+    chart = charts.bar_chart(
+        "chart-user-views",
+        f"{person.username}: requests opened per day, last 30 days",
+        f"Bars per UTC day of how many times {person.username} opened a request's page; "
+        f"{sum(d.views for d in activity.days)} in all. The table below lists each day.",
+        [d.day.strftime("%m-%d") for d in activity.days],
+        [("request views", [d.views for d in activity.days])],
+        label_every=5,
+    )
+    counts = reports.hourly_request_views(db.session, activity.since - anomalies.BASELINE)
+    flagged = [
+        a
+        for a in anomalies.find_anomalies(counts, since=activity.since)
+        if a.user == person.username
+    ]
+    return render_template(
+        "compliance/user.html",
+        person=person,
+        activity=activity,
+        chart=chart,
+        flagged=flagged,
+        columns=reports.AUDIT_COLUMNS,
+    )
+
+
+# -- break-glass review -----------------------------------------------------------------------
+
+
+def _break_glass_page(
+    status: int = 200, error: str | None = None, error_seq: int | None = None, form: Any = None
+) -> ResponseReturnValue:
+    entries = break_glass.break_glass_entries(db.session)
+    return render_template(
+        "compliance/break_glass.html",
+        entries=entries,
+        pending=[e for e in entries if e.pending],
+        reviewed=[e for e in entries if not e.pending],
+        form=form or ReviewForm(formdata=None),
+        error=error,
+        error_seq=error_seq,
+    ), status
+
+
+@bp.get("/break-glass")
+def break_glass_list() -> ResponseReturnValue:
+    return _break_glass_page()
+
+
+@bp.post("/break-glass/<int:seq>/review")
+def review(seq: int) -> ResponseReturnValue:
+    form = ReviewForm()
+    if not form.validate():
+        message = "Write a review comment of 5 to 1000 characters."
+        return _break_glass_page(400, message, seq, form)
+    try:
+        break_glass.review_break_glass(
+            db.session, current_user.actor(), seq, form.comment.data or "", now()
+        )
+    except break_glass.ReviewError as error:
+        db.session.rollback()
+        message = str(error)
+        return _break_glass_page(error.status, message[:1].upper() + message[1:] + ".", seq, form)
+    flash(f"Break-glass access #{seq} marked reviewed.")
+    return redirect(url_for("compliance.break_glass_list"), 303)
+
+
+# -- anomalies --------------------------------------------------------------------------------
+
+
+def _flagged(moment: datetime, days: int) -> tuple[datetime, list[anomalies.Anomaly]]:
+    """The hours flagged by the anomaly rule in the last ``days`` days (whole clock hours)."""
+    since = (moment - timedelta(days=days)).replace(minute=0, second=0, microsecond=0)
+    counts = reports.hourly_request_views(db.session, since - anomalies.BASELINE)
+    return since, anomalies.find_anomalies(counts, since=since)
+
+
+@bp.get("/anomalies")
+def anomaly_list() -> ResponseReturnValue:
+    days = request.args.get("days", default=7, type=int)
+    if days not in ANOMALY_DAYS:
+        abort(404)
+    since, flagged = _flagged(now(), days)
+    return render_template(
+        "compliance/anomalies.html",
+        flagged=flagged,
+        days=days,
+        choices=ANOMALY_DAYS,
+        since=since,
+        floor=anomalies.FLOOR,
+        factor=anomalies.FACTOR,
+        baseline_days=anomalies.BASELINE.days,
+        timedelta=timedelta,
     )

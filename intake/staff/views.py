@@ -92,7 +92,7 @@ def login() -> ResponseReturnValue:
     log.info("login", user_id=result.user.id)
     target = safe_next(form.next.data)
     if result.user.role == "compliance":
-        target = target or url_for("compliance.audit")
+        target = target or url_for("compliance.index")
     return redirect(target or url_for("staff.queue"), 303)
 
 
@@ -109,7 +109,7 @@ def logout() -> ResponseReturnValue:
 @login_required
 def home() -> ResponseReturnValue:
     if current_user.role == "compliance":
-        return redirect(url_for("compliance.audit"))
+        return redirect(url_for("compliance.index"))
     return redirect(url_for("staff.queue"))
 
 
@@ -133,8 +133,10 @@ def queue() -> ResponseReturnValue:
     version = _queue_version(filters, after)
     rows = casework.queue_page(db.session, _keyring(), current_user.actor(), after=after, **filters)
     # The queue shows first name and last initial: a minimum-necessary view, still recorded.
+    # The references shown go in the details so a patient's access report can list queue views.
     current_user.actor().record(
-        db.session, "phi.viewed", None, view="queue", rows=len(rows), after=after is not None
+        db.session, "phi.viewed", None, view="queue", rows=len(rows), after=after is not None,
+        references=[row.reference for row in rows],
     )
     db.session.commit()
     teams = _team_names()

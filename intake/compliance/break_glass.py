@@ -1,0 +1,144 @@
+"""Break-glass review: every emergency access outside a user's teams is looked at by compliance.
+
+Why: break-glass is the emergency access procedure (45 CFR 164.312(a)(2)(ii)): anyone may open
+any request in an emergency, typing a reason, so that care never waits on permissions. The
+safeguard is the review afterwards: each ``phi.break_glass`` event stays "pending" until a
+compliance officer other than the person who broke the glass records a review, and the review
+itself is an audit event written in the same transaction as its row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from intake.casework import Actor, CaseworkError
+from intake.compliance.reports import actor_is_user
+from intake.models import AuditEvent, BreakGlassReview, User
+
+MIN_COMMENT = 5
+MAX_COMMENT = 1000
+
+
+class ReviewError(CaseworkError):
+    """A review that cannot be recorded; ``status`` is the HTTP status to answer with."""
+
+
+@dataclass(frozen=True)
+class BreakGlassEntry:
+    seq: int
+    at: datetime
+    actor: str
+    username: str | None
+    role: str | None
+    reference: str | None
+    reason: str
+    reviewer: str | None
+    reviewed_at: datetime | None
+    comment: str | None
+
+    @property
+    def pending(self) -> bool:
+        return self.reviewed_at is None
+
+
+def break_glass_entries(session: Session, reviewed_limit: int = 200) -> list[BreakGlassEntry]:
+    """Every pending break-glass access (oldest first), then the latest reviewed ones."""
+    reviewer = aliased(User)
+    base = (
+        select(
+            AuditEvent.seq,
+            AuditEvent.created_at,
+            AuditEvent.actor,
+            User.username,
+            AuditEvent.actor_role,
+            AuditEvent.reference,
+            AuditEvent.details,
+            reviewer.username,
+            BreakGlassReview.reviewed_at,
+            BreakGlassReview.comment,
+        )
+        .outerjoin(User, actor_is_user())
+        .outerjoin(BreakGlassReview, BreakGlassReview.audit_seq == AuditEvent.seq)
+        .outerjoin(reviewer, reviewer.id == BreakGlassReview.reviewer_id)
+        .where(AuditEvent.action == "phi.break_glass")
+    )
+    pending = session.execute(
+        base.where(BreakGlassReview.audit_seq.is_(None)).order_by(AuditEvent.seq.asc())
+    ).all()
+    reviewed = session.execute(
+        base.where(BreakGlassReview.audit_seq.is_not(None))
+        .order_by(AuditEvent.seq.desc())
+        .limit(reviewed_limit)
+    ).all()
+    entries = []
+    for row in [*pending, *reviewed]:
+        details: dict[str, Any] = json.loads(row[6]) if row[6] else {}
+        entries.append(
+            BreakGlassEntry(
+                seq=row[0],
+                at=row[1],
+                actor=row[2],
+                username=row[3],
+                role=row[4],
+                reference=row[5],
+                reason=str(details.get("reason", "")),
+                reviewer=row[7],
+                reviewed_at=row[8],
+                comment=row[9],
+            )
+        )
+    return entries
+
+
+def pending_count(session: Session) -> int:
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(AuditEvent)
+            .outerjoin(BreakGlassReview, BreakGlassReview.audit_seq == AuditEvent.seq)
+            .where(AuditEvent.action == "phi.break_glass", BreakGlassReview.audit_seq.is_(None))
+        ).scalar_one()
+    )
+
+
+def review_break_glass(
+    session: Session, actor: Actor, seq: int, comment: str, now: datetime
+) -> BreakGlassReview:
+    """Mark break-glass event ``seq`` reviewed and record ``break_glass.reviewed``; one
+    transaction, committed here."""
+    comment = comment.strip()
+    event = session.get(AuditEvent, seq)
+    if event is None or event.action != "phi.break_glass":
+        raise ReviewError("there is no break-glass access with that number", 404)
+    if event.actor == actor.audit_name:
+        raise ReviewError("another compliance officer must review your own break-glass access", 409)
+    if not MIN_COMMENT <= len(comment) <= MAX_COMMENT:
+        raise ReviewError(f"write a comment of {MIN_COMMENT} to {MAX_COMMENT} characters")
+    if session.get(BreakGlassReview, seq) is not None:
+        raise ReviewError("this break-glass access has already been reviewed", 409)
+    review = BreakGlassReview(
+        audit_seq=seq, reviewer_id=actor.user_id, reviewed_at=now, comment=comment
+    )
+    session.add(review)
+    try:
+        session.flush()
+    except IntegrityError as error:
+        session.rollback()
+        raise ReviewError("this break-glass access has already been reviewed", 409) from error
+    actor.record(
+        session,
+        "break_glass.reviewed",
+        event.reference,
+        break_glass_seq=seq,
+        accessed_by=event.actor,
+        comment=comment,
+    )
+    session.commit()
+    return review

@@ -1,0 +1,117 @@
+"""Compliance forms: the audit filter, the access-report look-up, reviews, verification."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from flask_wtf import FlaskForm
+from wtforms import Field, Form, SelectField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, Optional, ValidationError
+
+from intake.audit import ACTIONS
+from intake.compliance.break_glass import MAX_COMMENT, MIN_COMMENT
+from intake.compliance.reports import AuditFilter
+from intake.patient.forms import options
+from intake.references import normalize_reference
+
+TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?Z?$")
+TIME_HINT = "Use YYYY-MM-DD or YYYY-MM-DD HH:MM (UTC)."
+REFERENCE_HINT = "A reference looks like R-7K3M-Q9P2."
+
+
+def parse_utc(text: str, *, end: bool = False) -> datetime:
+    """Read a UTC date or time as typed; with ``end``, the first moment after it.
+
+    So ``until 2026-11-24`` includes that whole day and ``until 2026-11-24 10:15`` that whole
+    minute.
+    """
+    match = TIME_RE.match(text.strip())
+    if not match:
+        raise ValueError(TIME_HINT)
+    day, hour, minute, second = match.groups()
+    try:
+        moment = datetime.fromisoformat(day).replace(tzinfo=UTC)
+        if hour is not None:
+            moment = moment.replace(hour=int(hour), minute=int(minute), second=int(second or 0))
+    except ValueError as error:
+        raise ValueError(TIME_HINT) from error
+    if end:
+        step = (
+            timedelta(days=1)
+            if hour is None
+            else timedelta(minutes=1)
+            if second is None
+            else timedelta(seconds=1)
+        )
+        moment += step
+    return moment
+
+
+def _valid_time(_form: Form, field: Field) -> None:
+    if field.data:
+        try:
+            parse_utc(field.data)
+        except ValueError as error:
+            raise ValidationError(str(error)) from error
+
+
+def _valid_reference(_form: Form, field: Field) -> None:
+    if field.data and normalize_reference(field.data) is None:
+        raise ValidationError(REFERENCE_HINT)
+
+
+def _strip(value: str | None) -> str | None:
+    return value.strip() if isinstance(value, str) else value
+
+
+class AuditFilterForm(FlaskForm):
+    class Meta:
+        csrf = False  # a GET form that changes nothing
+
+    actor = StringField(
+        "Actor or username", validators=[Optional(), Length(max=64)], filters=[_strip]
+    )
+    action = SelectField(
+        "Action",
+        choices=options([("", "any action"), *((a, a) for a in ACTIONS)]),
+        validators=[Optional()],
+    )
+    reference = StringField("Reference", validators=[Optional(), Length(max=20), _valid_reference])
+    since = StringField("From (UTC)", validators=[Optional(), Length(max=25), _valid_time])
+    until = StringField("Until (UTC)", validators=[Optional(), Length(max=25), _valid_time])
+
+    def to_filter(self) -> AuditFilter:
+        """The validated filter."""
+        since_text = (self.since.data or "").strip() or None
+        until_text = (self.until.data or "").strip() or None
+        return AuditFilter(
+            actor=self.actor.data or None,
+            action=self.action.data or None,
+            reference=normalize_reference(self.reference.data) if self.reference.data else None,
+            since=parse_utc(since_text) if since_text else None,
+            until=parse_utc(until_text, end=True) if until_text else None,
+            since_text=since_text,
+            until_text=until_text,
+        )
+
+
+class AccessLookupForm(FlaskForm):
+    class Meta:
+        csrf = False
+
+    reference = StringField(
+        "Reference", validators=[DataRequired(), Length(max=20), _valid_reference]
+    )
+
+
+class ReviewForm(FlaskForm):
+    comment = TextAreaField(
+        "Review comment (no patient details)",
+        validators=[DataRequired(), Length(min=MIN_COMMENT, max=MAX_COMMENT)],
+        filters=[_strip],
+    )
+
+
+class VerifyForm(FlaskForm):
+    """Only a CSRF token: verifying writes an audit event."""

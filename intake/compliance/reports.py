@@ -1,0 +1,707 @@
+"""What compliance officers ask of the audit trail: searches, access reports, activity, trends.
+
+Everything here reads plain columns (``requests``' routing fields, ``audit_events``) and event
+details, which never hold PHI; nothing is decrypted. Aggregates are computed in SQL (grouped
+counts and sums); only medians, which SQLite cannot compute, are taken in Python over rows.
+Times are UTC; day and hour buckets are UTC calendar days and clock hours.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from statistics import median
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Select,
+    String,
+    and_,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    select,
+)
+from sqlalchemy.orm import Session, aliased
+
+from intake.anomalies import HourCount
+from intake.models import OPEN_STATUSES, AuditEvent, Request, User
+
+PAGE = 100
+EXPORT_CHUNK = 2000
+YIELD_PER = 500
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# Actor values as stored: anything else typed in the actor filter is taken as a username.
+ACTOR_ID_RE = re.compile(r"^(user:\d+|patient|anonymous|system:[\w.:-]+)$")
+AUDIT_COLUMNS = (
+    "Seq",
+    "Time (UTC)",
+    "Actor",
+    "User",
+    "Role",
+    "Action",
+    "Reference",
+    "Outcome",
+    "Details",
+    "Client (pseudonym)",
+)
+# What counts as a "PHI view" in reports: opening one request's page (the event names it).
+# Queue pages show first name and last initial and are recorded as phi.viewed without a
+# reference; they refresh by themselves, so they are counted apart as "list views".
+RECORD_VIEW = and_(AuditEvent.action == "phi.viewed", AuditEvent.reference.is_not(None))
+LIST_VIEW = and_(AuditEvent.action == "phi.viewed", AuditEvent.reference.is_(None))
+
+
+# -- SQL building blocks ----------------------------------------------------------------------
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _bucket(session: Session, column: Any, unit: str) -> ColumnElement[str]:
+    """``column``'s UTC day ('2026-11-24') or clock hour ('2026-11-24 09:00') as text."""
+    postgres, sqlite = {
+        "day": ("YYYY-MM-DD", "%Y-%m-%d"),
+        "hour": ("YYYY-MM-DD HH24:00", "%Y-%m-%d %H:00"),
+    }[unit]
+    if _dialect(session) == "postgresql":
+        return func.to_char(func.timezone("UTC", column), postgres, type_=String)
+    return func.strftime(sqlite, column, type_=String)
+
+
+def _detail(session: Session, key: str) -> ColumnElement[str]:
+    """One top-level value of an event's JSON details, as text."""
+    if _dialect(session) == "postgresql":
+        return func.json_extract_path_text(cast(AuditEvent.details, JSON), key, type_=String)
+    return func.json_extract(AuditEvent.details, f"$.{key}", type_=String)
+
+
+def actor_is_user(user: Any = User) -> ColumnElement[bool]:
+    """Join condition: the event's actor is ``user:<id>`` of this user row."""
+    return AuditEvent.actor == literal("user:") + cast(user.id, String)
+
+
+def parse_day(text: str) -> date:
+    return date.fromisoformat(text)
+
+
+def parse_hour(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+
+
+def day_range(start: date, end: date) -> list[date]:
+    return [start + timedelta(days=n) for n in range((end - start).days + 1)]
+
+
+def start_of_day(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+# -- audit search -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """An audit search: exact actor (or username), action and reference; a UTC time range.
+
+    ``since`` is inclusive and ``until`` exclusive; ``since_text`` and ``until_text`` keep what
+    the officer typed, for links and for the record of an export.
+    """
+
+    actor: str | None = None
+    action: str | None = None
+    reference: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    since_text: str | None = None
+    until_text: str | None = None
+
+    def args(self) -> dict[str, str]:
+        """The filter as query-string arguments (only those set)."""
+        values = {
+            "actor": self.actor,
+            "action": self.action,
+            "reference": self.reference,
+            "since": self.since_text,
+            "until": self.until_text,
+        }
+        return {k: v for k, v in values.items() if v}
+
+    def as_details(self) -> dict[str, str | None]:
+        """The filter for an audit event's details: ``filter_<name>``, unset ones as null."""
+        return {
+            "filter_actor": self.actor,
+            "filter_action": self.action,
+            "filter_reference": self.reference,
+            "filter_since": self.since_text,
+            "filter_until": self.until_text,
+        }
+
+
+def resolve_actor(session: Session, filt: AuditFilter) -> AuditFilter:
+    """``filt`` with a username turned into the actor id it stands for (``user:<id>``), so the
+    database can use the actor index with a known value."""
+    if not filt.actor or ACTOR_ID_RE.match(filt.actor):
+        return filt
+    user_id = session.execute(
+        select(User.id).where(User.username == filt.actor.strip().lower())
+    ).scalar_one_or_none()
+    return replace(filt, actor=f"user:{user_id}") if user_id is not None else filt
+
+
+def _conditions(filt: AuditFilter) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if filt.actor:
+        if ACTOR_ID_RE.match(filt.actor):
+            conditions.append(AuditEvent.actor == filt.actor)
+        else:
+            named = aliased(User)
+            actor_id = (
+                select(literal("user:") + cast(named.id, String))
+                .where(named.username == filt.actor.strip().lower())
+                .scalar_subquery()
+            )
+            conditions.append(AuditEvent.actor == actor_id)
+    if filt.action:
+        conditions.append(AuditEvent.action == filt.action)
+    if filt.reference:
+        conditions.append(AuditEvent.reference == filt.reference)
+    if filt.since is not None:
+        conditions.append(AuditEvent.created_at >= filt.since)
+    if filt.until is not None:
+        conditions.append(AuditEvent.created_at < filt.until)
+    if filt.since is not None and filt.until is not None and filt.until <= filt.since:
+        conditions.append(false())
+    return conditions
+
+
+def audit_query(filt: AuditFilter) -> Select[*tuple[Any, ...]]:
+    """The events matching ``filt``, with the acting user's name: the one query behind both the
+    search page and the CSV export."""
+    return (
+        select(
+            AuditEvent.seq,
+            AuditEvent.created_at,
+            AuditEvent.actor,
+            AuditEvent.actor_role,
+            AuditEvent.action,
+            AuditEvent.reference,
+            AuditEvent.outcome,
+            AuditEvent.details,
+            AuditEvent.ip_hmac,
+            User.username,
+        )
+        .outerjoin(User, actor_is_user())
+        .where(*_conditions(filt))
+    )
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    created_at: datetime
+    actor: str
+    actor_role: str | None
+    action: str
+    reference: str | None
+    outcome: str
+    details: str
+    ip_hmac: str | None
+    username: str | None
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        """The row as shown, column by column (``AUDIT_COLUMNS``): page and CSV alike."""
+        return (
+            str(self.seq),
+            self.created_at.strftime(TIME_FORMAT),
+            self.actor,
+            self.username or "",
+            self.actor_role or "",
+            self.action,
+            self.reference or "",
+            self.outcome,
+            self.details,
+            (self.ip_hmac or "")[:12],
+        )
+
+    @property
+    def detail_values(self) -> dict[str, Any]:
+        try:
+            values = json.loads(self.details)
+        except ValueError:
+            return {}
+        return values if isinstance(values, dict) else {}
+
+
+def _audit_row(row: Any) -> AuditRow:
+    return AuditRow(*row)
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    rows: list[AuditRow]
+    older_than: int | None  # there are older events: link with ``before=<this>``
+    newer_than: int | None  # there are newer events: link with ``after=<this>``
+
+
+def _any(session: Session, filt: AuditFilter, *more: ColumnElement[bool]) -> bool:
+    found = session.execute(
+        select(AuditEvent.seq).where(*_conditions(filt), *more).limit(1)
+    ).first()
+    return found is not None
+
+
+def audit_page(
+    session: Session,
+    filt: AuditFilter,
+    *,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int | None = None,
+) -> AuditPage:
+    """One page of the search, newest first, by keyset on ``seq`` (``before`` or ``after``)."""
+    limit = limit or PAGE
+    filt = resolve_actor(session, filt)
+    query = audit_query(filt)
+    if after is not None:
+        found = list(
+            session.execute(
+                query.where(AuditEvent.seq > after).order_by(AuditEvent.seq.asc()).limit(limit)
+            ).all()
+        )
+        found.reverse()
+    else:
+        if before is not None:
+            query = query.where(AuditEvent.seq < before)
+        found = list(session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit)).all())
+    rows = [_audit_row(r) for r in found]
+    if not rows:
+        return AuditPage(rows, None, None)
+    oldest, newest = rows[-1].seq, rows[0].seq
+    return AuditPage(
+        rows,
+        oldest if _any(session, filt, AuditEvent.seq < oldest) else None,
+        newest if _any(session, filt, AuditEvent.seq > newest) else None,
+    )
+
+
+def event_row(session: Session, seq: int) -> AuditRow | None:
+    found = session.execute(audit_query(AuditFilter()).where(AuditEvent.seq == seq)).first()
+    return _audit_row(found) if found else None
+
+
+def last_seq(session: Session) -> int:
+    return int(session.execute(select(func.coalesce(func.max(AuditEvent.seq), 0))).scalar_one())
+
+
+def export_rows(
+    session: Session, filt: AuditFilter, up_to_seq: int, chunk: int | None = None
+) -> Iterator[AuditRow]:
+    """Every event of ``filt`` with ``seq <= up_to_seq``, newest first, for streaming.
+
+    Read in chunks of ``EXPORT_CHUNK`` by keyset, each in its own short read transaction
+    (streamed with ``yield_per``), so an export of millions of events neither holds memory nor,
+    on SQLite where a transaction takes the write lock, blocks writers while the client reads.
+    Events are immutable and ``up_to_seq`` fixes the end, so the chunks add up to one
+    consistent answer.
+    """
+    size = chunk or EXPORT_CHUNK
+    cursor = up_to_seq + 1
+    query = audit_query(resolve_actor(session, filt))
+    while True:
+        result = session.execute(
+            query.where(AuditEvent.seq < cursor)
+            .order_by(AuditEvent.seq.desc())
+            .limit(size)
+            .execution_options(yield_per=YIELD_PER)
+        )
+        count = 0
+        try:
+            for row in result:
+                count += 1
+                cursor = row.seq
+                yield _audit_row(row)
+        finally:
+            result.close()
+            session.rollback()
+        if count < size:
+            return
+
+
+# -- access report ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessEntry:
+    seq: int
+    at: datetime
+    actor: str
+    username: str | None
+    role: str | None
+    action: str
+    what: str
+    why: str
+    saw_phi: bool
+    break_glass: bool
+    outcome: str
+    client: str
+
+    @property
+    def who(self) -> str:
+        if self.username:
+            return self.username
+        return {"patient": "the patient", "anonymous": "someone not logged in"}.get(
+            self.actor, self.actor
+        )
+
+
+@dataclass
+class PersonSummary:
+    actor: str
+    who: str
+    role: str | None
+    first: datetime
+    last: datetime
+    phi_views: int = 0
+    break_glass: int = 0
+    other_actions: int = 0
+
+
+@dataclass
+class AccessReport:
+    reference: str
+    request: Request | None
+    entries: list[AccessEntry]
+    people: list[PersonSummary] = field(default_factory=list)
+
+
+def _words(value: Any) -> str:
+    return str(value).replace("_", " ") if value is not None else "?"
+
+
+def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
+    """What happened and why, in words, from an event's action and (PHI-free) details."""
+    d = details
+    if action == "phi.viewed" and d.get("view") == "queue":
+        return "Saw the first name and last initial in a queue list", ""
+    if action == "request.searched":
+        return "Found it with a search", f"by {_words(d.get('by'))}"
+    if action == "phi.viewed":
+        what = "Opened the request and saw its PHI"
+        if d.get("break_glass"):
+            what += " (break-glass)"
+        return what, ""
+    if action == "phi.break_glass":
+        return "Broke the glass to open a request outside their teams", str(d.get("reason", ""))
+    if action == "request.status_changed":
+        return "Changed the status", f"{_words(d.get('old'))} → {_words(d.get('new'))}"
+    if action == "request.transferred":
+        return (
+            f"Transferred from {d.get('from_team') or '?'} to {d.get('to_team') or '?'}",
+            str(d.get("reason", "")),
+        )
+    if action == "note.added":
+        return "Added a note (sealed; the text is not in the trail)", f"{d.get('length')} chars"
+    if action == "request.submitted":
+        return "Submitted by the patient", f"{d.get('kind')}, language {d.get('language')}"
+    if action == "request.routed":
+        return (
+            f"Routed to {d.get('team')}",
+            f"priority {d.get('priority')}, rule {d.get('rule')!s}",
+        )
+    if action == "request.escalated":
+        return "Escalated (past its due time)", (
+            f"priority {d.get('old_priority')} → {d.get('new_priority')}"
+        )
+    if action == "break_glass.reviewed":
+        return "Reviewed a break-glass access", str(d.get("comment", ""))
+    simple = {
+        "request.claimed": "Claimed the request",
+        "request.released": "Released the claim",
+        "status.looked_up": "Status looked up with reference and date of birth",
+        "notification.sent": "Team notified (no PHI in the message)",
+        "notification.failed": "Team notification failed",
+        "retention.purged": "PHI shredded by the retention policy",
+    }
+    if action in simple:
+        return simple[action], ""
+    extra = {k: v for k, v in d.items() if k != "username"}
+    return action, json.dumps(extra, sort_keys=True) if extra else ""
+
+
+def access_report(session: Session, reference: str) -> AccessReport:
+    """Every event naming ``reference``, oldest first, with who did it and why."""
+    request = session.execute(
+        select(Request).where(Request.reference == reference)
+    ).scalar_one_or_none()
+    rows = session.execute(
+        audit_query(AuditFilter(reference=reference)).order_by(AuditEvent.seq.asc())
+    ).all()
+    # Queue pages and searches list many requests; their details name the references shown.
+    listed = session.execute(
+        audit_query(AuditFilter())
+        .where(
+            AuditEvent.action.in_(("phi.viewed", "request.searched")),
+            AuditEvent.reference.is_(None),
+            AuditEvent.details.contains(f'"{reference}"'),
+        )
+        .order_by(AuditEvent.seq.asc())
+    ).all()
+    rows = sorted([*rows, *listed], key=lambda row: row.seq)
+    report = AccessReport(reference, request, [])
+    people: dict[str, PersonSummary] = {}
+    for row in map(_audit_row, rows):
+        details = row.detail_values
+        what, why = describe(row.action, details)
+        in_list = row.reference is None
+        saw_phi = row.action in ("phi.viewed", "phi.break_glass") and not in_list
+        glass = row.action == "phi.break_glass" or bool(
+            row.action == "phi.viewed" and details.get("break_glass")
+        )
+        entry = AccessEntry(
+            seq=row.seq,
+            at=row.created_at,
+            actor=row.actor,
+            username=row.username,
+            role=row.actor_role,
+            action=row.action,
+            what=what,
+            why=why,
+            saw_phi=saw_phi,
+            break_glass=glass,
+            outcome=row.outcome,
+            client=(row.ip_hmac or "")[:12],
+        )
+        report.entries.append(entry)
+        person = people.setdefault(
+            row.actor,
+            PersonSummary(row.actor, entry.who, row.actor_role, row.created_at, row.created_at),
+        )
+        person.last = row.created_at
+        if row.action == "phi.viewed":
+            person.phi_views += 1
+        elif row.action == "phi.break_glass":
+            person.break_glass += 1
+        else:
+            person.other_actions += 1
+    report.people = sorted(people.values(), key=lambda p: p.first)
+    return report
+
+
+# -- one user's activity ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DayViews:
+    day: date
+    views: int
+    requests: int
+    list_views: int
+
+
+@dataclass
+class UserActivity:
+    user: User
+    since: datetime
+    counts: list[tuple[str, int]]
+    days: list[DayViews]
+    recent: list[AuditRow]
+
+
+def user_activity(session: Session, user: User, now: datetime, days: int = 30) -> UserActivity:
+    """A user's events of the last ``days`` days: counts by action and PHI views per day."""
+    actor = f"user:{user.id}"
+    since = start_of_day(now) - timedelta(days=days - 1)
+    in_window = and_(AuditEvent.actor == actor, AuditEvent.created_at >= since)
+    counts = [
+        (action, int(n))
+        for action, n in session.execute(
+            select(AuditEvent.action, func.count())
+            .where(in_window)
+            .group_by(AuditEvent.action)
+            .order_by(func.count().desc(), AuditEvent.action)
+        ).all()
+    ]
+    per_day = views_per_day(session, since, actor=actor)
+    mine = per_day.get(user.username, {})
+    day_rows = [
+        DayViews(day, *mine.get(day, (0, 0, 0)))
+        for day in day_range(since.date(), start_of_day(now).date())
+    ]
+    recent = audit_page(session, AuditFilter(actor=actor), limit=50).rows
+    return UserActivity(user, since, counts, day_rows, recent)
+
+
+def views_per_day(
+    session: Session, since: datetime, actor: str | None = None
+) -> dict[str, dict[date, tuple[int, int, int]]]:
+    """Per username and UTC day: (request views, different requests, list views)."""
+    inner = (
+        select(
+            User.username.label("username"),
+            _bucket(session, AuditEvent.created_at, "day").label("day"),
+            AuditEvent.reference.label("reference"),
+            case((RECORD_VIEW, 1), else_=0).label("record"),
+            case((LIST_VIEW, 1), else_=0).label("listing"),
+        )
+        .join(User, actor_is_user())
+        .where(AuditEvent.action == "phi.viewed", AuditEvent.created_at >= since)
+    )
+    if actor is not None:
+        inner = inner.where(AuditEvent.actor == actor)
+    sub = inner.subquery()
+    rows = session.execute(
+        select(
+            sub.c.username,
+            sub.c.day,
+            func.sum(sub.c.record),
+            func.count(sub.c.reference.distinct()),
+            func.sum(sub.c.listing),
+        ).group_by(sub.c.username, sub.c.day)
+    ).all()
+    result: dict[str, dict[date, tuple[int, int, int]]] = defaultdict(dict)
+    for username, day, views, requests, listing in rows:
+        result[username][parse_day(day)] = (int(views or 0), int(requests or 0), int(listing or 0))
+    return result
+
+
+# -- anomalies --------------------------------------------------------------------------------
+
+
+def hourly_request_views(session: Session, since: datetime) -> list[HourCount]:
+    """Per username and UTC clock hour: how many different requests' PHI they opened."""
+    sub = (
+        select(
+            User.username.label("username"),
+            _bucket(session, AuditEvent.created_at, "hour").label("hour"),
+            AuditEvent.reference.label("reference"),
+        )
+        .join(User, actor_is_user())
+        .where(RECORD_VIEW, AuditEvent.created_at >= since)
+        .subquery()
+    )
+    rows = session.execute(
+        select(sub.c.username, sub.c.hour, func.count(sub.c.reference.distinct())).group_by(
+            sub.c.username, sub.c.hour
+        )
+    ).all()
+    return [HourCount(username, parse_hour(hour), int(n)) for username, hour, n in rows]
+
+
+# -- dashboard --------------------------------------------------------------------------------
+
+
+def requests_per_day(session: Session, since: datetime) -> dict[tuple[date, str], int]:
+    """Requests received per UTC day and kind since ``since``."""
+    sub = (
+        select(
+            _bucket(session, Request.created_at, "day").label("day"),
+            Request.kind.label("kind"),
+        )
+        .where(Request.created_at >= since)
+        .subquery()
+    )
+    rows = session.execute(
+        select(sub.c.day, sub.c.kind, func.count()).group_by(sub.c.day, sub.c.kind)
+    ).all()
+    return {(parse_day(day), kind): int(n) for day, kind, n in rows}
+
+
+def _completions(session: Session, since: datetime) -> Any:
+    """Per reference: when its status first became ``completed`` (on or after ``since``)."""
+    return (
+        select(
+            AuditEvent.reference.label("reference"),
+            func.min(AuditEvent.created_at).label("completed_at"),
+        )
+        .where(
+            AuditEvent.action == "request.status_changed",
+            AuditEvent.created_at >= since,
+            _detail(session, "new") == "completed",
+        )
+        .group_by(AuditEvent.reference)
+        .subquery()
+    )
+
+
+@dataclass(frozen=True)
+class WeekMedian:
+    week: date  # the Monday
+    kind: str  # a request kind, or "all"
+    hours: float
+    requests: int
+
+
+def completion_medians(session: Session, since: datetime) -> list[WeekMedian]:
+    """Median hours from submission to completion, per week of completion, by kind and overall.
+
+    Submission time is the request's ``created_at`` (written with ``request.submitted``);
+    completion is its first ``request.status_changed`` event to ``completed``.
+    """
+    done = _completions(session, since)
+    rows = session.execute(
+        select(Request.kind, Request.created_at, done.c.completed_at).join(
+            done, done.c.reference == Request.reference
+        )
+    ).all()
+    samples: dict[tuple[date, str], list[float]] = defaultdict(list)
+    for kind, created, completed in rows:
+        week = completed.date() - timedelta(days=completed.weekday())
+        hours = max(0.0, (completed - created).total_seconds() / 3600)
+        samples[(week, kind)].append(hours)
+        samples[(week, "all")].append(hours)
+    return [
+        WeekMedian(week, kind, round(median(values), 1), len(values))
+        for (week, kind), values in sorted(samples.items())
+    ]
+
+
+@dataclass(frozen=True)
+class TeamBreaches:
+    team: str
+    requests: int
+    completed_late: int
+    open_overdue: int
+
+    @property
+    def breaches(self) -> int:
+        return self.completed_late + self.open_overdue
+
+
+def sla_breaches(session: Session, since: datetime, now: datetime) -> list[TeamBreaches]:
+    """Per team, of the requests received since ``since`` that have a due time: how many were
+    completed after it, and how many are still open past it."""
+    done = _completions(session, since)
+    late = case(
+        (and_(done.c.completed_at.is_not(None), done.c.completed_at > Request.sla_due_at), 1),
+        else_=0,
+    )
+    overdue = case((and_(Request.status.in_(OPEN_STATUSES), Request.sla_due_at < now), 1), else_=0)
+    rows = session.execute(
+        select(Request.team, func.count(), func.sum(late), func.sum(overdue))
+        .outerjoin(done, done.c.reference == Request.reference)
+        .where(Request.sla_due_at.is_not(None), Request.created_at >= since)
+        .group_by(Request.team)
+        .order_by(Request.team)
+    ).all()
+    return [
+        TeamBreaches(team or "(none)", int(n), int(late_n or 0), int(over_n or 0))
+        for team, n, late_n, over_n in rows
+    ]
+
+
+def latest_event(session: Session, action: str) -> AuditRow | None:
+    found = session.execute(
+        audit_query(AuditFilter(action=action)).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    return _audit_row(found) if found else None
