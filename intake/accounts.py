@@ -24,10 +24,10 @@ import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from intake import phi
 from intake.audit import record_event
+from intake.extensions import DbSession
 from intake.models import ROLES, StaffSession, Team, User, UserTeam
 
 MIN_PASSWORD_LENGTH = 12
@@ -102,7 +102,7 @@ class NewUser:
 
 
 def create_user(
-    session: Session,
+    session: DbSession,
     keyring: phi.Keyring,
     *,
     username: str,
@@ -153,14 +153,14 @@ def create_user(
     return NewUser(user, secret)
 
 
-def _user(session: Session, username: str) -> User:
+def _user(session: DbSession, username: str) -> User:
     user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
     if user is None:
         raise AccountError(f"no user {username!r}")
     return user
 
 
-def end_sessions(session: Session, user_id: int, now: datetime, reason: str) -> None:
+def end_sessions(session: DbSession, user_id: int, now: datetime, reason: str) -> None:
     session.execute(
         update(StaffSession)
         .where(StaffSession.user_id == user_id, StaffSession.ended_at.is_(None))
@@ -168,7 +168,7 @@ def end_sessions(session: Session, user_id: int, now: datetime, reason: str) -> 
     )
 
 
-def disable_user(session: Session, username: str, actor: str, now: datetime) -> None:
+def disable_user(session: DbSession, username: str, actor: str, now: datetime) -> None:
     user = _user(session, username)
     user.disabled = True
     end_sessions(session, user.id, now, "disabled")
@@ -181,7 +181,7 @@ def disable_user(session: Session, username: str, actor: str, now: datetime) -> 
 
 
 def reset_mfa(
-    session: Session, keyring: phi.Keyring, username: str, actor: str, now: datetime
+    session: DbSession, keyring: phi.Keyring, username: str, actor: str, now: datetime
 ) -> NewUser:
     user = _user(session, username)
     secret = pyotp.random_base32()
@@ -196,7 +196,7 @@ def reset_mfa(
     return NewUser(user, secret)
 
 
-def create_team(session: Session, team_id: str, name: str, spanish: bool, actor: str) -> Team:
+def create_team(session: DbSession, team_id: str, name: str, spanish: bool, actor: str) -> Team:
     import re
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}", team_id):
@@ -246,7 +246,7 @@ def hash_token(token: str) -> str:
 
 
 def authenticate(
-    session: Session,
+    session: DbSession,
     keyring: phi.Keyring,
     *,
     username: str,
@@ -285,6 +285,7 @@ def authenticate(
             details={"reason": "locked"},
         )
         return LoginResult(user, reason="locked", retry_after=wait)
+    password_ok: bool
     try:
         password_ok = _hasher.verify(user.password_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -339,7 +340,7 @@ def authenticate(
 
 
 def load_session(
-    session: Session, token: str, now: datetime, idle: timedelta, refresh: bool = True
+    session: DbSession, token: str, now: datetime, idle: timedelta, refresh: bool = True
 ) -> tuple[StaffSession, User] | None:
     """The live session for ``token``, refreshed; None if it ended, idled out or is too old.
 
@@ -379,7 +380,7 @@ def load_session(
     return row, user
 
 
-def logout(session: Session, token: str, now: datetime, ip_hmac: str | None) -> None:
+def logout(session: DbSession, token: str, now: datetime, ip_hmac: str | None) -> None:
     row = session.execute(
         select(StaffSession).where(
             StaffSession.token_hash == hash_token(token), StaffSession.ended_at.is_(None)

@@ -27,9 +27,9 @@ from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, case, func, literal, select, text, type_coerce
-from sqlalchemy.orm import Session
 
 from intake.clock import utcnow
+from intake.extensions import DbSession
 from intake.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
@@ -137,13 +137,13 @@ def event_hash(prev_hash: str, event: AuditEvent) -> str:
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical_event(event)).hexdigest()
 
 
-def _lock_chain(session: Session) -> None:
+def _lock_chain(session: DbSession) -> None:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
 
 
 def record_event(
-    session: Session,
+    session: DbSession,
     *,
     actor: str,
     action: str,
@@ -192,7 +192,7 @@ class ChainHead:
     action: str | None
 
 
-def chain_head(session: Session) -> ChainHead:
+def chain_head(session: DbSession) -> ChainHead:
     """Take the writers' lock for this transaction and return the chain's last event."""
     _lock_chain(session)
     last = session.execute(
@@ -399,7 +399,7 @@ def verify_events(
     return _verify_rows(_event_rows(events), checkpoints)
 
 
-def _created_at_column(session: Session) -> ColumnElement[str]:
+def _created_at_column(session: DbSession) -> ColumnElement[str]:
     """``created_at`` as the canonical text, formatted by the database (no datetime objects)."""
     column = AuditEvent.__table__.c.created_at
     text_time: ColumnElement[Any]
@@ -423,7 +423,7 @@ def _created_at_column(session: Session) -> ColumnElement[str]:
     return type_coerce(text_time, String())
 
 
-def _stored_rows(session: Session, after_seq: int) -> Generator[Row, None, None]:
+def _stored_rows(session: DbSession, after_seq: int) -> Generator[Row, None, None]:
     """Stream the chain's raw rows after ``after_seq`` (a server-side cursor on PostgreSQL)."""
     c = AuditEvent.__table__.c
     statement = (
@@ -465,7 +465,7 @@ def _stored_rows(session: Session, after_seq: int) -> Generator[Row, None, None]
 
 
 def verify_chain(
-    session: Session,
+    session: DbSession,
     checkpoints: Sequence[CheckpointClaim] | None = None,
     *,
     after: tuple[int, str] | None = None,
@@ -488,7 +488,7 @@ def verify_chain(
         rows.close()
 
 
-def verify_all(session: Session) -> ChainReport:
+def verify_all(session: DbSession) -> ChainReport:
     """Verify the chain and the app's signed checkpoints file (see intake.checkpoints)."""
     from flask import current_app
 

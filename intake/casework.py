@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session
 
 from intake import outbox, phi
 from intake.audit import record_event
+from intake.extensions import DbSession
 from intake.models import (
     OPEN_STATUSES,
     PRIORITIES,
@@ -88,7 +88,9 @@ class Actor:
             return True
         return self.role == "staff" and request.team in self.teams
 
-    def record(self, session: Session, action: str, reference: str | None, **details: Any) -> None:
+    def record(
+        self, session: DbSession, action: str, reference: str | None, **details: Any
+    ) -> None:
         record_event(
             session,
             actor=self.audit_name,
@@ -109,7 +111,12 @@ def _data_key(keyring: phi.Keyring, request: Request) -> bytes:
 
 
 def get_request(
-    session: Session, reference: str, actor: Actor, *, lock: bool = False, break_glass: bool = False
+    session: DbSession,
+    reference: str,
+    actor: Actor,
+    *,
+    lock: bool = False,
+    break_glass: bool = False,
 ) -> Request:
     """The request, if ``actor`` may act on it; 404 otherwise (existence is not revealed)."""
     query = select(Request).where(Request.reference == reference)
@@ -143,7 +150,7 @@ def claim_is_active(request: Request, now: datetime) -> bool:
 
 
 def open_request(
-    session: Session,
+    session: DbSession,
     keyring: phi.Keyring,
     reference: str,
     actor: Actor,
@@ -214,7 +221,7 @@ def _touch(request: Request, now: datetime) -> None:
         request.last_activity_at = now
 
 
-def claim(session: Session, reference: str, actor: Actor, now: datetime) -> None:
+def claim(session: DbSession, reference: str, actor: Actor, now: datetime) -> None:
     request = get_request(session, reference, actor, lock=True)
     if request.status not in OPEN_STATUSES:
         raise Conflict("only an open request can be claimed")
@@ -227,7 +234,7 @@ def claim(session: Session, reference: str, actor: Actor, now: datetime) -> None
     session.commit()
 
 
-def release(session: Session, reference: str, actor: Actor, now: datetime) -> None:
+def release(session: DbSession, reference: str, actor: Actor, now: datetime) -> None:
     request = get_request(session, reference, actor, lock=True)
     if request.assignee_id is None:
         raise Conflict("this request is not claimed")
@@ -241,7 +248,7 @@ def release(session: Session, reference: str, actor: Actor, now: datetime) -> No
 
 
 def change_status(
-    session: Session, reference: str, actor: Actor, new_status: str, now: datetime
+    session: DbSession, reference: str, actor: Actor, new_status: str, now: datetime
 ) -> None:
     request = get_request(session, reference, actor, lock=True)
     allowed = TRANSITIONS.get(request.status, ())
@@ -267,7 +274,7 @@ def change_status(
 
 
 def add_note(
-    session: Session, keyring: phi.Keyring, reference: str, actor: Actor, text: str, now: datetime
+    session: DbSession, keyring: phi.Keyring, reference: str, actor: Actor, text: str, now: datetime
 ) -> None:
     text = text.strip()
     if not text:
@@ -285,7 +292,7 @@ def add_note(
 
 
 def transfer(
-    session: Session,
+    session: DbSession,
     reference: str,
     actor: Actor,
     team: str,
@@ -407,14 +414,14 @@ def queue_query(
 
 
 def queue_page(
-    session: Session, keyring: phi.Keyring, actor: Actor, *, limit: int = 50, **filters: Any
+    session: DbSession, keyring: phi.Keyring, actor: Actor, *, limit: int = 50, **filters: Any
 ) -> list[QueueRow]:
     requests = session.execute(queue_query(actor, limit=limit, **filters)).scalars().all()
     return queue_rows_for(session, keyring, requests)
 
 
 def queue_rows_for(
-    session: Session, keyring: phi.Keyring, requests: Sequence[Request]
+    session: DbSession, keyring: phi.Keyring, requests: Sequence[Request]
 ) -> list[QueueRow]:
     usernames = dict(
         session.execute(
@@ -446,7 +453,7 @@ def queue_rows_for(
                 priority=request.priority,
                 team=request.team,
                 sla_due_at=request.sla_due_at,
-                assignee=usernames.get(request.assignee_id),
+                assignee=usernames.get(request.assignee_id) if request.assignee_id else None,
                 display_name=name,
                 cursor=_cursor(request),
             )
@@ -458,7 +465,7 @@ def queue_rows_for(
 
 
 def search(
-    session: Session,
+    session: DbSession,
     keyring: phi.Keyring,
     actor: Actor,
     *,
@@ -491,8 +498,14 @@ def search(
         if actor.in_scope(r)
     ]
     # The references found (never the terms searched for) let access reports list this search.
-    actor.record(session, "request.searched", None, by=by, results=len(found),
-                 references=[r.reference for r in found])
+    actor.record(
+        session,
+        "request.searched",
+        None,
+        by=by,
+        results=len(found),
+        references=[r.reference for r in found],
+    )
     session.commit()
     return found
 
@@ -500,7 +513,7 @@ def search(
 # -- SLA escalation ----------------------------------------------------------------------------
 
 
-def escalate_overdue(session: Session, now: datetime, limit: int = 200) -> list[tuple[str, int]]:
+def escalate_overdue(session: DbSession, now: datetime, limit: int = 200) -> list[tuple[str, int]]:
     """Raise overdue open requests one priority step, once each; returns (reference, outbox id)
     pairs for the supervisor notifications to publish."""
     overdue = (
@@ -527,7 +540,7 @@ def escalate_overdue(session: Session, now: datetime, limit: int = 200) -> list[
             update(Request)
             .where(Request.id == request.id, Request.escalated_at.is_(None))
             .values(priority=PRIORITIES[rank], priority_rank=rank, escalated_at=now)
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
         if changed != 1:
             continue
         record_event(

@@ -31,7 +31,6 @@ from typing import Any
 import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy.orm import Session
 
 from config import Settings
 from intake import embedded
@@ -45,6 +44,7 @@ from intake.audit import (
     verify_chain,
 )
 from intake.clock import now
+from intake.extensions import DbSession
 
 log = structlog.get_logger(__name__)
 
@@ -204,7 +204,7 @@ def _append_line(path: Path, line: str) -> None:
 
 
 def write_checkpoint(
-    session: Session,
+    session: DbSession,
     settings: Settings,
     *,
     actor: str,
@@ -248,7 +248,7 @@ def write_checkpoint(
 
 
 def _sign_head(
-    session: Session, key: Ed25519PrivateKey, path: Path, skip_idle: bool
+    session: DbSession, key: Ed25519PrivateKey, path: Path, skip_idle: bool
 ) -> Checkpoint | None:
     """Lock the chain, check it extends the file's last checkpoint, and sign its head."""
     public_key = key.public_key()
@@ -298,7 +298,7 @@ class TrailReport:
         }
 
 
-def verify_trail(session: Session, settings: Settings, path: Path | None = None) -> TrailReport:
+def verify_trail(session: DbSession, settings: Settings, path: Path | None = None) -> TrailReport:
     """Verify the chain and every checkpoint in the file (the configured one by default)."""
     key = signing_key(settings, create=False)
     path = path or checkpoints_path(settings)

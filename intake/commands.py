@@ -159,8 +159,8 @@ def demo(if_empty: bool, count: int) -> None:
     if not settings.embedded:
         raise click.ClickException("demo data is only for the embedded profile")
     for line in seed(
-        current_app._get_current_object(),
-        count=count,  # type: ignore[attr-defined]
+        current_app._get_current_object(),  # type: ignore[attr-defined]
+        count=count,
         if_empty=if_empty,
     ):
         click.echo(line)
@@ -232,6 +232,7 @@ def keys_rotate() -> None:
     settings = current_app.extensions["intake.settings"]
     old = current_app.extensions["intake.keyring"]
     new = old.with_new_primary()
+    path: Path | None
     if settings.keyring is None:
         path = Path(settings.data_dir) / "keyring.json"
     else:

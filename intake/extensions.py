@@ -13,7 +13,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session, scoped_session
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -29,6 +29,10 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+
+# What domain functions take: a plain Session (scripts, tests) or Flask-SQLAlchemy's scoped
+# ``db.session``, which proxies every Session method.
+DbSession = Session | scoped_session[Any]
 migrate = Migrate()
 csrf = CSRFProtect()
 babel = Babel()

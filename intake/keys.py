@@ -14,14 +14,14 @@ from collections import Counter
 from pathlib import Path
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from intake import phi
 from intake.audit import record_event
+from intake.extensions import DbSession
 from intake.models import Request, User
 
 
-def key_usage(session: Session) -> Counter[str]:
+def key_usage(session: DbSession) -> Counter[str]:
     """How many rows each KEK id protects (requests and staff TOTP secrets)."""
     usage: Counter[str] = Counter()
     for model in (Request, User):
@@ -44,7 +44,7 @@ def write_keyring_file(path: Path, keyring: phi.Keyring) -> None:
     os.replace(temporary, path)
 
 
-def record_rotation(session: Session, old: phi.Keyring, new: phi.Keyring, actor: str) -> None:
+def record_rotation(session: DbSession, old: phi.Keyring, new: phi.Keyring, actor: str) -> None:
     record_event(
         session,
         actor=actor,
@@ -53,7 +53,7 @@ def record_rotation(session: Session, old: phi.Keyring, new: phi.Keyring, actor:
     )
 
 
-def rewrap_data_keys(session: Session, keyring: phi.Keyring, batch: int = 500) -> int:
+def rewrap_data_keys(session: DbSession, keyring: phi.Keyring, batch: int = 500) -> int:
     """Rewrap up to ``batch`` data keys not under the primary KEK; returns how many."""
     done = 0
     rows = (

@@ -18,9 +18,9 @@ from datetime import timedelta
 import structlog
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
 
 from intake.clock import utcnow
+from intake.extensions import DbSession
 from intake.models import OutboxMessage
 
 log = structlog.get_logger(__name__)
@@ -43,14 +43,14 @@ def get_publisher() -> Publisher | None:
     return current_app.extensions.get("intake.publisher") if has_app_context() else None
 
 
-def enqueue(session: Session, request_id: str, task: str) -> OutboxMessage:
+def enqueue(session: DbSession, request_id: str, task: str) -> OutboxMessage:
     """Record a task for ``request_id`` in the caller's transaction."""
     message = OutboxMessage(request_id=request_id, task=task)
     session.add(message)
     return message
 
 
-def publish(session: Session, message_ids: list[int]) -> int:
+def publish(session: DbSession, message_ids: list[int]) -> int:
     """Publish committed outbox rows; return how many reached the broker.
 
     A failure leaves the rows pending for the sweep; it is logged, never raised, so a patient
@@ -83,7 +83,7 @@ def publish(session: Session, message_ids: list[int]) -> int:
     return len(published)
 
 
-def sweep(session: Session, limit: int = 500, republish_after: float | None = None) -> int:
+def sweep(session: DbSession, limit: int = 500, republish_after: float | None = None) -> int:
     """Publish pending rows never published, or published too long ago without being done."""
     if republish_after is None:
         republish_after = current_app.extensions["intake.settings"].outbox_republish_seconds
@@ -107,7 +107,7 @@ def sweep(session: Session, limit: int = 500, republish_after: float | None = No
 
 
 def mark_done(
-    session: Session,
+    session: DbSession,
     request_id: str,
     task: str,
     outbox_id: int | None = None,

@@ -12,15 +12,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
 
 from intake.audit import record_event
+from intake.extensions import DbSession
 from intake.models import Note, Request
 
 CLOSED = ("completed", "cancelled")
 
 
-def purge_expired(session: Session, now: datetime, days: int, batch: int = 500) -> list[str]:
+def purge_expired(session: DbSession, now: datetime, days: int, batch: int = 500) -> list[str]:
     """Shred up to ``batch`` expired requests; returns their references."""
     cutoff = now - timedelta(days=days)
     rows = session.execute(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hmac
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from intake import phi
 from intake.audit import record_event
+from intake.extensions import DbSession
 from intake.models import Request
 
 COARSE = {
@@ -29,7 +29,7 @@ COARSE = {
 
 
 def look_up_status(
-    session: Session,
+    session: DbSession,
     keyring: phi.Keyring,
     reference: str,
     date_of_birth: str,

@@ -9,11 +9,11 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from intake import outbox, phi
 from intake.audit import record_event
 from intake.consents import ConsentText
+from intake.extensions import DbSession
 from intake.models import ConsentAcceptance, Request, new_uuid
 from intake.references import new_reference
 
@@ -60,7 +60,7 @@ def display_name(document: Mapping[str, Any]) -> str:
     return f"{document.get('first_name', '')} {last[:1]}.".strip()
 
 
-def _unused_reference(session: Session, kind: str) -> str:
+def _unused_reference(session: DbSession, kind: str) -> str:
     while True:
         reference = new_reference(kind)
         taken = session.execute(select(Request.id).where(Request.reference == reference)).first()
@@ -68,7 +68,7 @@ def _unused_reference(session: Session, kind: str) -> str:
             return reference
 
 
-def submit_request(session: Session, keyring: phi.Keyring, submission: Submission) -> Accepted:
+def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submission) -> Accepted:
     """Store a request atomically; the caller publishes the outbox row after this returns."""
     for attempt in range(3):
         request_id = new_uuid()

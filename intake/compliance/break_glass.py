@@ -16,10 +16,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
 from intake.casework import Actor, CaseworkError
 from intake.compliance.reports import actor_is_user
+from intake.extensions import DbSession
 from intake.models import AuditEvent, BreakGlassReview, User
 
 MIN_COMMENT = 5
@@ -48,7 +49,7 @@ class BreakGlassEntry:
         return self.reviewed_at is None
 
 
-def break_glass_entries(session: Session, reviewed_limit: int = 200) -> list[BreakGlassEntry]:
+def break_glass_entries(session: DbSession, reviewed_limit: int = 200) -> list[BreakGlassEntry]:
     """Every pending break-glass access (oldest first), then the latest reviewed ones."""
     reviewer = aliased(User)
     base = (
@@ -97,7 +98,7 @@ def break_glass_entries(session: Session, reviewed_limit: int = 200) -> list[Bre
     return entries
 
 
-def pending_count(session: Session) -> int:
+def pending_count(session: DbSession) -> int:
     return int(
         session.execute(
             select(func.count())
@@ -109,7 +110,7 @@ def pending_count(session: Session) -> int:
 
 
 def review_break_glass(
-    session: Session, actor: Actor, seq: int, comment: str, now: datetime
+    session: DbSession, actor: Actor, seq: int, comment: str, now: datetime
 ) -> BreakGlassReview:
     """Mark break-glass event ``seq`` reviewed and record ``break_glass.reviewed``; one
     transaction, committed here."""

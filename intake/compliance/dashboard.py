@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from intake.compliance import charts, reports
+from intake.extensions import DbSession
 from intake.models import KINDS
 
 DAYS = 30
@@ -30,7 +29,7 @@ def _short(day: date) -> str:
     return day.strftime("%m-%d")
 
 
-def requests_panel(session: Session, now: datetime) -> Panel:
+def requests_panel(session: DbSession, now: datetime) -> Panel:
     since = reports.start_of_day(now) - timedelta(days=DAYS - 1)
     counts = reports.requests_per_day(session, since)
     days = reports.day_range(since.date(), now.date())
@@ -52,7 +51,7 @@ def requests_panel(session: Session, now: datetime) -> Panel:
     return Panel(chart, "Requests per day", ["Day (UTC)", *KINDS, "total"], rows)
 
 
-def completion_panel(session: Session, now: datetime) -> Panel:
+def completion_panel(session: DbSession, now: datetime) -> Panel:
     monday = reports.start_of_day(now) - timedelta(days=now.weekday())
     since = monday - timedelta(weeks=WEEKS - 1)
     medians = {(m.week, m.kind): m for m in reports.completion_medians(session, since)}
@@ -87,7 +86,7 @@ def completion_panel(session: Session, now: datetime) -> Panel:
     return Panel(chart, "Median time to completion", ["Week of (UTC)", *KINDS, "all kinds"], rows)
 
 
-def breaches_panel(session: Session, now: datetime, team_names: Mapping[str, str]) -> Panel:
+def breaches_panel(session: DbSession, now: datetime, team_names: Mapping[str, str]) -> Panel:
     since = reports.start_of_day(now) - timedelta(days=DAYS - 1)
     teams = reports.sla_breaches(session, since, now)
     chart = charts.bar_chart(
@@ -116,7 +115,7 @@ def breaches_panel(session: Session, now: datetime, team_names: Mapping[str, str
     return Panel(chart, "SLA breaches per team", header, rows)
 
 
-def views_panel(session: Session, now: datetime, limit_users: int = 25) -> Panel:
+def views_panel(session: DbSession, now: datetime, limit_users: int = 25) -> Panel:
     since = reports.start_of_day(now) - timedelta(days=DAYS - 1)
     per_user = reports.views_per_day(session, since)
     days = reports.day_range(since.date(), now.date())
@@ -146,7 +145,7 @@ def views_panel(session: Session, now: datetime, limit_users: int = 25) -> Panel
     return Panel(chart, "PHI views per user per day", header, rows)
 
 
-def build(session: Session, now: datetime, team_names: Mapping[str, str]) -> dict[str, Any]:
+def build(session: DbSession, now: datetime, team_names: Mapping[str, str]) -> dict[str, Any]:
     """Every panel of the dashboard, in page order."""
     return {
         "panels": [

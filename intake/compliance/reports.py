@@ -30,9 +30,10 @@ from sqlalchemy import (
     literal,
     select,
 )
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
 from intake.anomalies import HourCount
+from intake.extensions import DbSession
 from intake.models import OPEN_STATUSES, AuditEvent, Request, User
 
 PAGE = 100
@@ -63,11 +64,11 @@ LIST_VIEW = and_(AuditEvent.action == "phi.viewed", AuditEvent.reference.is_(Non
 # -- SQL building blocks ----------------------------------------------------------------------
 
 
-def _dialect(session: Session) -> str:
+def _dialect(session: DbSession) -> str:
     return session.get_bind().dialect.name
 
 
-def _bucket(session: Session, column: Any, unit: str) -> ColumnElement[str]:
+def _bucket(session: DbSession, column: Any, unit: str) -> ColumnElement[str]:
     """``column``'s UTC day ('2026-11-24') or clock hour ('2026-11-24 09:00') as text."""
     postgres, sqlite = {
         "day": ("YYYY-MM-DD", "%Y-%m-%d"),
@@ -78,7 +79,7 @@ def _bucket(session: Session, column: Any, unit: str) -> ColumnElement[str]:
     return func.strftime(sqlite, column, type_=String)
 
 
-def _detail(session: Session, key: str) -> ColumnElement[str]:
+def _detail(session: DbSession, key: str) -> ColumnElement[str]:
     """One top-level value of an event's JSON details, as text."""
     if _dialect(session) == "postgresql":
         return func.json_extract_path_text(cast(AuditEvent.details, JSON), key, type_=String)
@@ -147,7 +148,7 @@ class AuditFilter:
         }
 
 
-def resolve_actor(session: Session, filt: AuditFilter) -> AuditFilter:
+def resolve_actor(session: DbSession, filt: AuditFilter) -> AuditFilter:
     """``filt`` with a username turned into the actor id it stands for (``user:<id>``), so the
     database can use the actor index with a known value."""
     if not filt.actor or ACTOR_ID_RE.match(filt.actor):
@@ -254,7 +255,7 @@ class AuditPage:
     newer_than: int | None  # there are newer events: link with ``after=<this>``
 
 
-def _any(session: Session, filt: AuditFilter, *more: ColumnElement[bool]) -> bool:
+def _any(session: DbSession, filt: AuditFilter, *more: ColumnElement[bool]) -> bool:
     found = session.execute(
         select(AuditEvent.seq).where(*_conditions(filt), *more).limit(1)
     ).first()
@@ -262,7 +263,7 @@ def _any(session: Session, filt: AuditFilter, *more: ColumnElement[bool]) -> boo
 
 
 def audit_page(
-    session: Session,
+    session: DbSession,
     filt: AuditFilter,
     *,
     before: int | None = None,
@@ -295,17 +296,17 @@ def audit_page(
     )
 
 
-def event_row(session: Session, seq: int) -> AuditRow | None:
+def event_row(session: DbSession, seq: int) -> AuditRow | None:
     found = session.execute(audit_query(AuditFilter()).where(AuditEvent.seq == seq)).first()
     return _audit_row(found) if found else None
 
 
-def last_seq(session: Session) -> int:
+def last_seq(session: DbSession) -> int:
     return int(session.execute(select(func.coalesce(func.max(AuditEvent.seq), 0))).scalar_one())
 
 
 def export_rows(
-    session: Session, filt: AuditFilter, up_to_seq: int, chunk: int | None = None
+    session: DbSession, filt: AuditFilter, up_to_seq: int, chunk: int | None = None
 ) -> Iterator[AuditRow]:
     """Every event of ``filt`` with ``seq <= up_to_seq``, newest first, for streaming.
 
@@ -439,7 +440,7 @@ def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
     return action, json.dumps(extra, sort_keys=True) if extra else ""
 
 
-def access_report(session: Session, reference: str) -> AccessReport:
+def access_report(session: DbSession, reference: str) -> AccessReport:
     """Every event naming ``reference``, oldest first, with who did it and why."""
     request = session.execute(
         select(Request).where(Request.reference == reference)
@@ -518,7 +519,7 @@ class UserActivity:
     recent: list[AuditRow]
 
 
-def user_activity(session: Session, user: User, now: datetime, days: int = 30) -> UserActivity:
+def user_activity(session: DbSession, user: User, now: datetime, days: int = 30) -> UserActivity:
     """A user's events of the last ``days`` days: counts by action and PHI views per day."""
     actor = f"user:{user.id}"
     since = start_of_day(now) - timedelta(days=days - 1)
@@ -543,7 +544,7 @@ def user_activity(session: Session, user: User, now: datetime, days: int = 30) -
 
 
 def views_per_day(
-    session: Session, since: datetime, actor: str | None = None
+    session: DbSession, since: datetime, actor: str | None = None
 ) -> dict[str, dict[date, tuple[int, int, int]]]:
     """Per username and UTC day: (request views, different requests, list views)."""
     inner = (
@@ -578,7 +579,7 @@ def views_per_day(
 # -- anomalies --------------------------------------------------------------------------------
 
 
-def hourly_request_views(session: Session, since: datetime) -> list[HourCount]:
+def hourly_request_views(session: DbSession, since: datetime) -> list[HourCount]:
     """Per username and UTC clock hour: how many different requests' PHI they opened."""
     sub = (
         select(
@@ -601,7 +602,7 @@ def hourly_request_views(session: Session, since: datetime) -> list[HourCount]:
 # -- dashboard --------------------------------------------------------------------------------
 
 
-def requests_per_day(session: Session, since: datetime) -> dict[tuple[date, str], int]:
+def requests_per_day(session: DbSession, since: datetime) -> dict[tuple[date, str], int]:
     """Requests received per UTC day and kind since ``since``."""
     sub = (
         select(
@@ -617,7 +618,7 @@ def requests_per_day(session: Session, since: datetime) -> dict[tuple[date, str]
     return {(parse_day(day), kind): int(n) for day, kind, n in rows}
 
 
-def _completions(session: Session, since: datetime) -> Any:
+def _completions(session: DbSession, since: datetime) -> Any:
     """Per reference: when its status first became ``completed`` (on or after ``since``)."""
     return (
         select(
@@ -642,7 +643,7 @@ class WeekMedian:
     requests: int
 
 
-def completion_medians(session: Session, since: datetime) -> list[WeekMedian]:
+def completion_medians(session: DbSession, since: datetime) -> list[WeekMedian]:
     """Median hours from submission to completion, per week of completion, by kind and overall.
 
     Submission time is the request's ``created_at`` (written with ``request.submitted``);
@@ -678,7 +679,7 @@ class TeamBreaches:
         return self.completed_late + self.open_overdue
 
 
-def sla_breaches(session: Session, since: datetime, now: datetime) -> list[TeamBreaches]:
+def sla_breaches(session: DbSession, since: datetime, now: datetime) -> list[TeamBreaches]:
     """Per team, of the requests received since ``since`` that have a due time: how many were
     completed after it, and how many are still open past it."""
     done = _completions(session, since)
@@ -700,7 +701,7 @@ def sla_breaches(session: Session, since: datetime, now: datetime) -> list[TeamB
     ]
 
 
-def latest_event(session: Session, action: str) -> AuditRow | None:
+def latest_event(session: DbSession, action: str) -> AuditRow | None:
     found = session.execute(
         audit_query(AuditFilter(action=action)).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()

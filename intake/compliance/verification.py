@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from intake import audit
 from intake.casework import Actor
+from intake.extensions import DbSession
 from intake.models import AuditEvent
 
 
@@ -21,7 +20,7 @@ def report_details(report: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool | None)}
 
 
-def check_trail(session: Session) -> dict[str, Any]:
+def check_trail(session: DbSession) -> dict[str, Any]:
     """The most thorough check ``intake.audit`` offers: the chain and its signed checkpoints
     (``verify_all``) when it has them, else the chain alone (``verify_chain``)."""
     verify_all = getattr(audit, "verify_all", None)
@@ -40,7 +39,7 @@ def check_trail(session: Session) -> dict[str, Any]:
         }
 
 
-def run_verification(session: Session, actor: Actor) -> AuditEvent:
+def run_verification(session: DbSession, actor: Actor) -> AuditEvent:
     """Check the whole trail, then record ``audit.verified`` with the result; commit.
 
     The event is written after the check, so it is never part of what it vouches for.
