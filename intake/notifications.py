@@ -13,11 +13,14 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from sqlalchemy import select
 
-from intake.routing import Team
+from intake.extensions import DbSession
+from intake.routing import RoutingTable, Team
 
 log = structlog.get_logger(__name__)
 
@@ -128,3 +131,104 @@ def deliver(team: Team, notice: Notice, smtp_url: str | None, sender: str) -> li
             )
             used.append("log")
     return used
+
+
+# -- sending one outbox notification -------------------------------------------------------------
+
+
+class RetryLater(Exception):
+    """A channel failed and retries remain: the task should run again after ``countdown``."""
+
+    def __init__(self, error: NotificationError, countdown: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.countdown = countdown
+
+
+def send_outbox_notice(
+    session: DbSession,
+    *,
+    task: str,
+    request_id: str,
+    outbox_id: int | None,
+    settings: Any,
+    table: RoutingTable,
+    attempt: int,
+    max_retries: int,
+) -> str:
+    """Send the notification an outbox row stands for, at most once, and record the outcome.
+
+    ``notify_team`` tells the request's current team; ``notify_supervisors`` tells the
+    supervisors' channel that it is overdue. An already-sent row is skipped, so a redelivered
+    task notifies nobody twice. Returns what happened: sent, skipped, failed; raises
+    :class:`RetryLater` while retries remain.
+    """
+    from intake import outbox
+    from intake.audit import record_event
+    from intake.models import OutboxMessage, Request
+
+    pending = select(OutboxMessage.id).where(
+        OutboxMessage.request_id == request_id,
+        OutboxMessage.task == task,
+        OutboxMessage.status == "pending",
+    )
+    if outbox_id is not None:
+        pending = pending.where(OutboxMessage.id == outbox_id)
+    if session.execute(pending).first() is None:
+        return "skipped"
+    request = session.get(Request, request_id)
+    overdue = task == "notify_supervisors"
+    team = (
+        table.supervisors if overdue else table.teams.get(request.team or "") if request else None
+    )
+    if request is None or team is None:
+        outbox.mark_done(session, request_id, task, outbox_id, status="failed")
+        session.commit()
+        return "failed"
+    notice = Notice(
+        reference=request.reference,
+        kind=request.kind,
+        topic=request.topic,
+        priority=request.priority,
+        team=team.id,
+        team_name=team.name,
+        sla_due_at=request.sla_due_at,
+        link=f"{settings.public_url}/staff/requests/{request.reference}",
+        reason="overdue" if overdue else "new",
+    )
+    session.rollback()  # hold no lock while talking to the outside world
+    actor = f"system:{task}"
+    try:
+        channels = deliver(team, notice, settings.smtp_url, settings.smtp_from)
+    except NotificationError as error:
+        if attempt < max_retries:
+            log.warning(
+                "notify_retry",
+                reference=notice.reference,
+                team=team.id,
+                attempt=attempt + 1,
+                error=str(error),
+            )
+            raise RetryLater(error, countdown=min(2**attempt * 5, 600)) from None
+        record_event(
+            session,
+            actor=actor,
+            action="notification.failed",
+            reference=notice.reference,
+            outcome="failure",
+            details={"team": team.id, "error": str(error)},
+        )
+        outbox.mark_done(session, request_id, task, outbox_id, status="failed")
+        session.commit()
+        log.error("notify_failed", reference=notice.reference, team=team.id)
+        return "failed"
+    record_event(
+        session,
+        actor=actor,
+        action="notification.sent",
+        reference=notice.reference,
+        details={"team": team.id, "channels": channels, "reason": notice.reason},
+    )
+    outbox.mark_done(session, request_id, task, outbox_id)
+    session.commit()
+    return "sent"

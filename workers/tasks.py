@@ -7,15 +7,12 @@ from typing import Any
 import structlog
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from intake import casework, outbox, routing
-from intake.audit import record_event
 from intake.clock import now, utcnow
 from intake.extensions import db
-from intake.models import OutboxMessage, Request
-from intake.notifications import Notice, NotificationError, deliver
+from intake.notifications import RetryLater, send_outbox_notice
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +46,22 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
         structlog.contextvars.unbind_contextvars("task", "request_id")
 
 
+def _notify(task: Any, name: str, request_id: str, outbox_id: int | None) -> None:
+    try:
+        send_outbox_notice(
+            db.session,
+            task=name,
+            request_id=request_id,
+            outbox_id=outbox_id,
+            settings=current_app.extensions["intake.settings"],
+            table=current_app.extensions["intake.routing"],
+            attempt=task.request.retries,
+            max_retries=NOTIFY_MAX_RETRIES,
+        )
+    except RetryLater as later:
+        raise task.retry(exc=later.error, countdown=later.countdown) from None
+
+
 @shared_task(
     bind=True,
     acks_late=True,
@@ -59,70 +72,7 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
 )
 def notify_team(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Tell the request's team it is waiting; a failed channel retries, then is recorded."""
-    settings = current_app.extensions["intake.settings"]
-    table = current_app.extensions["intake.routing"]
-    pending = select(OutboxMessage.id).where(
-        OutboxMessage.request_id == request_id,
-        OutboxMessage.task == routing.NOTIFY_TASK,
-        OutboxMessage.status == "pending",
-    )
-    if outbox_id is not None:
-        pending = pending.where(OutboxMessage.id == outbox_id)
-    if db.session.execute(pending).first() is None:
-        log.info("notify_skipped", request_id=request_id, reason="already sent")
-        return
-    request = db.session.get(Request, request_id)
-    if request is None or request.team not in table.teams:
-        outbox.mark_done(db.session, request_id, routing.NOTIFY_TASK, outbox_id, status="failed")
-        db.session.commit()
-        return
-    team = table.teams[request.team]
-    notice = Notice(
-        reference=request.reference,
-        kind=request.kind,
-        topic=request.topic,
-        priority=request.priority,
-        team=team.id,
-        team_name=team.name,
-        sla_due_at=request.sla_due_at,
-        link=f"{settings.public_url}/staff/requests/{request.reference}",
-    )
-    db.session.rollback()  # hold no lock while talking to the outside world
-    try:
-        channels = deliver(team, notice, settings.smtp_url, settings.smtp_from)
-    except NotificationError as error:
-        if self.request.retries >= NOTIFY_MAX_RETRIES:
-            record_event(
-                db.session,
-                actor="system:notify_team",
-                action="notification.failed",
-                reference=notice.reference,
-                outcome="failure",
-                details={"team": team.id, "error": str(error)},
-            )
-            outbox.mark_done(
-                db.session, request_id, routing.NOTIFY_TASK, outbox_id, status="failed"
-            )
-            db.session.commit()
-            log.error("notify_failed", reference=notice.reference, team=team.id)
-            return
-        log.warning(
-            "notify_retry",
-            reference=notice.reference,
-            team=team.id,
-            attempt=self.request.retries + 1,
-            error=str(error),
-        )
-        raise self.retry(exc=error, countdown=min(2**self.request.retries * 5, 600)) from None
-    record_event(
-        db.session,
-        actor="system:notify_team",
-        action="notification.sent",
-        reference=notice.reference,
-        details={"team": team.id, "channels": channels},
-    )
-    outbox.mark_done(db.session, request_id, routing.NOTIFY_TASK, outbox_id)
-    db.session.commit()
+    _notify(self, routing.NOTIFY_TASK, request_id, outbox_id)
 
 
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
@@ -151,62 +101,7 @@ def escalate_overdue() -> int:
 )
 def notify_supervisors(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Tell the supervisors' channel that a request is overdue; reference and link only."""
-    settings = current_app.extensions["intake.settings"]
-    table = current_app.extensions["intake.routing"]
-    pending = select(OutboxMessage.id).where(
-        OutboxMessage.request_id == request_id,
-        OutboxMessage.task == "notify_supervisors",
-        OutboxMessage.status == "pending",
-    )
-    if outbox_id is not None:
-        pending = pending.where(OutboxMessage.id == outbox_id)
-    if db.session.execute(pending).first() is None:
-        return
-    request = db.session.get(Request, request_id)
-    if request is None:
-        outbox.mark_done(db.session, request_id, "notify_supervisors", outbox_id, status="failed")
-        db.session.commit()
-        return
-    supervisors = table.supervisors
-    notice = Notice(
-        reference=request.reference,
-        kind=request.kind,
-        topic=request.topic,
-        priority=request.priority,
-        team=supervisors.id,
-        team_name=supervisors.name,
-        sla_due_at=request.sla_due_at,
-        link=f"{settings.public_url}/staff/requests/{request.reference}",
-        reason="overdue",
-    )
-    db.session.rollback()
-    try:
-        channels = deliver(supervisors, notice, settings.smtp_url, settings.smtp_from)
-    except NotificationError as error:
-        if self.request.retries >= NOTIFY_MAX_RETRIES:
-            record_event(
-                db.session,
-                actor="system:notify_supervisors",
-                action="notification.failed",
-                reference=notice.reference,
-                outcome="failure",
-                details={"team": supervisors.id, "error": str(error)},
-            )
-            outbox.mark_done(
-                db.session, request_id, "notify_supervisors", outbox_id, status="failed"
-            )
-            db.session.commit()
-            return
-        raise self.retry(exc=error, countdown=min(2**self.request.retries * 5, 600)) from None
-    record_event(
-        db.session,
-        actor="system:notify_supervisors",
-        action="notification.sent",
-        reference=notice.reference,
-        details={"team": supervisors.id, "channels": channels, "reason": "overdue"},
-    )
-    outbox.mark_done(db.session, request_id, "notify_supervisors", outbox_id)
-    db.session.commit()
+    _notify(self, "notify_supervisors", request_id, outbox_id)
 
 
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
