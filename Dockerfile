@@ -14,4 +14,4 @@ RUN pip install "babel>=2.14" && pybabel compile -d intake/translations && pip i
 
 USER intake
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--access-logfile", "-", "intake:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--access-logfile", "-", "--access-logformat", "%(t)s \"%(m)s %(U)s\" %(s)s %(b)s %(L)s", "intake:create_app()"]

@@ -50,6 +50,29 @@ MAX_REASON = 300
 MAX_NOTE = 4000
 
 
+REASON_LOOKS_LIKE_PHI = (
+    "leave patient details out of the reason: no numbers, dates or e-mail addresses"
+)
+
+
+def check_reason(text: str, minimum: int, too_short: str | None = None) -> str:
+    """Normalize a reason typed by staff, refusing what looks like patient details.
+
+    Reasons go into the audit trail in the clear, forever (the trail is append-only), so
+    numbers, dates and e-mail addresses are refused; names cannot be detected, so the form says
+    not to type them.
+    """
+    import re
+
+    reason = " ".join(text.split())
+    visible = sum(1 for c in reason if c.isalnum())
+    if visible < minimum or len(reason) > MAX_REASON:
+        raise CaseworkError(too_short or f"give a reason of {minimum} to {MAX_REASON} characters")
+    if re.search(r"\d{3}|@|\d{1,4}\s*[/.-]\s*\d{1,2}\s*[/.-]\s*\d{1,4}", reason):
+        raise CaseworkError(REASON_LOOKS_LIKE_PHI)
+    return reason
+
+
 class CaseworkError(Exception):
     """An action that cannot be done; ``status`` is the HTTP status to answer with."""
 
@@ -162,8 +185,9 @@ def open_request(
     if break_glass_reason is not None:
         if actor.role not in ("staff", "supervisor", "compliance"):
             raise NotFound("no such request")
-        if len(reason) < 10:
-            raise CaseworkError("type a reason of at least 10 characters to break the glass")
+        reason = check_reason(
+            reason, 10, "type a reason of at least 10 characters to break the glass"
+        )
         request = get_request(session, reference, actor, break_glass=True)
     else:
         request = get_request(session, reference, actor)
@@ -301,11 +325,9 @@ def transfer(
     now: datetime,
 ) -> int:
     """Move a request to another team's queue; returns the notification's outbox id."""
-    reason = reason.strip()
     if team not in known_teams:
         raise CaseworkError("choose one of the teams")
-    if len(reason) < 5 or len(reason) > MAX_REASON:
-        raise CaseworkError(f"give a reason of 5 to {MAX_REASON} characters")
+    reason = check_reason(reason, 5)
     request = get_request(session, reference, actor, lock=True)
     if request.status not in OPEN_STATUSES:
         raise Conflict("only an open request can be transferred")

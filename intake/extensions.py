@@ -36,7 +36,20 @@ DbSession = Session | scoped_session[Any]
 migrate = Migrate()
 csrf = CSRFProtect()
 babel = Babel()
-limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True)
+
+
+def client_key() -> str:
+    """Rate-limit by a pseudonym of the client's IP, so the limiter's store (Redis) never holds
+    a raw address."""
+    from flask import current_app
+
+    from intake.phi import ip_pseudonym
+
+    keyring = current_app.extensions["intake.keyring"]
+    return ip_pseudonym(keyring, get_remote_address()) or "unknown"
+
+
+limiter = Limiter(key_func=client_key, default_limits=[], headers_enabled=True)
 
 
 @event.listens_for(Engine, "connect")

@@ -28,6 +28,33 @@ COARSE = {
 }
 
 
+# After this many failed look-ups of one reference within an hour, even the right date of birth
+# gets "not found" until the hour has passed: guessing a birth date takes years, not minutes.
+MAX_FAILURES_PER_HOUR = 5
+
+
+def _recent_failures(session: DbSession, reference: str) -> int:
+    from datetime import timedelta
+
+    from sqlalchemy import func
+
+    from intake.clock import now
+    from intake.models import AuditEvent
+
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(
+                AuditEvent.reference == reference,
+                AuditEvent.action == "status.looked_up",
+                AuditEvent.outcome != "success",
+                AuditEvent.created_at > now() - timedelta(hours=1),
+            )
+        ).scalar_one()
+    )
+
+
 def look_up_status(
     session: DbSession,
     keyring: phi.Keyring,
@@ -40,7 +67,8 @@ def look_up_status(
         select(Request).where(Request.reference == reference)
     ).scalar_one_or_none()
     status: str | None = None
-    if row is not None and row.wrapped_key is not None and row.kek_id is not None:
+    throttled = row is not None and _recent_failures(session, reference) >= MAX_FAILURES_PER_HOUR
+    if row is not None and not throttled and row.wrapped_key is not None and row.kek_id is not None:
         try:
             document = phi.open_phi(
                 keyring, row.id, phi.SealedPHI(phi.WrappedKey(row.kek_id, row.wrapped_key), row.phi)
@@ -50,12 +78,13 @@ def look_up_status(
         stored = str(document.get("date_of_birth", ""))
         if stored and hmac.compare_digest(stored.encode(), date_of_birth.encode()):
             status = COARSE.get(row.status, "received")
+    # Failed look-ups of a real request name it, so its access report shows guessing attempts.
     record_event(
         session,
         actor="patient",
         action="status.looked_up",
-        reference=reference if status else None,
-        outcome="success" if status else "not_found",
+        reference=reference if row is not None else None,
+        outcome="success" if status else ("throttled" if throttled else "not_found"),
         ip_hmac=ip_hmac,
     )
     session.commit()

@@ -107,6 +107,9 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
                 return False
 
         wait_until(ready, 60, 0.5, "gunicorn ready: " + shlex.join(command("web", port)))
+        # The access log must not keep query strings (search terms) or client addresses.
+        with urllib.request.urlopen(base + "/healthz?probe=2025550143", timeout=5):  # noqa: S310
+            pass
         jar = http.cookiejar.CookieJar()
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         # Production sets Secure cookies; over plain loopback HTTP keep them anyway for the test.
@@ -134,6 +137,9 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
             wait_until(lambda: status() == "queued", 30, 0.5, "routed by the compose worker")
         finally:
             engine.dispose()
+        access = [line for line in logs.read_text().splitlines() if '"GET /healthz' in line]
+        assert access, "gunicorn wrote no access log line"
+        assert all("2025550143" not in line and "127.0.0.1" not in line for line in access)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -49,6 +49,14 @@ class StaffPrincipal:
         return Actor(self.user_id, self.username, self.role, self.teams, client_ip_hmac())
 
 
+@login_manager.unauthorized_handler
+def send_to_login() -> Any:
+    """Back to the login page, remembering only the path: a query string may hold search terms."""
+    from flask import redirect, url_for
+
+    return redirect(url_for("staff.login", next=request.path))
+
+
 @login_manager.user_loader
 def load_user(token: str) -> StaffPrincipal | None:
     idle = timedelta(minutes=current_app.extensions["intake.settings"].session_idle_minutes)

@@ -42,9 +42,6 @@ class BreakGlassForm(FlaskForm):
 
 
 class SearchForm(FlaskForm):
-    class Meta:
-        csrf = False  # a GET form that changes nothing
-
     reference = StringField("Reference", validators=[Optional(), Length(max=20)])
     phone = StringField("Phone", validators=[Optional(), Length(max=40)])
     last_name = StringField("Last name", validators=[Optional(), Length(max=60)])

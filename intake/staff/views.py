@@ -135,7 +135,12 @@ def queue() -> ResponseReturnValue:
     # The queue shows first name and last initial: a minimum-necessary view, still recorded.
     # The references shown go in the details so a patient's access report can list queue views.
     current_user.actor().record(
-        db.session, "phi.viewed", None, view="queue", rows=len(rows), after=after is not None,
+        db.session,
+        "phi.viewed",
+        None,
+        view="queue",
+        rows=len(rows),
+        after=after is not None,
         references=[row.reference for row in rows],
     )
     db.session.commit()
@@ -214,6 +219,14 @@ def request_page(reference: str) -> ResponseReturnValue:
         return render_template(
             "staff/not_in_scope.html", reference=reference, form=BreakGlassForm()
         ), 404
+    except CaseworkError as error:  # e.g. 410: the request's data was purged by retention
+        db.session.rollback()
+        return render_template(
+            "staff/action_error.html",
+            reference=reference,
+            message=str(error),
+            status=error.status,
+        ), error.status
     return _render_opened(opened)
 
 
@@ -277,15 +290,18 @@ def act(reference: str, action: str) -> ResponseReturnValue:
     return redirect(url_for("staff.request_page", reference=reference), 303)
 
 
-@bp.get("/search")
+@bp.route("/search", methods=["GET", "POST"])
 @roles_required(*WORKERS)
 def search() -> ResponseReturnValue:
-    form = SearchForm(request.args)
+    """Find a request. A POST, so phone numbers, names and birth dates never sit in a URL
+    (access logs, browser history, the login page's ``next``)."""
+    form = SearchForm()
     results = None
     error = None
-    if any(request.args.get(k) for k in ("reference", "phone", "last_name", "date_of_birth")):
+    status = 200
+    if request.method == "POST":
         if not form.validate():
-            error = "Check the search fields."
+            error, status = "Check the search fields.", 400
         else:
             try:
                 reference = (
@@ -304,7 +320,8 @@ def search() -> ResponseReturnValue:
                 results = casework.queue_rows_for(db.session, _keyring(), found)
             except (CaseworkError, ValueError) as problem:
                 db.session.rollback()
-                error = str(problem) or "Check the search fields."
-    return render_template(
+                error, status = str(problem) or "Check the search fields.", 400
+    page = render_template(
         "staff/search.html", form=form, results=results, error=error, teams=_team_names(), now=now()
     )
+    return page, status

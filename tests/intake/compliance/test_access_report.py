@@ -11,6 +11,7 @@ from intake import casework
 from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import AuditEvent
+from tests.conftest import hidden_fields
 from tests.intake.compliance.conftest import submit_routed
 
 REASON = "Patient called the after-hours line; on-call pharmacist needed the refill history"
@@ -179,17 +180,21 @@ def test_report_lists_queue_views_and_searches_that_showed_the_request(
     alice = staff.create("alice", "staff", (team,))
     client = staff.login(alice)
     assert reference in client.get("/staff/queue").get_data(as_text=True)
-    assert reference in client.get("/staff/search", query_string={
-        "phone": "202-555-0143"}).get_data(as_text=True)
+    search_page = client.get("/staff/search").get_data(as_text=True)
+    found = client.post(
+        "/staff/search", data={**hidden_fields(search_page), "phone": "202-555-0143"}
+    )
+    assert reference in found.get_data(as_text=True)
 
     html = officer_client.get(f"/compliance/access/{reference}").get_data(as_text=True)
     events = table_rows(html, "access-events")
     listed = [row for row in events if row[2] == "alice"]
     assert [row[4] for row in listed] == [
-        "Saw the first name and last initial in a queue list", "Found it with a search"]
+        "Saw the first name and last initial in a queue list",
+        "Found it with a search",
+    ]
     assert all(row[6] != "yes" for row in listed), "a list view is not a full PHI view"
     # The other request was in the same queue page but its search did not find it.
     other_html = officer_client.get(f"/compliance/access/{other}").get_data(as_text=True)
     other_rows = [row for row in table_rows(other_html, "access-events") if row[2] == "alice"]
-    assert [row[4] for row in other_rows] == [
-        "Saw the first name and last initial in a queue list"]
+    assert [row[4] for row in other_rows] == ["Saw the first name and last initial in a queue list"]

@@ -51,7 +51,11 @@ def test_a_wrong_birth_date_gets_the_same_answer_as_an_unknown_reference(app, cl
             .scalars()
             .all()
         )
-    assert [(e.outcome, e.reference) for e in events] == [("not_found", None), ("not_found", None)]
+    # The patient sees no difference; the trail names the real request that was guessed at.
+    assert [(e.outcome, e.reference) for e in events] == [
+        ("not_found", reference),
+        ("not_found", None),
+    ]
     assert all("1980" not in e.details for e in events)
 
 
@@ -76,3 +80,24 @@ def test_status_lookups_are_rate_limited(app, settings, client):
     app.extensions["intake.settings"] = settings.replace(submit_rate_limit="3/minute")
     codes = [look_up(client, "R-0000-0000", "1980-03-15").status_code for _ in range(5)]
     assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
+
+
+def test_guessing_birth_dates_locks_the_reference_for_an_hour(app, client, patient):
+    reference = reference_from(patient.refill())
+    for day in range(1, 6):
+        assert "could not find" in look_up(client, reference, f"1980-01-0{day}").get_data(
+            as_text=True
+        )
+    # Even the right date of birth gets the same answer now: guessing cannot go on.
+    assert "could not find" in look_up(client, reference, "1980-03-15").get_data(as_text=True)
+    with app.app_context():
+        outcomes = (
+            db.session.execute(
+                select(AuditEvent.outcome)
+                .where(AuditEvent.action == "status.looked_up", AuditEvent.reference == reference)
+                .order_by(AuditEvent.seq)
+            )
+            .scalars()
+            .all()
+        )
+    assert outcomes == ["not_found"] * 5 + ["throttled"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from intake.extensions import db
@@ -138,14 +139,18 @@ def test_searching_records_request_searched_without_the_terms(app, route, make_u
         ({"reference": reference}, "reference"),
     ):
         since = last_seq(app)
-        response = ana.get("/staff/search", query_string=query)
+        response = ana.post("/staff/search", data=query)
         assert reference in response.get_data(as_text=True)
         events = events_since(app, since)
         assert [(e.action, e.reference) for e in events] == [("request.searched", None)]
         # The references found are recorded (so the patient's access report lists the search);
         # what was typed (phone, name, date of birth) never is.
         assert events[0].details == {
-            "by": by, "results": 1, "username": "ana", "references": [reference]}
+            "by": by,
+            "results": 1,
+            "username": "ana",
+            "references": [reference],
+        }
         for term in ("555", "0177", "Abernathy", "abernathy", "1980"):
             assert term not in events[0].raw_details
 
@@ -216,3 +221,24 @@ def test_a_notes_text_is_stored_nowhere_in_plain_text(
         assert raw and b"Vexworthy" not in raw and b"Canarynote" not in raw
     log = (settings.data_dir / "logs" / "intake.log").read_bytes()
     assert b"Vexworthy" not in log
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "Patient Maria DOB 1980-03-15",
+        "call back on 202 555 0143",
+        "mail maria@example.com",
+        "born 3/15/80 asked for it",
+    ],
+)
+def test_reasons_that_look_like_patient_details_are_refused(
+    app, route, make_user, staff_login, reason
+):
+    reference = route("refill", location="main")
+    ana = staff_login(make_user("ana", teams=("refills-main",)))
+    since = last_seq(app)
+    response = ana.act(reference, "transfer", team="refills-north", reason=reason)
+    assert response.status_code == 400
+    assert "no numbers, dates or e-mail addresses" in response.get_data(as_text=True)
+    assert last_seq(app) == since

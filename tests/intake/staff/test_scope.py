@@ -75,7 +75,7 @@ def test_search_does_not_find_another_teams_request(app, two_teams, ana):
         {"last_name": B_PATIENT["last_name"], "date_of_birth": B_PATIENT["date_of_birth"]},
         {"reference": theirs},
     ):
-        response = ana.get("/staff/search", query_string=query)
+        response = ana.post("/staff/search", data=query)
         html = response.get_data(as_text=True)
         assert response.status_code == 200
         assert "0 found" in html

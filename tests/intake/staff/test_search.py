@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.intake.staff.conftest import queue_references
+from tests.intake.staff.conftest import last_seq, queue_references
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def found(route, make_user, staff_login):
     ana = staff_login(make_user("ana", teams=("refills-main",)))
 
     def search(**query: str) -> list[str]:
-        response = ana.get("/staff/search", query_string=query)
+        response = ana.post("/staff/search", data=query)
         assert response.status_code == 200
         return queue_references(response.get_data(as_text=True))
 
@@ -61,8 +61,8 @@ def test_search_explains_what_it_needs(app, found):
     ana = found[3]
 
     # A last name alone would match too many patients.
-    alone = ana.get("/staff/search", query_string={"last_name": "Núñez-Ortiz"})
-    bad_phone = ana.get("/staff/search", query_string={"phone": "12"})
+    alone = ana.post("/staff/search", data={"last_name": "Núñez-Ortiz"})
+    bad_phone = ana.post("/staff/search", data={"phone": "12"})
 
     assert "search by reference, phone, or last name and date of birth" in alone.get_data(
         as_text=True
@@ -70,3 +70,23 @@ def test_search_explains_what_it_needs(app, found):
     assert "found</h2>" not in alone.get_data(as_text=True)
     assert 'role="alert"' in bad_phone.get_data(as_text=True)
     assert "found</h2>" not in bad_phone.get_data(as_text=True)
+
+
+def test_search_terms_never_travel_in_a_url(found, app):
+    maria, _other, search, ana = found
+    form = ana.get("/staff/search").get_data(as_text=True)
+    assert 'method="post"' in form and 'name="csrf_token"' in form
+    # A GET with terms in the query string searches nothing and records nothing.
+    before = last_seq(app)
+    listed = ana.get("/staff/search", query_string={"phone": "202-555-0143"})
+    assert maria not in listed.get_data(as_text=True)
+    assert last_seq(app) == before
+
+
+def test_a_logged_out_search_keeps_only_the_path_for_after_login(app):
+    anonymous = app.test_client()
+    response = anonymous.get("/staff/search?phone=2025550143&last_name=Nunez")
+    assert response.status_code == 302
+    location = response.headers["Location"]
+    assert "2025550143" not in location and "Nunez" not in location
+    assert location.endswith("/staff/login?next=/staff/search")
