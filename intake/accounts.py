@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 from intake import phi
 from intake.audit import record_event
 from intake.extensions import DbSession
-from intake.models import ROLES, StaffSession, Team, User, UserTeam
+from intake.models import ROLES, LoginThrottle, StaffSession, Team, User, UserTeam
 
 MIN_PASSWORD_LENGTH = 12
 ABSOLUTE_SESSION_LIFETIME = timedelta(hours=12)
@@ -245,6 +245,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _throttle(
+    session: DbSession, keyring: phi.Keyring, username: str, ip_hmac: str | None
+) -> LoginThrottle:
+    key = phi.blind_index(keyring, "login", f"{username}|{ip_hmac or '-'}")
+    row = session.get(LoginThrottle, key, with_for_update=True)
+    if row is None:
+        row = LoginThrottle(key=key, failures=0)
+        session.add(row)
+    return row
+
+
 def authenticate(
     session: DbSession,
     keyring: phi.Keyring,
@@ -256,78 +267,83 @@ def authenticate(
     ip_hmac: str | None,
 ) -> LoginResult:
     """Check password and TOTP; on success start a server-side session. Every outcome is
-    audited in the same transaction; the caller commits."""
+    audited in the same transaction; the caller commits.
+
+    Failures are counted per (typed username, client): after a few, each further failure
+    doubles the wait, up to 15 minutes. Unknown usernames are counted and timed exactly like
+    real ones, so neither the answers nor the locks reveal which accounts exist.
+    """
+    typed = username.strip().lower()
+    throttle = _throttle(session, keyring, typed, ip_hmac)
+    throttle.updated_at = now
     user = session.execute(
-        select(User).where(User.username == username.strip().lower()).with_for_update()
+        select(User).where(User.username == typed).with_for_update()
     ).scalar_one_or_none()
-    if user is None:
+    actor = f"user:{user.id}" if user else "anonymous"
+    role = user.role if user else None
+    if throttle.locked_until is not None and throttle.locked_until > now:
         with contextlib.suppress(VerificationError):
             _hasher.verify(_DUMMY_HASH, password)
-        record_event(
-            session,
-            actor="anonymous",
-            action="user.login_failed",
-            outcome="failure",
-            ip_hmac=ip_hmac,
-            details={"reason": "unknown_user"},
-        )
-        return LoginResult(None, reason="unknown_user")
-    actor = f"user:{user.id}"
-    if user.locked_until is not None and user.locked_until > now:
-        wait = int((user.locked_until - now).total_seconds()) + 1
+        wait = int((throttle.locked_until - now).total_seconds()) + 1
         record_event(
             session,
             actor=actor,
-            actor_role=user.role,
+            actor_role=role,
             action="user.login_failed",
             outcome="failure",
             ip_hmac=ip_hmac,
             details={"reason": "locked"},
         )
         return LoginResult(user, reason="locked", retry_after=wait)
-    password_ok: bool
-    try:
-        password_ok = _hasher.verify(user.password_hash, password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        password_ok = False
-    step = _matching_step(totp_secret(keyring, user), otp.strip(), now) if password_ok else None
+
     reason = None
-    if not password_ok:
-        reason = "bad_password"
-    elif step is None:
-        reason = "bad_otp"
-    elif step <= user.last_totp_step:
-        reason = "otp_reused"
-    elif user.disabled:
-        reason = "disabled"
+    step = None
+    if user is None:
+        with contextlib.suppress(VerificationError):
+            _hasher.verify(_DUMMY_HASH, password)
+        reason = "unknown_user"
+    else:
+        password_ok: bool
+        try:
+            password_ok = _hasher.verify(user.password_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            password_ok = False
+        step = _matching_step(totp_secret(keyring, user), otp.strip(), now) if password_ok else None
+        if not password_ok:
+            reason = "bad_password"
+        elif step is None:
+            reason = "bad_otp"
+        elif step <= user.last_totp_step:
+            reason = "otp_reused"
+        elif user.disabled:
+            reason = "disabled"
     if reason is not None:
         if reason != "disabled":
-            user.failed_logins += 1
+            throttle.failures += 1
         record_event(
             session,
             actor=actor,
-            actor_role=user.role,
+            actor_role=role,
             action="user.login_failed",
             outcome="failure",
             ip_hmac=ip_hmac,
             details={"reason": reason},
         )
-        delay = _lock_delay(user.failed_logins)
+        delay = _lock_delay(throttle.failures)
         if delay:
-            user.locked_until = now + delay
+            throttle.locked_until = now + delay
             record_event(
                 session,
                 actor=actor,
-                actor_role=user.role,
+                actor_role=role,
                 action="user.locked",
                 ip_hmac=ip_hmac,
-                details={"seconds": int(delay.total_seconds()), "failures": user.failed_logins},
+                details={"seconds": int(delay.total_seconds()), "failures": throttle.failures},
             )
         return LoginResult(user, reason=reason)
-    assert step is not None
+    assert user is not None and step is not None
+    session.delete(throttle)
     user.last_totp_step = step
-    user.failed_logins = 0
-    user.locked_until = None
     user.last_login_at = now
     token = secrets.token_urlsafe(32)
     session.add(

@@ -222,6 +222,22 @@ class UserTeam(db.Model):  # type: ignore[name-defined]
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), primary_key=True)
 
 
+class LoginThrottle(db.Model):  # type: ignore[name-defined]
+    """Failed logins for one (username, client) pair: the delay before the next try.
+
+    Keyed by an HMAC of the typed username and the client's IP pseudonym, known user or not, so
+    a lock says nothing about whether the account exists, and an attacker elsewhere cannot lock
+    a real user out of her own workstation.
+    """
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
 class StaffSession(db.Model):  # type: ignore[name-defined]
     """A server-side login session: ending the row ends the session, whatever the cookie says."""
 

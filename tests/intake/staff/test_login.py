@@ -273,3 +273,28 @@ def test_login_returns_to_the_page_that_asked_for_it(app, clock, lena):
 
     assert response.headers["Location"] == "/staff/search"
     assert "Find a request" in client.get("/staff/search").get_data(as_text=True)
+
+
+def _statuses(client, username: str, attempts: int) -> list[int]:
+    return [
+        post_login(client, username, "Wrong-password-4417", "123456").status_code
+        for _ in range(attempts)
+    ]
+
+
+def test_unknown_usernames_are_throttled_exactly_like_real_ones(app, clock, lena):
+    """Neither the answers nor the lock tell an attacker which usernames exist."""
+    real = _statuses(app.test_client(), "lena", 7)
+    unknown = _statuses(app.test_client(), "nobody-here", 7)
+    assert real == unknown == [400] * 5 + [429, 429]
+
+
+def test_a_lock_from_one_address_does_not_lock_the_user_out_elsewhere(app, clock, lena):
+    attacker = app.test_client()
+    attacker.environ_base["REMOTE_ADDR"] = "198.51.100.66"
+    assert _statuses(attacker, "lena", 6)[-1] == 429
+    assert post_login(attacker, "lena", PASSWORD, lena.code(clock())).status_code == 429
+    # Lena, at her own workstation, logs in as usual.
+    workstation = app.test_client()
+    workstation.environ_base["REMOTE_ADDR"] = "10.20.0.15"
+    login(workstation, lena, clock)
