@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -363,9 +363,41 @@ class QueueRow:
     cursor: str
 
 
+# What a queue cursor may hold (see ``parse_cursor``).
+CURSOR_RANKS = frozenset(str(rank) for rank in range(len(PRIORITIES)))
+CURSOR_DUE_RANGE = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2201, 1, 1, tzinfo=UTC))
+MAX_CURSOR_ID = 36
+
+
 def _cursor(request: Request) -> str:
     due = request.sla_due_at.isoformat() if request.sla_due_at else ""
     return f"{request.priority_rank}|{due}|{request.id}"
+
+
+def parse_cursor(after: str) -> tuple[int, datetime | None, str] | None:
+    """The (priority rank, due time, id) of a cursor as ``_cursor`` writes it; None otherwise.
+
+    The cursor comes back from the browser, so it is read as strictly as any input: a known
+    rank, a timezone-aware due time within ``CURSOR_DUE_RANGE`` or none, an id no longer than
+    a request id. Anything else (a rank too big for the database column, a naive due time the
+    UTC column refuses, a year no request is due in) is not a cursor the app issued.
+    """
+    parts = after.split("|")
+    if len(parts) != 3:
+        return None
+    rank_text, due_text, last_id = parts
+    if rank_text not in CURSOR_RANKS or not 0 < len(last_id) <= MAX_CURSOR_ID:
+        return None
+    due = None
+    if due_text:
+        try:
+            due = datetime.fromisoformat(due_text)
+        except ValueError:
+            return None
+        earliest, latest = CURSOR_DUE_RANGE
+        if due.tzinfo is None or not earliest <= due < latest:
+            return None
+    return int(rank_text), due, last_id
 
 
 def queue_query(
@@ -381,7 +413,8 @@ def queue_query(
 
     Keyset pagination on (priority_rank, sla_due_at, id), which the partial index
     ``ix_requests_open_queue`` serves in order: no sort and no OFFSET. The cursor's priority is
-    also an index bound, so a later page starts its scan at its own priority level.
+    also an index bound, so a later page starts its scan at its own priority level. A cursor
+    that ``parse_cursor`` refuses is ignored: the first page.
     """
     query = select(Request)
     if status:
@@ -394,17 +427,12 @@ def queue_query(
         query = query.where(Request.team == team)
     if kind:
         query = query.where(Request.kind == kind)
-    if after:
-        rank_text, due_text, last_id = (after.split("|") + ["", "", ""])[:3]
-        try:
-            rank = int(rank_text)
-            due = datetime.fromisoformat(due_text) if due_text else None
-        except ValueError:
-            rank, due = -1, None
-        if rank >= 0:
-            query = query.where(Request.priority_rank >= rank)
+    cursor = parse_cursor(after) if after else None
+    if cursor is not None:
+        rank, due, last_id = cursor
+        query = query.where(Request.priority_rank >= rank)
         # Requests not routed yet have no due time; they sort last within their priority.
-        if rank >= 0 and due is None:
+        if due is None:
             query = query.where(
                 or_(
                     Request.priority_rank > rank,
@@ -415,7 +443,7 @@ def queue_query(
                     ),
                 )
             )
-        elif rank >= 0:
+        else:
             query = query.where(
                 or_(
                     Request.priority_rank > rank,

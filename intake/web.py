@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import structlog
 from flask import Flask, Response, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = structlog.get_logger(__name__)
@@ -25,6 +27,11 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "base-uri 'none'",
     )
 )
+
+# C0 control characters. Form bodies may carry tab, CR and LF (textareas send them); a path or
+# a query string has no use for any of them.
+CONTROL_RE = re.compile(r"[\x00-\x1f]")
+FORM_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 ERROR_TEXTS = {
     400: (
@@ -74,8 +81,46 @@ def error_page(status: int) -> tuple[str, int]:
     return render_template("error.html", title=title, message=message, status=status), status
 
 
+# Patient forms clean their own fields (intake.patient.forms), so a stray character pasted by a
+# patient gets a message in the page's language beside the field, not a generic error page.
+PATIENT_FORMS = frozenset({"patient.refill", "patient.contact", "patient.status"})
+
+
+def control_characters_in_request() -> str | None:
+    """Where the request carries a control character: "path", "query", "form", or None."""
+    if CONTROL_RE.search(request.path):
+        return "path"
+    for name, value in request.args.items(multi=True):
+        if CONTROL_RE.search(name) or CONTROL_RE.search(value):
+            return "query"
+    if request.endpoint in PATIENT_FORMS:
+        return None  # the patient forms drop such characters and answer beside the field
+    for name, value in request.form.items(multi=True):
+        if CONTROL_RE.search(name) or FORM_CONTROL_RE.search(value):
+            return "form"
+    return None
+
+
+def refuse_control_characters() -> ResponseReturnValue | None:
+    """Answer 400 to a request with a control character in its path, query or form.
+
+    Why: PostgreSQL text columns cannot hold NUL, so such a value failed deep inside a view, as
+    a 500, sometimes after part of the work; the other control characters have no place in a
+    name, a reference or a search term and only serve to spoof logs and screens. Refused here,
+    before any view runs, such a request changes nothing in the database (it does not even
+    count as a failed login). Only where the character was is logged, never the value. Assumes
+    every input arrives as path, query or form fields (no view reads a JSON body).
+    """
+    where = control_characters_in_request()
+    if where is None:
+        return None
+    log.info("control_characters_refused", where=where, endpoint=request.endpoint)
+    return error_page(400)
+
+
 def init_app(app: Flask) -> None:
     app.after_request(security_headers)
+    app.before_request(refuse_control_characters)
 
     @app.errorhandler(CSRFError)
     def csrf_error(error: CSRFError) -> ResponseReturnValue:
@@ -102,6 +147,16 @@ def init_app(app: Flask) -> None:
         db.session.rollback()
         log.error("database_unavailable", path=request.path, error=type(error.orig).__name__)
         return error_page(503)
+
+    @app.errorhandler(DataError)
+    def value_refused(error: DataError) -> tuple[str, int]:
+        # The database refused a value (NUL in text, a number out of range...) that the checks
+        # before it let through: bad input, so a 400; nothing of the transaction is kept.
+        from intake.extensions import db
+
+        db.session.rollback()
+        log.warning("value_refused_by_database", path=request.path, error=type(error.orig).__name__)
+        return error_page(400)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> tuple[str, int]:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from intake.casework import Actor, CaseworkError
-from intake.compliance.reports import actor_is_user
+from intake.compliance.reports import actor_is_user, seq_in_range
 from intake.extensions import DbSession
 from intake.models import AuditEvent, BreakGlassReview, User
 
@@ -115,7 +115,7 @@ def review_break_glass(
     """Mark break-glass event ``seq`` reviewed and record ``break_glass.reviewed``; one
     transaction, committed here."""
     comment = comment.strip()
-    event = session.get(AuditEvent, seq)
+    event = session.get(AuditEvent, seq) if seq_in_range(seq) else None
     if event is None or event.action != "phi.break_glass":
         raise ReviewError("there is no break-glass access with that number", 404)
     if event.actor == actor.audit_name:

@@ -17,6 +17,10 @@ from intake.references import normalize_reference
 
 TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?Z?$")
 TIME_HINT = "Use YYYY-MM-DD or YYYY-MM-DD HH:MM (UTC)."
+# No event is older than the system and none is dated centuries ahead; outside these years a
+# date is a typo, and near the end of the calendar one day more would not even exist.
+YEARS = (2000, 2200)
+YEARS_HINT = f"Use a date between {YEARS[0]} and {YEARS[1]}."
 REFERENCE_HINT = "A reference looks like R-7K3M-Q9P2."
 
 
@@ -24,7 +28,7 @@ def parse_utc(text: str, *, end: bool = False) -> datetime:
     """Read a UTC date or time as typed; with ``end``, the first moment after it.
 
     So ``until 2026-11-24`` includes that whole day and ``until 2026-11-24 10:15`` that whole
-    minute.
+    minute. Years outside ``YEARS`` are refused.
     """
     match = TIME_RE.match(text.strip())
     if not match:
@@ -36,6 +40,8 @@ def parse_utc(text: str, *, end: bool = False) -> datetime:
             moment = moment.replace(hour=int(hour), minute=int(minute), second=int(second or 0))
     except ValueError as error:
         raise ValueError(TIME_HINT) from error
+    if not YEARS[0] <= moment.year <= YEARS[1]:
+        raise ValueError(YEARS_HINT)
     if end:
         step = (
             timedelta(days=1)

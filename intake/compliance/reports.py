@@ -37,6 +37,7 @@ from intake.extensions import DbSession
 from intake.models import OPEN_STATUSES, AuditEvent, Request, User
 
 PAGE = 100
+SEQ_MAX = 2**63 - 1  # audit_events.seq is a BIGINT; a larger number cannot even be asked about
 EXPORT_CHUNK = 2000
 YIELD_PER = 500
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -296,7 +297,14 @@ def audit_page(
     )
 
 
+def seq_in_range(seq: int) -> bool:
+    """Whether ``seq`` fits the column: a bound or a number outside it is bad input."""
+    return 0 <= seq <= SEQ_MAX
+
+
 def event_row(session: DbSession, seq: int) -> AuditRow | None:
+    if not seq_in_range(seq):
+        return None
     found = session.execute(audit_query(AuditFilter()).where(AuditEvent.seq == seq)).first()
     return _audit_row(found) if found else None
 

@@ -103,6 +103,8 @@ def audit() -> ResponseReturnValue:
         ), 400
     before = request.args.get("before", type=int)
     after = request.args.get("after", type=int)
+    if any(bound is not None and not reports.seq_in_range(bound) for bound in (before, after)):
+        abort(400)
     page = reports.audit_page(db.session, filt, before=before, after=after)
     return render_template(
         "compliance/audit.html",

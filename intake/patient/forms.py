@@ -48,13 +48,20 @@ def options(pairs: Any) -> list[SelectChoice]:
     return [SelectChoice(value, label) for value, label in pairs]
 
 
+# C0 control characters other than tab and newline: never meant by a patient, and a NUL cannot
+# be stored in PostgreSQL text. They are dropped before validation.
+_CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
+
+
 def _strip(value: Any) -> Any:
-    return value.strip() if isinstance(value, str) else value
+    return value.translate(_CONTROL).strip() if isinstance(value, str) else value
 
 
 def _unix_newlines(value: Any) -> Any:
     """Browsers count a line break as one character for maxlength but send it as CRLF."""
-    return value.replace("\r\n", "\n").replace("\r", "\n") if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    return value.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL)
 
 
 def _required(field: Any) -> str:

@@ -308,3 +308,20 @@ def test_hostile_input_never_causes_a_500(app, patient, payload):
     assert response.status_code in (303, 400)
     if response.status_code == 400:
         assert 'class="field__error"' in response.get_data(as_text=True)
+
+
+def test_control_characters_a_patient_pasted_are_dropped_not_stored(app, patient):
+    from intake.phi import SealedPHI, WrappedKey, open_phi
+
+    reference = reference_from(
+        patient.refill(first_name="Ma\x00ria", notes="line one\r\nline\x1b two\ttabbed")
+    )
+    with app.app_context():
+        row = db.session.execute(select(Request).where(Request.reference == reference)).scalar_one()
+        document = open_phi(
+            app.extensions["intake.keyring"],
+            row.id,
+            SealedPHI(WrappedKey(row.kek_id, row.wrapped_key), row.phi),
+        )
+    assert document["first_name"] == "Maria"
+    assert document["notes"] == "line one\nline two\ttabbed"
