@@ -34,10 +34,11 @@ from intake.compliance.verification import run_verification
 from intake.extensions import db
 from intake.models import User
 from intake.references import normalize_reference
-from intake.staff.auth import login_manager
+from intake.staff.auth import login_manager, refuse_cross_site_views
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("compliance", __name__, url_prefix="/compliance", template_folder="templates")
+bp.before_request(refuse_cross_site_views)
 
 ANOMALY_DAYS = (1, 7, 30)
 CSV_FLUSH_ROWS = 200

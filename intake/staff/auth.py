@@ -101,3 +101,25 @@ def roles_required(*roles: str) -> Callable[[Callable[..., Any]], Callable[..., 
         return wrapper
 
     return decorate
+
+
+def refuse_cross_site_views() -> Any:
+    """Ask for one more click when another site sent a logged-in browser to a staff page.
+
+    Why: these pages record what the user saw (``phi.viewed``, ``request.searched``,
+    ``audit.exported``), and the session cookie is SameSite=Lax, so a link or pop-up on another
+    site could make a browser open them and fill someone's audit history. Browsers say where a
+    navigation came from in ``Sec-Fetch-Site``; a cross-site one gets a page with a link, which
+    the user's own click turns into a same-site request. Mail clients and typed addresses send
+    ``none`` and go straight through.
+    """
+    from flask import render_template
+
+    if (
+        request.method == "GET"
+        and request.headers.get("Sec-Fetch-Site") == "cross-site"
+        and current_user.is_authenticated
+    ):
+        target = request.full_path if request.query_string else request.path
+        return render_template("staff/continue.html", target=target)
+    return None

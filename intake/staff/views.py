@@ -27,7 +27,7 @@ from intake.extensions import db, limiter
 from intake.models import KINDS, OPEN_STATUSES, STATUSES
 from intake.patient.forms import clean_phone, options
 from intake.references import normalize_reference
-from intake.staff.auth import client_ip_hmac, roles_required, safe_next
+from intake.staff.auth import client_ip_hmac, refuse_cross_site_views, roles_required, safe_next
 from intake.staff.forms import (
     BreakGlassForm,
     LoginForm,
@@ -39,6 +39,7 @@ from intake.staff.forms import (
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("staff", __name__, url_prefix="/staff", template_folder="templates")
+bp.before_request(refuse_cross_site_views)
 
 LOGIN_FAILED = "The username, password or authenticator code is not right."
 LOCKED = "Too many failed attempts. Try again in {seconds} seconds."

@@ -147,3 +147,20 @@ def test_admin_cannot_break_the_glass(app, two_teams, make_user, staff_login):
     assert response.status_code == 404
     assert_no_b_phi(response.get_data(as_text=True))
     assert events_since(app, since) == []
+
+
+def test_another_site_cannot_open_a_request_in_a_logged_in_browser(
+    app, route, make_user, staff_login
+):
+    reference = route("refill", location="main")
+    ana = staff_login(make_user("ana", teams=("refills-main",)))
+    since = last_seq(app)
+    lured = ana.get(f"/staff/requests/{reference}", headers={"Sec-Fetch-Site": "cross-site"})
+    html = lured.get_data(as_text=True)
+    assert lured.status_code == 200 and "Continue to this page?" in html
+    assert f'href="/staff/requests/{reference}"' in html and "Maria" not in html
+    assert events_since(app, since) == []
+    # The user's own click is same-origin and opens it as usual.
+    opened = ana.get(f"/staff/requests/{reference}", headers={"Sec-Fetch-Site": "same-origin"})
+    assert "Maria" in opened.get_data(as_text=True)
+    assert [e.action for e in events_since(app, since)] == ["phi.viewed"]
