@@ -25,9 +25,15 @@ def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "--quiet", "-A", "workers", *args]
 
 
+MAX_RESTARTS = 20
+
+
+def child_environment(app: Flask) -> dict[str, str]:
+    return {**os.environ, "INTAKE_DATA_DIR": str(app.extensions["intake.settings"].data_dir)}
+
+
 def start_children(app: Flask) -> list[subprocess.Popen[bytes]]:
-    settings = app.extensions["intake.settings"]
-    env = {**os.environ, "INTAKE_DATA_DIR": str(settings.data_dir)}
+    env = child_environment(app)
     worker = subprocess.Popen(  # noqa: S603 - fixed argv
         _celery(
             "worker", "--loglevel", "INFO", "--concurrency", "2", "--hostname", "intake-worker@%h"
@@ -59,6 +65,7 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
 
     settings = app.extensions["intake.settings"]
     children = start_children(app) if with_workers else []
+    child_env = child_environment(app)
     server = create_server(app, host=host, port=port, threads=8, ident="intake")
     stopping = threading.Event()
 
@@ -72,16 +79,21 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
     signal.signal(signal.SIGTERM, stop)
 
     def watch() -> None:
+        """Start a worker or beat again if it dies (a broker outage can end a Celery worker);
+        the outbox sweep then catches up on anything it missed."""
+        restarts = 0
         while not stopping.wait(1):
-            for child in children:
-                if child.poll() is not None:
-                    log.error(
-                        "child_process_exited",
-                        argv=str(child.args),
-                        code=child.returncode,
-                    )
+            for index, child in enumerate(children):
+                if child.poll() is None or stopping.is_set():
+                    continue
+                log.error("child_process_exited", argv=str(child.args), code=child.returncode)
+                if restarts >= MAX_RESTARTS:
                     stop(signal.SIGTERM, None)
                     return
+                restarts += 1
+                time.sleep(min(2**restarts, 30))
+                if not stopping.is_set():
+                    children[index] = subprocess.Popen(child.args, env=child_env)  # noqa: S603
 
     threading.Thread(target=watch, daemon=True).start()
     if children:
