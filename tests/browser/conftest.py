@@ -1,8 +1,8 @@
 """Fixtures for real-browser tests: a live server, a headless Chromium, a page per test.
 
-The browser is Debian's Chromium (``/usr/bin/chromium``) driven through Playwright's sync API;
-``playwright install`` is never run. Without that binary the browser tests are skipped, except
-under ``CI=true`` where a missing browser is a failure.
+The browser is Debian's Chromium (``/usr/bin/chromium``) driven through Playwright's sync API
+with ``executable_path``; Playwright's own browser download is never used. Without that binary
+the browser tests are skipped, except under ``CI=true`` where a missing browser is a failure.
 
 A test chooses its browser context with ``@pytest.mark.browser_context(locale=..., viewport=...)``
 (any keyword of ``Browser.new_context``); the default is an English desktop browser. Each test

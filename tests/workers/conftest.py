@@ -156,8 +156,6 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         {
             "INTAKE_DATA_DIR": str(settings.data_dir),
             "INTAKE_DATABASE_URL": settings.effective_database_url,
-            "INTAKE_SECRET_KEY": settings.secret_key or "",
-            "INTAKE_KEYRING": settings.keyring or "",
             "INTAKE_ROUTING_FILE": str(settings.routing_file),
             "INTAKE_OUTBOX_SWEEP_SECONDS": str(settings.outbox_sweep_seconds),
             "INTAKE_OUTBOX_REPUBLISH_SECONDS": str(settings.outbox_republish_seconds),
@@ -166,10 +164,15 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if settings.redis_url:
-        env["INTAKE_REDIS_URL"] = settings.redis_url
-    if settings.smtp_url:
-        env["INTAKE_SMTP_URL"] = settings.smtp_url
+    # Secrets and services are passed only when the test set them; without them the process
+    # uses the data folder's generated ones, as the embedded profile does.
+    optional = {
+        "INTAKE_SECRET_KEY": settings.secret_key,
+        "INTAKE_KEYRING": settings.keyring,
+        "INTAKE_REDIS_URL": settings.redis_url,
+        "INTAKE_SMTP_URL": settings.smtp_url,
+    }
+    env.update({name: value for name, value in optional.items() if value})
     env.update(extra)
     return env
 
