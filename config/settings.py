@@ -10,6 +10,8 @@ from typing import Any
 
 PROFILES = ("embedded", "production")
 DEFAULT_ROUTING_FILE = Path(__file__).with_name("routing.toml")
+DEFAULT_PHARMACY_FILE = Path(__file__).with_name("pharmacy.toml")
+DEFAULT_CONSENTS_DIR = Path(__file__).with_name("consents")
 
 
 class SettingsError(ValueError):
@@ -68,6 +70,13 @@ class Settings:
     audit_checkpoint_seconds: float = 300.0
     retention_days: int = 2190
     trusted_proxies: int = 0
+    # The pharmacy's identity and legal texts (issue 9): the file and folder are checked at
+    # start-up; name, phone and time zone override the file's values when set.
+    pharmacy_file: Path = DEFAULT_PHARMACY_FILE
+    pharmacy_name: str | None = None
+    pharmacy_phone: str | None = None
+    timezone: str | None = None
+    consents_dir: Path = DEFAULT_CONSENTS_DIR
 
     @property
     def embedded(self) -> bool:
@@ -115,6 +124,14 @@ class Settings:
             audit_checkpoint_seconds=_float(env, "INTAKE_AUDIT_CHECKPOINT_SECONDS", 300.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
             trusted_proxies=_int(env, "INTAKE_TRUSTED_PROXIES", 0),
+        )
+        settings = replace(
+            settings,
+            pharmacy_file=Path(env.get("INTAKE_PHARMACY_FILE") or DEFAULT_PHARMACY_FILE),
+            pharmacy_name=(env.get("INTAKE_PHARMACY_NAME") or "").strip() or None,
+            pharmacy_phone=(env.get("INTAKE_PHARMACY_PHONE") or "").strip() or None,
+            timezone=(env.get("INTAKE_TIMEZONE") or "").strip() or None,
+            consents_dir=Path(env.get("INTAKE_CONSENTS_DIR") or DEFAULT_CONSENTS_DIR),
         )
         settings.check()
         return settings

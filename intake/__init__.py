@@ -10,6 +10,8 @@ from flask import Flask
 from config import Settings
 from intake import embedded
 from intake.clock import utcnow
+from intake.consents import load_consents
+from intake.pharmacy import load_pharmacy
 from intake.phi import Keyring
 from intake.routing import load_routing
 
@@ -56,6 +58,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["intake.keyring"] = _keyring(settings)
     app.extensions["intake.routing"] = load_routing(settings.routing_file)
     app.extensions["intake.clock"] = utcnow
+    # Who the pharmacy is and the legal texts patients accept: checked now, like the routing.
+    pharmacy = app.extensions["intake.pharmacy"] = load_pharmacy(settings)
+    app.extensions["intake.consents"] = load_consents(settings.consents_dir)
+    app.config["BABEL_DEFAULT_TIMEZONE"] = pharmacy.timezone
 
     register_extensions(app)
     register_blueprints(app)
@@ -96,7 +102,7 @@ def format_duration(delta: timedelta) -> str:
 
 
 def register_extensions(app: Flask) -> None:
-    from intake import i18n, outbox
+    from intake import i18n, outbox, pharmacy
     from intake.extensions import babel, csrf, db, limiter, migrate
     from intake.staff.auth import login_manager
 
@@ -106,6 +112,7 @@ def register_extensions(app: Flask) -> None:
     babel.init_app(app, locale_selector=i18n.select_locale)
     limiter.init_app(app)
     i18n.init_app(app)
+    pharmacy.init_app(app)
     outbox.init_app(app)
     login_manager.init_app(app)
     app.add_template_filter(format_duration, "duration")

@@ -21,6 +21,13 @@ from wtforms.validators import ValidationError
 from intake.routing_data import location_choices
 
 REQUIRED = _l("This field is required.")
+FIRST_NAME_NEEDED = _l("Enter your first name.")
+LAST_NAME_NEEDED = _l("Enter your last name.")
+DOB_NEEDED = _l("Enter your date of birth.")
+PHONE_NEEDED = _l("Enter your phone number.")
+LOCATION_NEEDED = _l("Choose the pharmacy location.")
+TOPIC_NEEDED = _l("Choose what your request is about.")
+MESSAGE_NEEDED = _l("Write your question or request.")
 NAME_INVALID = _l("Use letters only (spaces, hyphens, apostrophes and periods are fine).")
 NAME_TOO_LONG = _l("Use at most 60 characters.")
 DATE_INVALID = _l("Enter a real date as YYYY-MM-DD.")
@@ -64,15 +71,15 @@ def _unix_newlines(value: Any) -> Any:
     return value.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL)
 
 
-def _required(field: Any) -> str:
+def _required(field: Any, message: Any = REQUIRED) -> str:
     value = (field.data or "").strip() if isinstance(field.data, str) else field.data
     if not value:
-        raise ValidationError(REQUIRED)
+        raise ValidationError(message)
     return str(value)
 
 
-def clean_name(field: Any) -> str:
-    value = re.sub(r"\s+", " ", _required(field))
+def clean_name(field: Any, message: Any = REQUIRED) -> str:
+    value = re.sub(r"\s+", " ", _required(field, message))
     if len(value) > 60:
         raise ValidationError(NAME_TOO_LONG)
     if not any(c.isalpha() for c in value) or not all(
@@ -151,7 +158,12 @@ class PatientForm(FlaskForm):
         default="phone",
         validate_choice=False,
     )
-    consent_privacy = BooleanField(_l("I have read and accept the Notice of Privacy Practices."))
+    consent_privacy = BooleanField(
+        _l(
+            "I have read and accept the Terms of Use, the Privacy Policy and the Notice of "
+            "Privacy Practices."
+        )
+    )
     website = StringField(_l("Leave this field empty"))
     rendered_at = HiddenField()
 
@@ -162,13 +174,13 @@ class PatientForm(FlaskForm):
 
     # Each validate_<field> stores the normalized value in self.cleaned.
     def validate_first_name(self, field: Any) -> None:
-        self.cleaned["first_name"] = clean_name(field)
+        self.cleaned["first_name"] = clean_name(field, FIRST_NAME_NEEDED)
 
     def validate_last_name(self, field: Any) -> None:
-        self.cleaned["last_name"] = clean_name(field)
+        self.cleaned["last_name"] = clean_name(field, LAST_NAME_NEEDED)
 
     def validate_phone(self, field: Any) -> None:
-        self.cleaned["phone"] = clean_phone(_required(field))
+        self.cleaned["phone"] = clean_phone(_required(field, PHONE_NEEDED))
 
     def validate_email(self, field: Any) -> None:
         if field.data:
@@ -222,7 +234,7 @@ class RefillForm(PatientForm):
         self.location.choices = options([("", _l("Choose a location")), *location_choices()])
 
     def validate_date_of_birth(self, field: Any) -> None:
-        self.cleaned["date_of_birth"] = clean_dob(_required(field), self.today)
+        self.cleaned["date_of_birth"] = clean_dob(_required(field, DOB_NEEDED), self.today)
 
     def validate_rx_numbers(self, field: Any) -> None:
         self.cleaned["rx_numbers"] = clean_rx_numbers(field.data or "")
@@ -232,7 +244,7 @@ class RefillForm(PatientForm):
 
     def validate_location(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(REQUIRED)
+            raise ValidationError(LOCATION_NEEDED)
         if field.data not in dict(location_choices()):
             raise ValidationError(CHOICE_INVALID)
 
@@ -247,7 +259,8 @@ class RefillForm(PatientForm):
             raise ValidationError(TOO_LONG)
         if self.fulfillment.data in ("delivery", "ship") and not value:
             raise ValidationError(ADDRESS_NEEDED)
-        if value:
+        # Kept only when it is used: an address typed, then hidden by choosing pick-up, is not.
+        if value and self.fulfillment.data in ("delivery", "ship"):
             self.cleaned["address"] = value
 
     def validate_needed_by(self, field: Any) -> None:
@@ -294,12 +307,12 @@ class ContactForm(PatientForm):
 
     def validate_topic(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(REQUIRED)
+            raise ValidationError(TOPIC_NEEDED)
         if field.data not in dict(TOPICS):
             raise ValidationError(CHOICE_INVALID)
 
     def validate_message(self, field: Any) -> None:
-        value = _required(field).strip()
+        value = _required(field, MESSAGE_NEEDED).strip()
         if len(value) > 4000:
             raise ValidationError(TOO_LONG)
         self.cleaned["message"] = value

@@ -12,10 +12,11 @@ from flask_babel import lazy_gettext as _l
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from intake import outbox
-from intake.consents import current_consent
+from intake.consents import accepted_consents, form_consents
 from intake.extensions import db, limiter
-from intake.i18n import current_language
-from intake.patient.forms import ContactForm, PatientForm, RefillForm
+from intake.i18n import current_language, language_switch_requested
+from intake.patient import receipts
+from intake.patient.forms import TOPICS, ContactForm, PatientForm, RefillForm
 from intake.phi import ip_pseudonym
 from intake.references import REFERENCE_RE, new_reference
 from intake.submissions import Submission, submit_request
@@ -72,6 +73,11 @@ def _submit_limit() -> str:
     return str(_settings().submit_rate_limit)
 
 
+def _is_language_switch() -> bool:
+    """A language switch re-renders the form and stores nothing: not a submission to limit."""
+    return language_switch_requested() is not None
+
+
 def _render_stamp() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.secret_key or "", salt="intake.form-rendered")
 
@@ -80,18 +86,35 @@ def _render(kind: str, form: PatientForm, status: int = 200, notice: Any = None)
     _form_class, template, order = FORMS[kind]
     form.rendered_at.data = _render_stamp().dumps(kind)
     first_error = next((name for name in order if form[name].errors), None)
-    language = current_language()
-    consents = {"privacy": current_consent("privacy", language)}
-    if kind == "refill":
-        consents["contact"] = current_consent("contact", language)
     page = render_template(
         template,
         form=form,
         first_error=first_error,
-        consents=consents,
-        notice=notice or (FORM_HAS_ERRORS if first_error else None),
+        error_summary=error_summary(form, order),
+        consents=form_consents(kind, current_language()),
+        notice=notice,
+        language_switch=True,
     )
     return page, status
+
+
+def error_summary(form: PatientForm, order: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(id of the control to focus, message) for each field in error, in page order."""
+    summary = []
+    for name in order:
+        field = form[name]
+        if field.errors:
+            target = f"{field.id}-0" if field.type == "RadioField" else field.id
+            summary.append((target, str(field.errors[0])))
+    return summary
+
+
+def _preselect(kind: str, form: PatientForm) -> PatientForm:
+    """A call to action's ``?topic=`` chooses the contact form's topic (only a known one)."""
+    topic = request.args.get("topic")
+    if kind == "contact" and topic in dict(TOPICS):
+        form["topic"].data = topic
+    return form
 
 
 def _check_guard(kind: str, form: PatientForm) -> str | None:
@@ -123,6 +146,9 @@ def _handle(kind: str) -> ResponseReturnValue:
     form_class, _template, _order = FORMS[kind]
     form = form_class()
     if request.method == "GET":
+        return _render(kind, _preselect(kind, form))
+    if language_switch_requested():
+        log.info("form_language_switched", form=kind)
         return _render(kind, form)
 
     guard = _check_guard(kind, form)
@@ -138,9 +164,7 @@ def _handle(kind: str) -> ResponseReturnValue:
         return _render(kind, form, 400)
 
     language = current_language()
-    consents = [current_consent("privacy", language)]
-    if kind == "refill":
-        consents.append(current_consent("contact", language))
+    consents = accepted_consents(kind, language)
     data = form.data
     accepted = submit_request(
         db.session,
@@ -157,6 +181,7 @@ def _handle(kind: str) -> ResponseReturnValue:
     )
     published = outbox.publish(db.session, [accepted.outbox_id])
     log.info("request_submitted", reference=accepted.reference, kind=kind, published=published)
+    receipts.remember(kind, form, accepted.reference, language)
     return redirect(url_for("patient.thanks", reference=accepted.reference), 303)
 
 
@@ -177,24 +202,60 @@ def index() -> ResponseReturnValue:
 
 
 @bp.route("/refill", methods=["GET", "POST"])
-@limiter.limit(_submit_limit, methods=["POST"])
+@limiter.limit(_submit_limit, methods=["POST"], exempt_when=_is_language_switch)
 def refill() -> ResponseReturnValue:
     return _handle("refill")
 
 
 @bp.route("/contact", methods=["GET", "POST"])
-@limiter.limit(_submit_limit, methods=["POST"])
+@limiter.limit(_submit_limit, methods=["POST"], exempt_when=_is_language_switch)
 def contact() -> ResponseReturnValue:
     return _handle("contact")
 
 
 @bp.get("/thanks/<reference>")
 def thanks(reference: str) -> ResponseReturnValue:
-    # The page shows only what is in its address, so it reveals nothing about whether the
+    # The page shows what is in its address, and a summary only to the browser that sent the
+    # request (kept in its own signed session), so it reveals nothing about whether the
     # reference exists.
     if not REFERENCE_RE.match(reference):
         abort(404)
-    return render_template("patient/thanks.html", reference=reference)
+    from intake.routing_data import location_choices
+
+    return render_template(
+        "patient/thanks.html",
+        reference=reference,
+        receipt=receipts.recall(reference),
+        topic_labels=dict(TOPICS),
+        location_names=dict(location_choices()),
+    )
+
+
+@bp.get("/legal/<document>")
+@bp.get("/legal/<document>/<version>")
+def legal(document: str, version: str | None = None) -> ResponseReturnValue:
+    """A consent document on its own page, in the page's language (any published version)."""
+    from intake.consents import DOCUMENTS, library
+
+    texts = library()
+    if document not in DOCUMENTS:
+        abort(404)
+    version = version or texts.current[document]
+    try:
+        text = texts.text(document, version, current_language())
+    except LookupError:
+        abort(404)
+    return render_template(
+        "patient/legal.html",
+        text=text,
+        is_current=version == texts.current[document],
+        current_version=texts.current[document],
+    )
+
+
+@bp.get("/favicon.ico")
+def favicon() -> ResponseReturnValue:
+    return current_app.send_static_file("favicon.ico")
 
 
 STATUS_TEXT = {
