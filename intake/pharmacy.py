@@ -114,6 +114,20 @@ def _key_line(text: str, key: str, section: str | None = None) -> int | None:
     return None
 
 
+def _entry_line(text: str, header_line: int | None, key: str) -> int | None:
+    """The line of ``key = `` inside the ``[[...]]`` entry that starts at ``header_line``."""
+    if header_line is None:
+        return None
+    lines = text.splitlines()
+    for number in range(header_line + 1, len(lines) + 1):
+        line = lines[number - 1]
+        if re.match(r"^\s*\[", line):
+            break
+        if re.match(rf"^\s*{re.escape(key)}\s*=", line):
+            return number
+    return header_line
+
+
 def _where(path: Path, line: int | None) -> str:
     return f"{path}:{line}" if line else str(path)
 
@@ -183,33 +197,41 @@ def parse_pharmacy(text: str, path: Path, overrides: Mapping[str, str | None]) -
     ]
     notices: list[NoticeLine] = []
     for index, raw in enumerate(doc.get("language_assistance", [])):
-        where = _where(path, lines[index] if index < len(lines) else None)
+        header = lines[index] if index < len(lines) else None
+
+        def at(key: str, header: int | None = header) -> str:
+            return _where(path, _entry_line(text, header, key))
+
         extra = sorted(set(raw) - NOTICE_KEYS)
         if extra:
-            raise PharmacyError(f"{where}: unknown key {extra[0]!r} in a language_assistance entry")
+            raise PharmacyError(
+                f"{at(extra[0])}: unknown key {extra[0]!r} in a language_assistance entry"
+            )
         code, label, sentence = raw.get("language"), raw.get("name"), raw.get("notice")
         if not (isinstance(code, str) and re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", code)):
             raise PharmacyError(
-                f"{where}: 'language' must be a language tag such as 'es' or 'zh-Hant'"
+                f"{at('language')}: 'language' must be a language tag such as 'es' or 'zh-Hant'"
             )
         if not (isinstance(label, str) and label.strip()):
-            raise PharmacyError(f"{where}: language {code!r} needs a 'name' (in that language)")
+            raise PharmacyError(
+                f"{at('name')}: language {code!r} needs a 'name' (in that language)"
+            )
         if not (isinstance(sentence, str) and "{phone}" in sentence):
             raise PharmacyError(
-                f"{where}: language {code!r} needs a 'notice' sentence with {{phone}} in it"
+                f"{at('notice')}: language {code!r} needs a 'notice' sentence with {{phone}} in it"
             )
         if "{tty}" in sentence and tty is None:
             raise PharmacyError(
-                f"{where}: the notice for {code!r} shows {{tty}} but there is no 'tty'"
+                f"{at('notice')}: the notice for {code!r} shows {{tty}} but there is no 'tty'"
             )
         leftover = PLACEHOLDER_RE.sub("", sentence)
         if "{" in leftover or "}" in leftover:
-            raise PharmacyError(f"{where}: only {{phone}} and {{tty}} may appear in braces")
+            raise PharmacyError(f"{at('notice')}: only {{phone}} and {{tty}} may appear in braces")
         direction = raw.get("dir", "ltr")
         if direction not in ("ltr", "rtl"):
-            raise PharmacyError(f"{where}: 'dir' must be 'ltr' or 'rtl'")
+            raise PharmacyError(f"{at('dir')}: 'dir' must be 'ltr' or 'rtl'")
         if any(n.language == code for n in notices):
-            raise PharmacyError(f"{where}: language {code!r} is listed twice")
+            raise PharmacyError(f"{at('language')}: language {code!r} is listed twice")
         notices.append(NoticeLine(code, label.strip(), _notice_parts(sentence.strip()), direction))
     missing = [lang for lang in LANGUAGES if lang not in {n.language for n in notices}]
     if missing:
@@ -270,6 +292,11 @@ def local_date(value: datetime | date | None) -> str:
     return "" if value is None else format_date(value, "long")
 
 
+def local_day(value: datetime | date | None) -> str:
+    """A day with its weekday, e.g. 'Wednesday, December 2, 2026'."""
+    return "" if value is None else format_date(value, "full")
+
+
 def local_time(value: datetime | None) -> str:
     """The time of day of a UTC time in the pharmacy's zone, e.g. '2:41 PM'."""
     return "" if value is None else format_time(value, "short")
@@ -289,6 +316,7 @@ def init_app(app: Flask) -> None:
     """Give templates ``pharmacy`` and the filters for showing times to people."""
     app.add_template_filter(local_datetime, "local_datetime")
     app.add_template_filter(local_date, "local_date")
+    app.add_template_filter(local_day, "local_day")
     app.add_template_filter(local_time, "local_time")
 
     @app.context_processor

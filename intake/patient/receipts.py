@@ -16,10 +16,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app, session
-from flask_babel import lazy_gettext as _l
 from flask_babel import gettext, ngettext
+from flask_babel import lazy_gettext as _l
 
-from intake.pharmacy import local_date, local_datetime, local_time
+from intake.pharmacy import local_date, local_datetime, local_day, local_time
 from intake.routing import SLA_RE
 
 CONTACT_BY = {
@@ -76,7 +76,7 @@ class Receipt:
             if local_date(self.due_at) == local_date(self.received_at):
                 return gettext("by about %(time)s", time=local_time(self.due_at))
             return gettext("by %(date_and_time)s", date_and_time=local_datetime(self.due_at))
-        return gettext("by %(date)s", date=local_date(self.due_at))
+        return gettext("by %(date)s", date=local_day(self.due_at))
 
     def contact_by(self) -> str:
         return str(CONTACT_BY.get(self.contact_method or "", ""))
