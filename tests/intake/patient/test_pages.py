@@ -462,3 +462,12 @@ def test_each_stored_digest_is_the_digest_of_the_file_patients_read(app):
             (texts.folder / "privacy-2026-11.en.txt").read_bytes().replace(b"\r\n", b"\n")
         ).hexdigest()[:12]
     )
+
+
+def test_a_switch_without_a_valid_token_is_counted_like_any_post(app, settings, client):
+    app.extensions["intake.settings"] = settings.replace(submit_rate_limit="2/minute")
+    codes = [
+        client.post("/refill", data={**valid_refill(), "switch_language": "es"}).status_code
+        for _ in range(4)
+    ]
+    assert codes[:2] == [400, 400] and 429 in codes[2:]
