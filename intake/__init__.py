@@ -61,14 +61,36 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["intake.clock"] = utcnow
     # Who the pharmacy is and the legal texts patients accept: checked now, like the routing.
     pharmacy = app.extensions["intake.pharmacy"] = load_pharmacy(settings)
-    app.extensions["intake.consents"] = load_consents(settings.consents_dir)
+    consents = app.extensions["intake.consents"] = load_consents(settings.consents_dir)
     app.config["BABEL_DEFAULT_TIMEZONE"] = pharmacy.timezone
+    if not settings.embedded:
+        _warn_about_samples(settings, consents.samples)
 
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
     return app
+
+
+def _warn_about_samples(settings: Settings, sample_documents: list[str]) -> None:
+    """Say loudly when production shows patients the shipped sample pharmacy or legal texts."""
+    import structlog
+
+    from config.settings import DEFAULT_PHARMACY_FILE
+
+    log = structlog.get_logger("intake")
+    if Path(settings.pharmacy_file) == DEFAULT_PHARMACY_FILE:
+        log.warning(
+            "sample_pharmacy_in_use",
+            advice="set INTAKE_PHARMACY_FILE to your pharmacy's own file",
+        )
+    if sample_documents:
+        log.warning(
+            "sample_consents_in_use",
+            documents=sample_documents,
+            advice="set INTAKE_CONSENTS_DIR to a folder with your pharmacy's own texts",
+        )
 
 
 def _secret_key(settings: Settings) -> str:

@@ -211,3 +211,12 @@ def test_the_manifest_must_present_a_version_that_exists(settings, consents_copy
     )
     with pytest.raises(ConsentError, match=r"terms-2031-01\.en\.txt: missing"):
         create_app(settings.replace(consents_dir=consents_copy))
+
+
+def test_production_is_told_when_it_shows_the_shipped_samples(app, settings, caplog):
+    from intake import _warn_about_samples
+
+    _warn_about_samples(settings, app.extensions["intake.consents"].samples)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("sample_pharmacy_in_use" in m for m in messages)
+    assert any("sample_consents_in_use" in m and "npp" in m for m in messages)
