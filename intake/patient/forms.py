@@ -43,7 +43,11 @@ ADDRESS_NEEDED = _l("Enter the address for delivery or shipping.")
 TOO_LONG = _l("This is too long.")
 NEEDED_BY_PAST = _l("Choose today or a later date.")
 NEEDED_BY_FAR = _l("Choose a date within the next 12 months.")
-CONSENT_NEEDED = _l("You must accept this to send the request.")
+CONSENT_PRIVACY_NEEDED = _l(
+    "Accept the Terms of Use, the Privacy Policy and the Notice of Privacy Practices to send "
+    "your request."
+)
+CONSENT_CONTACT_NEEDED = _l("Agree to be contacted about this request to send it.")
 CHOICE_INVALID = _l("Choose one of the options.")
 
 NAME_PUNCTUATION = set(" '-.’")
@@ -224,7 +228,7 @@ class PatientForm(FlaskForm):
 
     def validate_consent_privacy(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(CONSENT_NEEDED)
+            raise ValidationError(CONSENT_PRIVACY_NEEDED)
 
     def _optional_text(self, field: Any, name: str, limit: int) -> None:
         value = (field.data or "").strip()
@@ -305,7 +309,7 @@ class RefillForm(PatientForm):
 
     def validate_consent_contact(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(CONSENT_NEEDED)
+            raise ValidationError(CONSENT_CONTACT_NEEDED)
 
 
 TOPICS = [

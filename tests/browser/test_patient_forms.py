@@ -329,7 +329,6 @@ def test_spanish_empty_submission_shows_errors_by_the_fields(
     page.screenshot(path=str(output_dir / "errors.png"), full_page=True)
 
     assert page.evaluate("() => document.documentElement.lang") == "es"
-    consent = spanish(app, patient_forms.CONSENT_NEEDED)
     expected = {
         "first_name": spanish(app, patient_forms.FIRST_NAME_NEEDED),
         "last_name": spanish(app, patient_forms.LAST_NAME_NEEDED),
@@ -337,8 +336,8 @@ def test_spanish_empty_submission_shows_errors_by_the_fields(
         "phone": spanish(app, patient_forms.PHONE_NEEDED),
         "rx_numbers": spanish(app, patient_forms.RX_NONE),
         "location": spanish(app, patient_forms.LOCATION_NEEDED),
-        "consent_privacy": consent,
-        "consent_contact": consent,
+        "consent_privacy": spanish(app, patient_forms.CONSENT_PRIVACY_NEEDED),
+        "consent_contact": spanish(app, patient_forms.CONSENT_CONTACT_NEEDED),
     }
     # The summary on top lists every error, each linking to its field.
     summary = page.locator("#error-summary[role=alert]")

@@ -82,8 +82,8 @@ REFILL_BAD = [
     ("needed_by", (TODAY + timedelta(days=400)).isoformat(), F.NEEDED_BY_FAR),
     ("needed_by", "soon", F.DATE_INVALID),
     ("notes", "x" * 2001, F.TOO_LONG),
-    ("consent_privacy", None, F.CONSENT_NEEDED),
-    ("consent_contact", None, F.CONSENT_NEEDED),
+    ("consent_privacy", None, F.CONSENT_PRIVACY_NEEDED),
+    ("consent_contact", None, F.CONSENT_CONTACT_NEEDED),
 ]
 
 
@@ -126,7 +126,7 @@ CONTACT_BAD = [
     ("callback_time", "x" * 101, F.TOO_LONG),
     ("date_of_birth", "3000-01-01", F.DOB_FUTURE),
     ("phone", "555", F.PHONE_INVALID),
-    ("consent_privacy", None, F.CONSENT_NEEDED),
+    ("consent_privacy", None, F.CONSENT_PRIVACY_NEEDED),
 ]
 
 
@@ -147,7 +147,7 @@ def test_spanish_messages_are_translated(in_language):
         F.FIRST_NAME_NEEDED,
         F.PHONE_INVALID,
         F.RX_INVALID,
-        F.CONSENT_NEEDED,
+        F.CONSENT_PRIVACY_NEEDED,
         F.DOB_FUTURE,
     ):
         assert in_language(message, "es") != in_language(message, "en")

@@ -365,7 +365,7 @@ def test_the_error_summary_links_each_error_to_its_field(app, patient, lang):
         ("first_name", render(app, F.FIRST_NAME_NEEDED, lang)),
         ("rx_numbers", render(app, F.RX_NONE, lang)),
         ("address", render(app, F.ADDRESS_NEEDED, lang)),
-        ("consent_contact", render(app, F.CONSENT_NEEDED, lang)),
+        ("consent_contact", render(app, F.CONSENT_CONTACT_NEEDED, lang)),
     ]
     for target, _message in links:
         assert f'id="{target}"' in page
