@@ -471,3 +471,12 @@ def test_a_switch_without_a_valid_token_is_counted_like_any_post(app, settings, 
         for _ in range(4)
     ]
     assert codes[:2] == [400, 400] and 429 in codes[2:]
+
+
+def test_a_switch_with_a_huge_body_is_refused_like_any_post(client):
+    page = client.get("/refill").get_data(as_text=True)
+    response = client.post(
+        "/refill",
+        data={**hidden_fields(page), **valid_refill(notes="x" * 100_000), "switch_language": "es"},
+    )
+    assert response.status_code == 413
