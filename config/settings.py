@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: str) -> tuple[IPNetwork, ...]:
+    """Parse ``10.0.0.5, 172.16.0.0/12, ::1`` into networks; raise ValueError on a bad entry."""
+    items = (item.strip() for item in value.split(","))
+    return tuple(ipaddress.ip_network(item, strict=False) for item in items if item)
 
 PROFILES = ("embedded", "production")
 DEFAULT_ROUTING_FILE = Path(__file__).with_name("routing.toml")
@@ -39,6 +48,41 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return ()
+    if raw.isdigit():
+        raise SettingsError(
+            f"{name} lists the addresses or networks of your reverse proxies "
+            f"(e.g. 127.0.0.1 or 10.0.0.0/8), not a count of them: {raw!r}"
+        )
+    try:
+        return parse_networks(raw)
+    except ValueError as error:
+        raise SettingsError(f"{name}: an entry is no address or network ({error})") from None
+
+
+MIN_SECRET_BYTES = 32
+# What the embedded profile writes into its data folder (intake.embedded, intake.checkpoints).
+GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
+PLACEHOLDER_RE = re.compile(r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^x+$|^secret$|^password$", re.I)
+
+
+def _is_placeholder(value: str) -> bool:
+    return bool(PLACEHOLDER_RE.search(value.strip()))
+
+
+def read_secret_setting(value: str) -> str:
+    """A secret setting holds the secret itself or the path of a file that holds it."""
+    candidate = value.strip()
+    if candidate and not candidate.startswith("{") and "\n" not in candidate:
+        path = Path(candidate)
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+    return candidate
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -95,7 +139,7 @@ class Settings:
     outbox_republish_seconds: float = 60.0
     audit_checkpoint_seconds: float = 300.0
     retention_days: int = 2190
-    trusted_proxies: int = 0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     # -- database roles and transport security --
     database_app_role: str | None = None
     smtp_ca_file: Path | None = None
@@ -147,7 +191,7 @@ class Settings:
             outbox_republish_seconds=_float(env, "INTAKE_OUTBOX_REPUBLISH_SECONDS", 60.0),
             audit_checkpoint_seconds=_float(env, "INTAKE_AUDIT_CHECKPOINT_SECONDS", 300.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
-            trusted_proxies=_int(env, "INTAKE_TRUSTED_PROXIES", 0),
+            trusted_proxies=_networks(env, "INTAKE_TRUSTED_PROXIES"),
             # -- database roles and transport security --
             database_app_role=env.get("INTAKE_DATABASE_APP_ROLE") or None,
             smtp_ca_file=_path(env, "INTAKE_SMTP_CA_FILE"),
@@ -159,24 +203,76 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        """Refuse a production profile that lacks its secrets."""
-        if self.profile == "production":
-            missing = [
-                name
-                for name, value in (
-                    ("INTAKE_SECRET_KEY", self.secret_key),
-                    ("INTAKE_KEYRING", self.keyring),
-                    ("INTAKE_DATABASE_URL", self.database_url),
-                    ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
-                )
-                if not value
-            ]
-            if missing:
-                raise SettingsError(
-                    "the production profile needs "
-                    + ", ".join(missing)
-                    + "; secrets are never generated outside the embedded profile"
-                )
+        """Refuse a production profile that lacks its secrets or would run unsafely.
+
+        Why: a deployment that starts with a placeholder secret, the embedded profile's generated
+        key files, an SQLite file or a Redis without a password looks healthy and is not. Each
+        refusal names the variable to fix, so the operator learns at start-up, not from a breach.
+        """
+        if self.profile != "production":
+            return
+        missing = [
+            name
+            for name, value in (
+                ("INTAKE_SECRET_KEY", self.secret_key),
+                ("INTAKE_KEYRING", self.keyring),
+                ("INTAKE_DATABASE_URL", self.database_url),
+                ("INTAKE_REDIS_URL", self.redis_url),
+                ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
+            )
+            if not value
+        ]
+        if missing:
+            raise SettingsError(
+                "the production profile needs "
+                + ", ".join(missing)
+                + "; secrets are never generated outside the embedded profile"
+            )
+        problems: list[str] = []
+        for name, raw in (
+            ("INTAKE_SECRET_KEY", self.secret_key),
+            ("INTAKE_KEYRING", self.keyring),
+            ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
+        ):
+            problems += self._secret_problems(name, raw or "")
+        secret = read_secret_setting(self.secret_key or "")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(
+                f"INTAKE_SECRET_KEY is {len(secret.encode())} bytes; use at least "
+                f"{MIN_SECRET_BYTES} random bytes (python -c \"import secrets; "
+                f"print(secrets.token_urlsafe(48))\")"
+            )
+        database = self.database_url or ""
+        if database.startswith("sqlite"):
+            problems.append(
+                "INTAKE_DATABASE_URL is an SQLite file; the production profile runs on PostgreSQL"
+            )
+        elif _is_placeholder(urlsplit(database).password or ""):
+            problems.append("INTAKE_DATABASE_URL holds a placeholder password")
+        redis_password = urlsplit(self.redis_url or "").password or ""
+        if not redis_password:
+            problems.append(
+                "INTAKE_REDIS_URL has no password (redis://:PASSWORD@host:6379/0); a Redis "
+                "without one lets anyone on its network read and inject tasks"
+            )
+        elif _is_placeholder(redis_password):
+            problems.append("INTAKE_REDIS_URL holds a placeholder password")
+        if problems:
+            raise SettingsError("unsafe production settings: " + "; ".join(problems))
+
+    def _secret_problems(self, name: str, raw: str) -> list[str]:
+        """Placeholders and the embedded profile's generated key files, for one secret."""
+        value = read_secret_setting(raw)
+        if _is_placeholder(value):
+            return [f"{name} is a placeholder; put the real secret there"]
+        data_dir = self.data_dir.resolve()
+        for generated in GENERATED_SECRET_FILES:
+            path = data_dir / generated
+            if raw.strip() and Path(raw.strip()).resolve() == path:
+                return [f"{name} points at {path}, a key file the embedded profile generated"]
+            if path.is_file() and path.read_text(encoding="utf-8").strip() == value:
+                return [f"{name} is the key the embedded profile generated into {path}"]
+        return []
 
     def check_transport(self) -> None:
         """Refuse settings that would talk to the mail server or Redis unprotected.
