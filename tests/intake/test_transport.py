@@ -6,14 +6,20 @@ certificate the operator's CA vouches for.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from config import Settings
 from config.settings import SettingsError
 from tests.intake.patient.test_status import look_up
-from tests.workers.conftest import RedisServer, TlsFiles, issue_tls_files
+from tests.workers.conftest import RedisServer, TlsFiles, free_port, issue_tls_files
 
 PRODUCTION = Settings(profile="production")
 
@@ -137,3 +143,110 @@ def test_the_limiter_sends_nothing_to_redis_with_an_impostor_certificate(limited
     assert answers == [200, 200, 200, 429]
     assert limiter_keys(bad) == []
     app.extensions["celery"].close()
+
+
+# -- PostgreSQL over TLS: the sslmode the docs tell operators to use ----------------------------
+
+
+class TlsPostgres:
+    """A throwaway PostgreSQL server of our own with ``ssl = on`` and a test CA's certificate."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not binaries:
+            pytest.skip("PostgreSQL server binaries not installed")
+        self.bin = binaries[-1].parent
+        self.files, self.port = files, free_port()
+        # initdb refuses root: run the server as the postgres user, in a folder it owns.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.folder = Path(tempfile.mkdtemp(prefix="intake-pg-tls-"))
+
+    def _run(self, *argv: str) -> None:
+        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
+        done = subprocess.run(  # noqa: S603
+            [*prefix, *argv], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, f"{argv[0]}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+
+    def start(self) -> None:
+        for name, source in (
+            ("server.pem", self.files.cert_file),
+            ("server.key", self.files.key_file),
+        ):
+            shutil.copyfile(source, self.folder / name)
+        (self.folder / "server.key").chmod(0o600)
+        if self.user:
+            shutil.chown(self.folder, self.user)
+            for path in self.folder.iterdir():
+                shutil.chown(path, self.user)
+        data = self.folder / "data"
+        self._run(
+            str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"
+        )
+        options = (
+            f"-c port={self.port} -c listen_addresses=127.0.0.1"
+            f" -c unix_socket_directories={self.folder} -c ssl=on"
+            f" -c ssl_cert_file={self.folder / 'server.pem'}"
+            f" -c ssl_key_file={self.folder / 'server.key'}"
+        )
+        # -l: the server writes to a log file, not to (and holding open) our pipes.
+        log = str(self.folder / "server.log")
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(data), "-o", options, "-l", log, "-w", "start"
+        )
+
+    def stop(self) -> None:
+        data = self.folder / "data"
+        if (data / "postmaster.pid").exists():
+            self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "-s", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def url(self, host: str, sslmode: str, ca_file: Path) -> str:
+        return (
+            f"postgresql+psycopg://postgres@{host}:{self.port}/postgres"
+            f"?sslmode={sslmode}&sslrootcert={ca_file}"
+        )
+
+
+@pytest.fixture
+def tls_postgres(certificates) -> Iterator[TlsPostgres]:
+    trusted, _impostor = certificates
+    server = TlsPostgres(issue_tls_files(trustme.CA(), trusted.ca_file.parent / "pg", "127.0.0.1"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def connects_over_tls(url: str) -> bool | str:
+    """True when the session is encrypted; the driver's message when the connection fails."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(
+                conn.execute(
+                    sa.text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                ).scalar()
+            )
+    except sa.exc.OperationalError as error:
+        return str(error.orig)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_sslmode_verify_full_checks_the_database_servers_certificate_and_name(tls_postgres):
+    ca = tls_postgres.files.ca_file
+    assert connects_over_tls(tls_postgres.url("127.0.0.1", "verify-full", ca)) is True
+    other_ca = tls_postgres.folder.parent / f"{tls_postgres.folder.name}-other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    try:
+        refused = connects_over_tls(tls_postgres.url("127.0.0.1", "verify-full", other_ca))
+    finally:
+        other_ca.unlink()
+    assert isinstance(refused, str) and "certificate verify failed" in refused
+    # The certificate names 127.0.0.1, not localhost: verify-full notices, verify-ca does not.
+    wrong_name = connects_over_tls(tls_postgres.url("localhost", "verify-full", ca))
+    assert isinstance(wrong_name, str) and "does not match host name" in wrong_name
+    assert connects_over_tls(tls_postgres.url("localhost", "verify-ca", ca)) is True
