@@ -63,7 +63,9 @@ def read_stamp(token: str | None, form: str) -> FormStamp | None:
     if not isinstance(payload, dict) or payload.get("form") != form:
         return None
     key, at = payload.get("key"), payload.get("at")
-    if not isinstance(key, str) or not key or type(at) not in (int, float):
+    if not isinstance(key, str) or not key:
+        return None
+    if isinstance(at, bool) or not isinstance(at, int | float):
         return None
     try:
         rendered_at = datetime.fromtimestamp(at, UTC)
