@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -10,6 +11,7 @@ from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
 
 from intake import outbox
+from intake.clock import now
 from intake.consents import current_consent
 from intake.extensions import db, limiter
 from intake.i18n import current_language, format_moment
@@ -97,8 +99,13 @@ def _carried_stamp(kind: str, form: PatientForm) -> FormStamp:
     patient's first view of the form.
     """
     stamp = read_stamp(form.rendered_at.data, kind)
-    if stamp is None or _expired(stamp):
+    if stamp is None:
         return new_stamp(kind)
+    if _expired(stamp):
+        # A genuine form open for hours was filled by a person: its replacement counts as
+        # filled already, so sending it again at once is not "too fast".
+        filled = now() - timedelta(seconds=_settings().min_fill_seconds)
+        return new_stamp(kind, shown_at=filled)
     return stamp
 
 
@@ -168,7 +175,7 @@ def _handle(kind: str) -> ResponseReturnValue:
     )
     if accepted.duplicate:
         # The same form, sent again while the first was being stored: the first one's answer.
-        _decided(kind, "duplicate", reference=accepted.reference)
+        _decided(kind, "duplicate", reference=accepted.reference, raced=True)
     else:
         ids = [accepted.outbox_id] if accepted.outbox_id is not None else []
         published = outbox.publish(db.session, ids)
@@ -182,7 +189,9 @@ def rerender_after_csrf_error() -> ResponseReturnValue | None:
     if kind is None or request.method != "POST":
         return None
     form_class, _template, _order = FORMS[kind]
-    form = form_class(meta={"csrf": False})
+    # With CSRF on, so the page carries a fresh token: without one, sending the form back
+    # would be refused again, for ever. The refused token's own error is not shown.
+    form = form_class()
     form.validate()
     _decided(kind, "stale", reason="csrf")
     return _render(kind, form, 400, notice=FORM_STALE)
