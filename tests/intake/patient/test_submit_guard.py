@@ -174,9 +174,7 @@ def test_a_stamp_that_is_not_this_forms_is_replaced_not_carried(guarded, client,
     hidden = open_form(client, "contact")
     forged = refill_stamp if stamp == "refill-stamp-on-contact" else stamp
     clock.advance(seconds=60)
-    response = client.post(
-        "/contact", data={**valid_contact(), **hidden, "rendered_at": forged}
-    )
+    response = client.post("/contact", data={**valid_contact(), **hidden, "rendered_at": forged})
     html = shown(response.get_data(as_text=True))
     assert response.status_code == 400
     assert in_language(guarded, views.FORM_SEND_AGAIN, "en") in html
