@@ -359,8 +359,12 @@ class ProductionStack:
         self.services[name] = service
         return service
 
-    def all_log_text(self) -> str:
-        return "\n".join(service.log_text() for service in self.services.values())
+    def log_files(self) -> list[Path]:
+        """Every log the stack writes: each process's output and nginx's own logs."""
+        files = [service.log for service in self.services.values()]
+        files += [self.folder / "nginx-access.log", self.folder / "nginx-error.log"]
+        files += sorted((self.folder / "data" / "logs").glob("*"))
+        return [path for path in files if path.is_file()]
 
     def logs(self, lines: int = 40) -> str:
         """The end of every process's log, for a failing test's report."""
@@ -467,6 +471,8 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         base_url = f"https://localhost:{https_port}"
         data_dir = folder / "data"
         data_dir.mkdir(mode=0o700)
+        home = folder / "home"
+        home.mkdir(mode=0o700)
         keyring = Keyring.generate()
         env = {
             k: v
@@ -489,6 +495,8 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
                 "INTAKE_ROUTING_FILE": str(email_routing_file(folder)),
                 "INTAKE_LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",
+                # gunicorn keeps a control socket in $HOME/.gunicorn: one per stack, not shared.
+                "HOME": str(home),
             }
         )
         stack = ProductionStack(
