@@ -389,6 +389,37 @@ def _gunicorn_ready(stack: ProductionStack) -> bool:
         return False
 
 
+def _write_certificates(folder: Path) -> tuple[Path, Path]:
+    """A throwaway CA and a certificate from it for localhost and 127.0.0.1, laid out as the
+    compose nginx expects (``fullchain.pem``, ``privkey.pem``); return that folder and the CA."""
+    import trustme
+
+    ca = trustme.CA(organization_name="Intake test CA")
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    certs = folder / "certs"
+    certs.mkdir()
+    (certs / "fullchain.pem").write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(certs / "privkey.pem"))
+    ca_file = folder / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return certs, ca_file
+
+
+def _process_env(settings: Mapping[str, str], home: Path) -> dict[str, str]:
+    """The stack's environment: this one without any ``INTAKE_*`` the test did not choose."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("INTAKE_") and k != "FORWARDED_ALLOW_IPS"
+    }
+    env.update(settings)
+    env["INTAKE_LOG_LEVEL"] = "INFO"
+    env["PYTHONUNBUFFERED"] = "1"
+    # gunicorn keeps a control socket in $HOME/.gunicorn: one per stack, not shared with others.
+    env["HOME"] = str(home)
+    return env
+
+
 def _nginx_main_config(folder: Path, server_config: Path) -> str:
     """The outer nginx.conf of the test: everything nginx writes stays in ``folder``.
 
@@ -429,7 +460,6 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
     except sa.exc.OperationalError as error:
         admin.dispose()
         missing(f"PostgreSQL unreachable at {POSTGRES_URL}: {error}")
-    import trustme
     from aiosmtpd.controller import Controller
 
     folder = tmp_path_factory.mktemp("production")
@@ -458,14 +488,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         smtp.start()
         cleanup.callback(smtp.stop)
 
-        ca = trustme.CA(organization_name="Intake test CA")
-        leaf = ca.issue_cert("localhost", "127.0.0.1")
-        certs = folder / "certs"
-        certs.mkdir()
-        (certs / "fullchain.pem").write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
-        leaf.private_key_pem.write_to_path(str(certs / "privkey.pem"))
-        ca_file = folder / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
+        certs, ca_file = _write_certificates(folder)
 
         https_port, http_port, web_port = free_port(), free_port(), free_port()
         base_url = f"https://localhost:{https_port}"
@@ -474,12 +497,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         home = folder / "home"
         home.mkdir(mode=0o700)
         keyring = Keyring.generate()
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("INTAKE_") and k != "FORWARDED_ALLOW_IPS"
-        }
-        env.update(
+        env = _process_env(
             {
                 "INTAKE_PROFILE": "production",
                 "INTAKE_DATA_DIR": str(data_dir),
@@ -493,11 +511,8 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
                 "INTAKE_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
                 "INTAKE_SMTP_FROM": "intake@pharmacy.test",
                 "INTAKE_ROUTING_FILE": str(email_routing_file(folder)),
-                "INTAKE_LOG_LEVEL": "INFO",
-                "PYTHONUNBUFFERED": "1",
-                # gunicorn keeps a control socket in $HOME/.gunicorn: one per stack, not shared.
-                "HOME": str(home),
-            }
+            },
+            home,
         )
         stack = ProductionStack(
             folder=folder,
@@ -568,6 +583,16 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         except AssertionError as error:
             raise AssertionError(f"{error}\n{stack.logs()}") from None
         yield stack
+
+
+@pytest.fixture(autouse=True)
+def _stack_still_running(request: pytest.FixtureRequest) -> None:
+    """A process that died during an earlier test fails the next one by name, not by timeout."""
+    if "production_stack" not in request.fixturenames:
+        return
+    stack: ProductionStack = request.getfixturevalue("production_stack")
+    stopped = [name for name, service in stack.services.items() if not service.running()]
+    assert not stopped, f"stopped: {', '.join(stopped)}\n{stack.logs()}"
 
 
 @pytest.hookimpl(wrapper=True)
