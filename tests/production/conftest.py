@@ -1,5 +1,6 @@
 """The production profile as deployed, on this machine: nginx terminating TLS in front of
-gunicorn, PostgreSQL, a password-protected Redis, a Celery worker and beat, an SMTP server.
+gunicorn, PostgreSQL (an owner role for migrations, an app role for the processes), a
+password-protected Redis, a Celery worker and beat, an SMTP relay that insists on STARTTLS.
 
 ``production_stack`` (one per test session) starts every piece as a process of its own. The
 migrate, web, worker and beat processes run the very commands of docker-compose.yml (gunicorn's
@@ -389,6 +390,34 @@ def _gunicorn_ready(stack: ProductionStack) -> bool:
         return False
 
 
+def _create_database(admin: sa.Engine, cleanup: contextlib.ExitStack) -> tuple[str, str, str]:
+    """A fresh database and an app role of its own, set up as compose's PostgreSQL init script
+    does (the role owns nothing; only it and the owner may connect); dropped at cleanup.
+    Return the owner's URL, the app role's URL and the role's name."""
+    suffix = uuid.uuid4().hex[:12]
+    name, role, password = f"intake_prod_{suffix}", f"intake_app_{suffix}", secrets.token_hex(16)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        conn.execute(
+            sa.text(
+                f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}' "
+                "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+            )
+        )
+        conn.execute(sa.text(f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC'))
+        conn.execute(sa.text(f'GRANT CONNECT ON DATABASE "{name}" TO "{role}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+
+    cleanup.callback(drop)
+    owner_url = _with_database(POSTGRES_URL, name)
+    app_url = sa.make_url(owner_url).set(username=role, password=password)
+    return owner_url, app_url.render_as_string(hide_password=False), role
+
+
 def _write_certificates(folder: Path) -> tuple[Path, Path]:
     """A throwaway CA and a certificate from it for localhost and 127.0.0.1, laid out as the
     compose nginx expects (``fullchain.pem``, ``privkey.pem``); return that folder and the CA."""
@@ -465,16 +494,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
     folder = tmp_path_factory.mktemp("production")
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(admin.dispose)
-        name = f"intake_prod_{uuid.uuid4().hex[:12]}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-
-        def drop_database() -> None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-        cleanup.callback(drop_database)
-        database_url = _with_database(POSTGRES_URL, name)
+        database_url, app_database_url, app_role = _create_database(admin, cleanup)
 
         redis_folder = folder / "redis"
         redis_folder.mkdir()
@@ -482,13 +502,23 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         redis.start()
         cleanup.callback(redis.stop)
 
+        certs, ca_file = _write_certificates(folder)
+
+        # The mail relay insists on STARTTLS before MAIL FROM, so every message that arrives
+        # came encrypted, to a server the worker verified against the test CA.
         mailbox = Mailbox()
         smtp_port = free_port()
-        smtp = Controller(mailbox, hostname="127.0.0.1", port=smtp_port)
+        smtp_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        smtp_tls.load_cert_chain(certs / "fullchain.pem", certs / "privkey.pem")
+        smtp = Controller(
+            mailbox,
+            hostname="127.0.0.1",
+            port=smtp_port,
+            tls_context=smtp_tls,
+            require_starttls=True,
+        )
         smtp.start()
         cleanup.callback(smtp.stop)
-
-        certs, ca_file = _write_certificates(folder)
 
         https_port, http_port, web_port = free_port(), free_port(), free_port()
         base_url = f"https://localhost:{https_port}"
@@ -501,14 +531,16 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
             {
                 "INTAKE_PROFILE": "production",
                 "INTAKE_DATA_DIR": str(data_dir),
-                "INTAKE_DATABASE_URL": database_url,
+                # web, worker, beat and operator commands connect as the app role, as in compose.
+                "INTAKE_DATABASE_URL": app_database_url,
                 "INTAKE_REDIS_URL": redis.url,
                 "INTAKE_SECRET_KEY": secrets.token_urlsafe(36),  # 48 characters
                 "INTAKE_KEYRING": keyring.to_json(),
                 "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
                 "INTAKE_PUBLIC_URL": base_url,
                 "INTAKE_TRUSTED_PROXIES": PROXY_ADDRESS,
-                "INTAKE_SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
+                "INTAKE_SMTP_URL": f"smtp+starttls://127.0.0.1:{smtp_port}",
+                "INTAKE_SMTP_CA_FILE": str(ca_file),
                 "INTAKE_SMTP_FROM": "intake@pharmacy.test",
                 "INTAKE_ROUTING_FILE": str(email_routing_file(folder)),
             },
@@ -527,9 +559,15 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         )
         cleanup.callback(stack.engine.dispose)
 
+        # Migrations run as the owner and grant the app role its privileges, as in compose.
+        owner_env = {
+            **env,
+            "INTAKE_DATABASE_URL": database_url,
+            "INTAKE_DATABASE_APP_ROLE": app_role,
+        }
         migrate = subprocess.run(
             compose_argv("migrate"),
-            env=env,
+            env=owner_env,
             cwd=folder,
             capture_output=True,
             text=True,
