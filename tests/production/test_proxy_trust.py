@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests.production.conftest import ProductionStack, WebClient
+from config import Settings
+from intake.accounts import FREE_FAILURES  # the attempt after these failures finds the lock
+from tests.production.conftest import ProductionStack, Response, WebClient
 
 pytestmark = pytest.mark.postgres
 
-FREE_FAILURES = 5  # intake.accounts: the sixth attempt after five failures finds the lock
-LOGIN_RATE_LIMIT = 10  # INTAKE_LOGIN_RATE_LIMIT's default, per client address and minute
+# INTAKE_LOGIN_RATE_LIMIT's default ("10/minute"), per client address: the stack keeps it.
+LOGIN_RATE_LIMIT = int(Settings.login_rate_limit.split("/")[0])
 LOCKED_TEXT = "Too many failed attempts"
 RATE_LIMITED_TEXT = "Too many attempts"
 
 
-def fail_logins(client: WebClient, username: str, count: int, spoof: str | None = None) -> list:
+def fail_logins(
+    client: WebClient, username: str, count: int, spoof: str | None = None
+) -> list[Response]:
     """``count`` logins with a wrong password; ``spoof`` makes each send a new X-Forwarded-For."""
     answers = []
     for attempt in range(count):
