@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     pharmacy = app.extensions["intake.pharmacy"] = load_pharmacy(settings)
     consents = app.extensions["intake.consents"] = load_consents(settings.consents_dir)
     app.config["BABEL_DEFAULT_TIMEZONE"] = pharmacy.timezone
+    app.extensions["intake.timezone"] = pharmacy.timezone  # intake.clock.pharmacy_zone
     if not settings.embedded:
         _warn_about_samples(settings, consents.samples)
 

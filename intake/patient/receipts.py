@@ -88,14 +88,23 @@ def _now() -> datetime:
 
 
 def remember(
-    kind: str, form: Any, reference: str, language: str, received_at: datetime | None = None
+    kind: str,
+    form: Any,
+    reference: str,
+    language: str,
+    received_at: datetime | None = None,
+    *,
+    keep_existing: bool = False,
 ) -> None:
-    """Keep the summary of the request just accepted as ``reference`` in this browser's session.
+    """Keep the summary of the request accepted as ``reference`` in this browser's session.
 
-    ``received_at`` is when the request was stored (default: now); a repeated submission that is
-    answered with an earlier request's reference passes that request's time.
+    ``form`` is the validated form. ``received_at`` is when the request was stored (default:
+    now). A repeated submission answered with an earlier request's reference passes
+    ``keep_existing``, so a summary this browser already holds keeps its original time.
     """
     now = _now()
+    if keep_existing and reference in _fresh(session.get(SESSION_KEY), now):
+        return
     received = received_at or now
     data = form.data
     facts = {

@@ -198,11 +198,10 @@ def test_the_honeypot_label_is_not_in_the_visible_page_text(
     page: Any, live_server: str, app: Flask
 ) -> None:
     page.goto(f"{live_server}/refill")
-    label = str(patient_forms.PatientForm.website.args[0])
     with app.test_request_context("/?lang=en"):
-        label = str(patient_forms.PatientForm.website.args[0])
+        label = str(patient_forms.PatientForm.extra_comments.args[0])
     assert label not in page.inner_text("body")
-    assert page.locator("input[name=website]").count() == 1
+    assert page.locator("input[name=extra_comments]").count() == 1
 
 
 # -- the thanks page and printing -----------------------------------------------------------

@@ -376,7 +376,7 @@ def test_the_error_summary_links_each_error_to_its_field(app, patient, lang):
 
 def test_the_honeypot_label_is_not_in_the_page_text(app, client):
     page = client.get("/refill").get_data(as_text=True)
-    label = render(app, F.PatientForm.website.args[0], "en")
+    label = render(app, F.PatientForm.extra_comments.args[0], "en")
     assert label in page  # still in the markup, for bots...
     with client.get("/static/intake.css") as response:
         css = response.get_data(as_text=True)
