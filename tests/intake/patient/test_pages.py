@@ -480,3 +480,26 @@ def test_a_switch_with_a_huge_body_is_refused_like_any_post(client):
         data={**hidden_fields(page), **valid_refill(notes="x" * 100_000), "switch_language": "es"},
     )
     assert response.status_code == 413
+
+
+def test_a_resent_form_whose_first_answer_was_lost_still_gets_the_summary(app, client):
+    page = client.get("/refill").get_data(as_text=True)
+    form = {**hidden_fields(page), **valid_refill(fulfillment="ship", address="1 Elm St")}
+    first = reference_from(client.post("/refill", data=form))
+    with client.session_transaction() as session:
+        session.pop("receipts")  # the browser never got the first answer's cookie
+    again = reference_from(client.post("/refill", data=form))  # the same one-time key
+    assert again == first
+    text = main_text(client.get(f"/thanks/{first}"))
+    assert "How you receive it Ship to my address" in text and "Prescriptions 2" in text
+
+
+def test_a_resent_form_keeps_the_summary_it_already_has(app, client):
+    page = client.get("/contact").get_data(as_text=True)
+    form = {**hidden_fields(page), **valid_contact(topic="insurance")}
+    reference = reference_from(client.post("/contact", data=form))
+    with client.session_transaction() as session:
+        kept = dict(session["receipts"][reference])
+    assert reference_from(client.post("/contact", data=form)) == reference
+    with client.session_transaction() as session:
+        assert session["receipts"][reference] == kept
