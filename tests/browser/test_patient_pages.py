@@ -113,6 +113,7 @@ def test_enter_in_a_field_sends_the_form_and_never_switches_the_language(
     assert page.input_value("#topic") == "copay"  # the call to action's topic
     page.fill("#first_name", "John")
     page.fill("#last_name", "O'Brien")
+    page.fill("#date_of_birth", "1975-06-01")
     page.fill("#phone", "202-555-0178")
     page.fill("#message", "I need help paying for my medication.")
     page.check("#consent_privacy")
@@ -214,6 +215,7 @@ def test_thanks_page_shows_the_summary_and_prints_with_the_pharmacy(
     page.goto(f"{live_server}/contact?lang=es&topic=side_effect")
     page.fill("#first_name", "Ana")
     page.fill("#last_name", "Ruiz")
+    page.fill("#date_of_birth", "1975-06-01")
     page.fill("#phone", "202-555-0178")
     page.fill("#message", "Tengo dolor de cabeza después de la infusión.")
     page.check("#consent_privacy")
