@@ -49,21 +49,30 @@ def test_users_create_json_prints_a_secret_that_logs_in(app, runner, teams, cloc
 
 
 @pytest.mark.parametrize(
-    ("password", "message"),
+    ("username", "password", "message"),
     [
-        ("Short-pw-9", "at least 12 characters"),
-        ("password1234", "common passwords"),
-        ("QWERTYUIOP123", "common passwords"),
+        ("weakling", "Short-pw-9", "at least 12 characters"),
+        ("weakling", "password1234", "too easy to guess. This is a very common password"),
+        ("weakling", "QWERTYUIOP123", "too easy to guess"),
+        ("weakling", "Password123!", "too easy to guess. This is similar to a commonly used"),
+        ("weakling", "pharmacy2026", "too easy to guess"),
+        ("weakling", "Weakling-2026", "must not contain the username"),
+        # The username backwards, as people do when told not to use their username.
+        ("alexandra.petrova", "avortep.ardnaxela", "too easy to guess"),
+        ("weakling", "11111111111111", "too easy to guess"),
     ],
+    ids=["short", "common", "keyboard", "common-variant", "site-word", "username", "reversed",
+         "repeated"],
 )
-def test_users_create_refuses_weak_passwords(app, runner, teams, password, message):
+def test_users_create_refuses_weak_passwords(app, runner, teams, username, password, message):
     since = last_seq(app)
 
-    result = create(runner, "weakling", password, "--json")
+    result = create(runner, username, password, "--json")
 
     assert result.exit_code != 0
     assert message in result.output
-    assert not user_exists(app, "weakling")
+    assert password not in result.output
+    assert not user_exists(app, username)
     assert events_since(app, since) == []
 
 
