@@ -158,7 +158,7 @@ class Settings:
     # Staff login: the per-account failure budget, the second-factor freeze and the cap on
     # concurrent password checks (docs/compliance.md, "Lockout policy").
     login_account_budget: int = 20
-    login_account_window_minutes: int = 60
+    login_account_window_minutes: int = 1440
     login_account_first_delay_seconds: int = 60
     login_account_max_delay_seconds: int = 900
     login_otp_freeze_after: int = 5
