@@ -506,7 +506,11 @@ def authenticate(
         return LoginResult(user, reason=reason, outbox_ids=tuple(outbox_ids))
     assert user is not None and step is not None
     session.delete(by_client)
-    session.delete(by_account)
+    if known_device is None:
+        # Her routine logins from a known device say nothing about a guesser elsewhere, so
+        # they must not hand the guesser a fresh budget; a login from a new computer does
+        # clear the count (those failures were most likely her own).
+        session.delete(by_account)
     user.otp_failures = 0
     user.last_totp_step = step
     user.last_login_at = now

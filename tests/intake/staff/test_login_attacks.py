@@ -262,13 +262,15 @@ def test_a_known_workstation_still_logs_in_while_the_budget_is_spent(app, clock,
     login(workstation, lena, clock, **from_address("10.20.0.15"))
 
     spray(app, "lena", [f"198.51.100.{n}" for n in range(1, 5)], per_address=5)
-    stranger = attempt(app, "lena", PASSWORD, fresh_code(lena, clock), "10.20.0.15")
+    stranger = attempt(app, "lena", PASSWORD, lena.code(clock()), "10.20.0.15")
 
     # The same address without her browser's cookie is a stranger...
     assert stranger.status_code == 429
     # ...while her own browser, which logged in as her before, gets in.
     assert workstation.get_cookie("intake_device", path="/staff/login") is not None
     login(workstation, lena, clock, **from_address("10.20.0.15"))
+    # Her login does not hand the guesser a fresh budget.
+    assert attempt(app, "lena", PASSWORD, "000000", "203.0.113.50").status_code == 429
     # The cookie names her only: for another name it is a browser like any other.
     assert post_login(workstation, "omar", WRONG, "123456").status_code == 400
 
@@ -413,3 +415,28 @@ def test_the_policy_numbers_come_from_the_environment(make_app, settings):
     ]
     # The supervisors hear of the real account only: an unknown name has no one to tell.
     assert alerts(app) == [(ines.id, "account_locked", "pending")]
+
+
+def test_the_alert_reaches_the_broker_and_the_worker_delivers_it(app, clock, lena, caplog):
+    from workers.tasks import notify_account_alert
+
+    right = lena.code(clock())
+    for n in range(5):
+        wrong = f"{(int(right) + 1 + n) % 1_000_000:06d}"
+        assert attempt(app, "lena", PASSWORD, wrong, f"198.51.100.{n + 1}").status_code == 400
+    with app.app_context():
+        row = db.session.execute(
+            sa.select(OutboxMessage).where(OutboxMessage.alert == "mfa_frozen")
+        ).scalar_one()
+        # Published after the login attempt's commit, to the embedded broker, like any task.
+        assert row.published_at is not None and row.request_id is None
+        outbox_id = row.id
+        db.session.rollback()
+        notify_account_alert.apply(args=[str(lena.id)], kwargs={"outbox_id": outbox_id})
+        notify_account_alert.apply(args=[str(lena.id)], kwargs={"outbox_id": outbox_id})
+
+    # The routing file's [supervisors] channel is the log: one line, no PHI, no address.
+    lines = [r.getMessage() for r in caplog.records if "team_notified" in r.getMessage()]
+    assert len(lines) == 1
+    assert "mfa_frozen" in lines[0] and "lena" in lines[0] and "198.51.100" not in lines[0]
+    assert alerts(app) == [(lena.id, "mfa_frozen", "done")]
