@@ -106,9 +106,7 @@ def _remembered_devices() -> dict[str, str]:
     if not raw:
         return {}
     try:
-        loaded = _device_serializer().loads(
-            raw, max_age=int(DEVICE_COOKIE_MAX_AGE.total_seconds())
-        )
+        loaded = _device_serializer().loads(raw, max_age=int(DEVICE_COOKIE_MAX_AGE.total_seconds()))
     except BadSignature:  # also an expired cookie (SignatureExpired)
         return {}
     if not isinstance(loaded, dict):
