@@ -81,6 +81,9 @@ class Request(db.Model):  # type: ignore[name-defined]
     phone_index: Mapped[str | None] = mapped_column(String(64), index=True)
     email_index: Mapped[str | None] = mapped_column(String(64), index=True)
     name_dob_index: Mapped[str | None] = mapped_column(String(64), index=True)
+    # HMAC of the one-time key the patient's form carried (see intake.submissions): unique, so
+    # a form sent twice, even by two requests at the same instant, stores one request.
+    submission_key_index: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)
 
     consents: Mapped[list[ConsentAcceptance]] = relationship(
         back_populates="request", cascade="all, delete-orphan", order_by="ConsentAcceptance.id"
