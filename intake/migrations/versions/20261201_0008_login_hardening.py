@@ -1,7 +1,7 @@
 """login hardening: the second-factor freeze, and outbox rows that alert about an account
 
 Revision ID: 20261201_0008_login_hardening
-Revises: 0005
+Revises: 20261201_0006
 Create Date: 2026-12-01
 
 """
@@ -13,7 +13,7 @@ import intake.clock
 
 # revision identifiers, used by Alembic.
 revision = "20261201_0008_login_hardening"
-down_revision = "0005"
+down_revision = "20261201_0006"
 branch_labels = None
 depends_on = None
 
