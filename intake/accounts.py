@@ -587,6 +587,25 @@ def _count_wrong_code(
     return [message.id]
 
 
+def purge_login_throttles(session: DbSession, now: datetime, policy: LoginPolicy) -> int:
+    """Delete throttle rows that lock nothing and saw no attempt for the policy's window.
+
+    Why: every typed username leaves rows behind (a spray of made-up names leaves two an
+    attempt), and a row that quiet would restart its count anyway; the locks in force stay.
+    """
+    from sqlalchemy import delete, or_
+
+    stale = now - max(policy.account_window, MAX_LOCK)
+    result = session.execute(
+        delete(LoginThrottle).where(
+            LoginThrottle.updated_at < stale,
+            or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < now),
+        )
+    )
+    session.commit()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def unfreeze(
     session: DbSession, keyring: phi.Keyring, username: str, actor: str, now: datetime
 ) -> list[str]:

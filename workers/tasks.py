@@ -130,6 +130,16 @@ def notify_account_alert(self: Any, user_id: str, outbox_id: int | None = None) 
 
 
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
+def purge_login_throttles() -> int:
+    """Forget login failure counts that lock nothing and have been quiet for the window."""
+    from intake.accounts import LoginPolicy
+    from intake.accounts import purge_login_throttles as purge
+
+    policy = LoginPolicy.from_settings(current_app.extensions["intake.settings"])
+    return purge(db.session, now(), policy)
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
 def rewrap_data_keys() -> int:
     """After a key rotation, rewrap a batch of data keys under the new primary KEK."""
     from intake.keys import rewrap_data_keys as rewrap

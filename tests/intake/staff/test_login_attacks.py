@@ -440,3 +440,33 @@ def test_the_alert_reaches_the_broker_and_the_worker_delivers_it(app, clock, len
     assert len(lines) == 1
     assert "mfa_frozen" in lines[0] and "lena" in lines[0] and "198.51.100" not in lines[0]
     assert alerts(app) == [(lena.id, "mfa_frozen", "done")]
+
+
+def throttle_rows(app) -> int:
+    from intake.models import LoginThrottle
+
+    with app.app_context():
+        return int(
+            db.session.execute(sa.select(sa.func.count()).select_from(LoginThrottle)).scalar()
+        )
+
+
+def test_beat_forgets_quiet_counts_and_keeps_the_locks_in_force(make_app, settings):
+    from workers.tasks import purge_login_throttles
+
+    app, clock, ines = app_with(make_app, settings, login_account_budget=3)
+    spray(app, "made-up-name", ["198.51.100.1"], per_address=1)
+    spray(app, "ines", ["198.51.100.2", "198.51.100.3", "198.51.100.4"], per_address=1)
+    assert throttle_rows(app) == 2 + 4  # one per (name, client), one per name
+    clock.advance(hours=25)
+    # Still guessing: the account is locked again (the quiet day restarted its count).
+    spray(app, "ines", ["198.51.100.5", "198.51.100.6", "198.51.100.7"], per_address=1)
+
+    with app.app_context():
+        purged = purge_login_throttles.run()
+
+    # The made-up name's rows and ines's old per-client rows are gone; her lock is kept.
+    assert purged == 2 + 3
+    assert spray(app, "ines", ["198.51.100.8"], per_address=1) == [429]
+    clock.advance(seconds=61)
+    login(app.test_client(), ines, clock, **from_address("198.51.100.8"))
