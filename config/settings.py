@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -105,6 +105,24 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _redis_tls_weakened(url: str) -> str | None:
+    """The query parameter of a Redis URL that would switch certificate checks off, or None.
+
+    Why: redis-py lets a URL's query override the options Intake passes (the limiter's storage),
+    and kombu replaces its whole ``broker_use_ssl`` with the query's ``ssl_*`` values (the
+    broker), so ``rediss://...?ssl_cert_reqs=none`` - as hosted-Redis guides often print it -
+    would quietly accept any certificate for both, and ``ssl_check_hostname=false`` any
+    certificate for any name.
+    """
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        name, value = name.lower(), value.strip().lower()
+        if name == "ssl_cert_reqs" and value not in ("required", "cert_required"):
+            return f"{name}={value}"
+        if name == "ssl_check_hostname" and value not in ("true", "1", "yes", "on"):
+            return f"{name}={value}"
+    return None
 
 
 # INTAKE_SMTP_URL schemes: clear text, STARTTLS on the submission port, TLS from the first byte.
@@ -310,6 +328,12 @@ class Settings:
                 )
             if not self.smtp_ca_file.is_file():
                 raise SettingsError(f"INTAKE_SMTP_CA_FILE: no such file {self.smtp_ca_file}")
+        weakened = _redis_tls_weakened(self.redis_url or "")
+        if weakened:
+            raise SettingsError(
+                f"INTAKE_REDIS_URL turns off Redis's certificate check ({weakened}); remove it "
+                "from the URL and name a private CA with INTAKE_REDIS_CA_FILE instead"
+            )
         if self.redis_ca_file:
             if not (self.redis_url or "").startswith("rediss://"):
                 raise SettingsError("INTAKE_REDIS_CA_FILE needs a rediss:// INTAKE_REDIS_URL")
