@@ -275,6 +275,15 @@ class Settings:
             )
         elif _is_placeholder(redis_password):
             problems.append("INTAKE_REDIS_URL holds a placeholder password")
+        public = urlsplit(self.public_url)
+        if public.scheme != "https" or not public.hostname:
+            # Staff links in team e-mails are built from it, never from the request's Host: an
+            # unset one sends pharmacists to http://127.0.0.1:8000, a plain http:// one puts
+            # every reference in clear text on the wire before nginx redirects.
+            problems.append(
+                f"INTAKE_PUBLIC_URL is {self.public_url!r}; set it to the https:// address "
+                "people use (links in team e-mails point there)"
+            )
         if problems:
             raise SettingsError("unsafe production settings: " + "; ".join(problems))
 

@@ -129,6 +129,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
             "INTAKE_KEYRING": settings.keyring,
         "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
             "INTAKE_MIN_FILL_SECONDS": "0",
+            "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
         }
     )
     processes: list[subprocess.Popen[bytes]] = []

@@ -31,6 +31,7 @@ def production_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
         "INTAKE_DATABASE_URL": "postgresql+psycopg://intake:Vq7-db-pass-91@db:5432/intake",
         "INTAKE_REDIS_URL": "redis://:Rk2-redis-pass-55@redis:6379/0",
+        "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
     }
     env.update(overrides)
     return {k: v for k, v in env.items() if v}
@@ -61,6 +62,11 @@ def test_safe_production_settings_are_accepted(tmp_path):
             "INTAKE_REDIS_URL holds a placeholder password",
         ),
         ({"INTAKE_REDIS_URL": ""}, "needs INTAKE_REDIS_URL"),
+        # Staff links in team e-mails come from INTAKE_PUBLIC_URL: unset, they pointed at
+        # http://127.0.0.1:8000; over http://, a reference crossed the network in clear text.
+        ({"INTAKE_PUBLIC_URL": ""}, "INTAKE_PUBLIC_URL is 'http://127.0.0.1:8000'"),
+        ({"INTAKE_PUBLIC_URL": "http://intake.pharmacy.test"}, "INTAKE_PUBLIC_URL is 'http:"),
+        ({"INTAKE_PUBLIC_URL": "https://"}, "INTAKE_PUBLIC_URL is 'https:"),
     ],
 )
 def test_unsafe_production_settings_stop_start_up_naming_the_variable(
