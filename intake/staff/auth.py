@@ -116,7 +116,7 @@ def refuse_cross_site_views() -> Any:
     site could make a browser open them and fill someone's audit history. Browsers say where a
     navigation came from in ``Sec-Fetch-Site``; a cross-site one gets a page with a link, which
     the user's own click turns into a same-origin request. ``same-site`` (a sibling subdomain,
-    perhaps a far less guarded site, whose cookies rules let it even embed our pages as images)
+    perhaps a far less guarded site, which gets our cookie sent even from an <img> tag)
     is treated the same. Mail clients and typed addresses send ``none`` and go straight through.
     """
     from flask import render_template
