@@ -83,8 +83,13 @@ def test_transport_settings_are_read_and_checked_from_the_environment(tmp_path):
 
 @pytest.mark.parametrize(
     "query",
-    ["ssl_cert_reqs=none", "ssl_cert_reqs=CERT_NONE", "ssl_cert_reqs=optional",
-     "ssl_check_hostname=false", "db=0&ssl_check_hostname=0"],
+    [
+        "ssl_cert_reqs=none",
+        "ssl_cert_reqs=CERT_NONE",
+        "ssl_cert_reqs=optional",
+        "ssl_check_hostname=false",
+        "db=0&ssl_check_hostname=0",
+    ],
 )
 def test_a_redis_url_cannot_switch_the_certificate_check_off(tmp_path, query):
     """Attack: ``?ssl_cert_reqs=none`` (hosted-Redis guides print it) in INTAKE_REDIS_URL.
