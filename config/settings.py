@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -68,7 +68,13 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
 MIN_SECRET_BYTES = 32
 # What the embedded profile writes into its data folder (intake.embedded, intake.checkpoints).
 GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
-PLACEHOLDER_RE = re.compile(r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^x+$|^secret$|^password$", re.I)
+# "xxxx", "aaaa...": one character repeated is a stand-in, whatever its length.
+PLACEHOLDER_RE = re.compile(
+    r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^(.)\1*$|^secret$|^password$", re.I
+)
+# Redis answers AUTH as fast as the network allows and never locks anyone out, so its password
+# must resist guessing by volume (Redis's own security notes say the same).
+MIN_REDIS_PASSWORD_CHARS = 16
 
 
 def _is_placeholder(value: str) -> bool:
@@ -267,7 +273,7 @@ class Settings:
             )
         elif _is_placeholder(urlsplit(database).password or ""):
             problems.append("INTAKE_DATABASE_URL holds a placeholder password")
-        redis_password = urlsplit(self.redis_url or "").password or ""
+        redis_password = unquote(urlsplit(self.redis_url or "").password or "").strip()
         if not redis_password:
             problems.append(
                 "INTAKE_REDIS_URL has no password (redis://:PASSWORD@host:6379/0); a Redis "
@@ -275,6 +281,12 @@ class Settings:
             )
         elif _is_placeholder(redis_password):
             problems.append("INTAKE_REDIS_URL holds a placeholder password")
+        elif len(redis_password) < MIN_REDIS_PASSWORD_CHARS:
+            problems.append(
+                f"INTAKE_REDIS_URL's password is {len(redis_password)} characters; use at least "
+                f"{MIN_REDIS_PASSWORD_CHARS} random ones (Redis lets anyone who reaches it "
+                "guess passwords as fast as the network allows)"
+            )
         public = urlsplit(self.public_url)
         if public.scheme != "https" or not public.hostname:
             # Staff links in team e-mails are built from it, never from the request's Host: an

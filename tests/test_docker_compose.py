@@ -115,7 +115,7 @@ def command(service: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_compose_services_run_and_route_a_request(database_url, settings, tmp_path):
-    redis = RedisServer(tmp_path, password="s3cret-" + os.urandom(4).hex())
+    redis = RedisServer(tmp_path, password="s3cret-" + os.urandom(8).hex())
     redis.start()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}

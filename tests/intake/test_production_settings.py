@@ -62,6 +62,13 @@ def test_safe_production_settings_are_accepted(tmp_path):
             "INTAKE_REDIS_URL holds a placeholder password",
         ),
         ({"INTAKE_REDIS_URL": ""}, "needs INTAKE_REDIS_URL"),
+        # Ways around the checks above: one character repeated, a user with an empty password,
+        # a password of percent-encoded blanks, and one short enough to guess by volume.
+        ({"INTAKE_SECRET_KEY": "a" * 48}, "INTAKE_SECRET_KEY is a placeholder"),
+        ({"INTAKE_SECRET_KEY": "  CHANGE-ME  "}, "INTAKE_SECRET_KEY is a placeholder"),
+        ({"INTAKE_REDIS_URL": "redis://default:@redis:6379/0"}, "INTAKE_REDIS_URL has no password"),
+        ({"INTAKE_REDIS_URL": "redis://:%20%20%20@redis:6379/0"}, "INTAKE_REDIS_URL has no pass"),
+        ({"INTAKE_REDIS_URL": "redis://:Rk2-redis-55@redis/0"}, "password is 12 characters"),
         # Staff links in team e-mails come from INTAKE_PUBLIC_URL: unset, they pointed at
         # http://127.0.0.1:8000; over http://, a reference crossed the network in clear text.
         ({"INTAKE_PUBLIC_URL": ""}, "INTAKE_PUBLIC_URL is 'http://127.0.0.1:8000'"),
