@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.cookiejar
+import ipaddress
 import os
 import re
 import shlex
@@ -96,10 +97,20 @@ def test_the_proxy_runs_the_repository_template_with_every_placeholder_set():
         assert line in template, line
 
 
-def test_forwarded_headers_are_believed_from_the_proxy_network_only():
-    subnet = COMPOSE["networks"]["edge"]["ipam"]["config"][0]["subnet"]
-    assert option("web", "--forwarded-allow-ips") == subnet
-    assert SERVICES["web"]["environment"]["INTAKE_TRUSTED_PROXIES"] == subnet
+def test_forwarded_headers_are_believed_from_nginx_alone():
+    """Not from the whole edge subnet: it also holds the bridge's gateway, the source address of
+    every process on the Docker host that connects to a container (any local user could then
+    reach web:8000 and pick an X-Forwarded-For), and web itself with its replicas."""
+    [edge] = COMPOSE["networks"]["edge"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(edge["subnet"])
+    nginx = ipaddress.ip_address(SERVICES["nginx"]["networks"]["edge"]["ipv4_address"])
+    gateway = next(subnet.hosts())
+    assert nginx in subnet and nginx != gateway
+    # Docker hands out addresses from ip_range only, so no container can take nginx's.
+    dynamic = ipaddress.ip_network(edge["ip_range"])
+    assert dynamic.subnet_of(subnet) and nginx not in dynamic and gateway not in dynamic
+    assert option("web", "--forwarded-allow-ips") == str(nginx)
+    assert SERVICES["web"]["environment"]["INTAKE_TRUSTED_PROXIES"] == str(nginx)
     for name in ("migrate", "worker", "beat"):
         assert "INTAKE_TRUSTED_PROXIES" not in SERVICES[name]["environment"], name
 
