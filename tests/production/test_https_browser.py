@@ -130,7 +130,7 @@ def test_a_refill_sent_over_https_is_worked_by_a_pharmacist(
     log_in(staff, stack, user)
     assert staff.url == f"{stack.base_url}/staff/queue"
     cookies = {c["name"]: c for c in staff.context.cookies()}
-    session = cookies["intake_session"]
+    session = cookies["__Host-intake_session"]
     assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Lax"
     assert all(c["secure"] for c in cookies.values()), cookies
 
