@@ -151,3 +151,16 @@ def test_data_folder_database_wal_and_logs_are_private_after_start(tmp_path):
     assert {"intake.sqlite3", "intake.sqlite3-wal", "intake.log", "secret_key"} <= set(modes)
     assert any("checkpoint" in name for name in modes), modes
     assert {name: oct(mode) for name, mode in modes.items() if mode & 0o077} == {}
+
+
+def test_a_secret_given_as_a_file_path_is_checked_like_the_value(tmp_path):
+    """The path form of a secret setting is read and judged by its content: a short or
+    placeholder secret in a file is refused as it would be inline."""
+    for content, message in (
+        ("short-but-real-7Hq\n", "INTAKE_SECRET_KEY is 18 bytes"),
+        ("  Change-Me  \n", "INTAKE_SECRET_KEY is a placeholder"),
+    ):
+        secret_file = tmp_path / "flask-secret"
+        secret_file.write_text(content)
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env(production_env(tmp_path, INTAKE_SECRET_KEY=f" {secret_file} "))
