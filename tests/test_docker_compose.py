@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from intake.phi import Keyring
 from tests.conftest import valid_refill
 from tests.workers.conftest import RedisServer, free_port, wait_until
 
@@ -220,3 +221,32 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         redis.stop()
+
+
+@pytest.mark.parametrize("service", ["migrate", "web", "worker", "beat"])
+def test_each_compose_command_refuses_an_unsafe_environment(tmp_path, service):
+    """Every process compose starts reads its settings through the production check: the
+    same weak secret stops migrate, gunicorn, the worker and beat, each naming the variable,
+    before any of them listens, connects or writes a file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+    env.update(
+        {
+            "INTAKE_PROFILE": "production",
+            "INTAKE_DATA_DIR": str(tmp_path / "data"),
+            "INTAKE_SECRET_KEY": "a" * 48,
+            "INTAKE_KEYRING": Keyring.generate().to_json(),
+            "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "INTAKE_DATABASE_URL": "postgresql+psycopg://intake_app:Vq7-db-pass-91@db/intake",
+            "INTAKE_REDIS_URL": "redis://:Rk2-redis-pass-55-long@127.0.0.1:9/0",
+            "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
+        }
+    )
+    argv = command(service, free_port())
+    if service == "web":
+        argv.insert(1, "--check-config")  # gunicorn loads the app, then exits
+    done = subprocess.run(  # noqa: S603
+        argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0, done.stdout[-1000:]
+    assert "INTAKE_SECRET_KEY is a placeholder" in done.stdout + done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "data").exists()
