@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -111,7 +111,13 @@ def _login_lockout_settings(env: Mapping[str, str]) -> dict[str, int]:
 MIN_SECRET_BYTES = 32
 # What the embedded profile writes into its data folder (intake.embedded, intake.checkpoints).
 GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
-PLACEHOLDER_RE = re.compile(r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^x+$|^secret$|^password$", re.I)
+# "xxxx", "aaaa...": one character repeated is a stand-in, whatever its length.
+PLACEHOLDER_RE = re.compile(
+    r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^(.)\1*$|^secret$|^password$", re.I
+)
+# Redis answers AUTH as fast as the network allows and never locks anyone out, so its password
+# must resist guessing by volume (Redis's own security notes say the same).
+MIN_REDIS_PASSWORD_CHARS = 16
 
 
 def _is_placeholder(value: str) -> bool:
@@ -148,6 +154,24 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _redis_tls_weakened(url: str) -> str | None:
+    """The query parameter of a Redis URL that would switch certificate checks off, or None.
+
+    Why: redis-py lets a URL's query override the options Intake passes (the limiter's storage),
+    and kombu replaces its whole ``broker_use_ssl`` with the query's ``ssl_*`` values (the
+    broker), so ``rediss://...?ssl_cert_reqs=none`` - as hosted-Redis guides often print it -
+    would quietly accept any certificate for both, and ``ssl_check_hostname=false`` any
+    certificate for any name.
+    """
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        name, value = name.lower(), value.strip().lower()
+        if name == "ssl_cert_reqs" and value not in ("required", "cert_required"):
+            return f"{name}={value}"
+        if name == "ssl_check_hostname" and value not in ("true", "1", "yes", "on"):
+            return f"{name}={value}"
+    return None
 
 
 # INTAKE_SMTP_URL schemes: clear text, STARTTLS on the submission port, TLS from the first byte.
@@ -316,7 +340,7 @@ class Settings:
             )
         elif _is_placeholder(urlsplit(database).password or ""):
             problems.append("INTAKE_DATABASE_URL holds a placeholder password")
-        redis_password = urlsplit(self.redis_url or "").password or ""
+        redis_password = unquote(urlsplit(self.redis_url or "").password or "").strip()
         if not redis_password:
             problems.append(
                 "INTAKE_REDIS_URL has no password (redis://:PASSWORD@host:6379/0); a Redis "
@@ -324,6 +348,21 @@ class Settings:
             )
         elif _is_placeholder(redis_password):
             problems.append("INTAKE_REDIS_URL holds a placeholder password")
+        elif len(redis_password) < MIN_REDIS_PASSWORD_CHARS:
+            problems.append(
+                f"INTAKE_REDIS_URL's password is {len(redis_password)} characters; use at least "
+                f"{MIN_REDIS_PASSWORD_CHARS} random ones (Redis lets anyone who reaches it "
+                "guess passwords as fast as the network allows)"
+            )
+        public = urlsplit(self.public_url)
+        if public.scheme != "https" or not public.hostname:
+            # Staff links in team e-mails are built from it, never from the request's Host: an
+            # unset one sends pharmacists to http://127.0.0.1:8000, a plain http:// one puts
+            # every reference in clear text on the wire before nginx redirects.
+            problems.append(
+                f"INTAKE_PUBLIC_URL is {self.public_url!r}; set it to the https:// address "
+                "people use (links in team e-mails point there)"
+            )
         if problems:
             raise SettingsError("unsafe production settings: " + "; ".join(problems))
 
@@ -377,6 +416,12 @@ class Settings:
                 )
             if not self.smtp_ca_file.is_file():
                 raise SettingsError(f"INTAKE_SMTP_CA_FILE: no such file {self.smtp_ca_file}")
+        weakened = _redis_tls_weakened(self.redis_url or "")
+        if weakened:
+            raise SettingsError(
+                f"INTAKE_REDIS_URL turns off Redis's certificate check ({weakened}); remove it "
+                "from the URL and name a private CA with INTAKE_REDIS_CA_FILE instead"
+            )
         if self.redis_ca_file:
             if not (self.redis_url or "").startswith("rediss://"):
                 raise SettingsError("INTAKE_REDIS_CA_FILE needs a rediss:// INTAKE_REDIS_URL")

@@ -42,7 +42,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=not settings.embedded,
-        SESSION_COOKIE_NAME="intake_session",
+        # "__Host-": browsers keep such a cookie only if it is Secure, for path / and for this
+        # host alone, so a sibling subdomain cannot plant a session of its choosing (login
+        # CSRF by cookie tossing, which no POST check sees). Plain http (embedded) cannot use it.
+        SESSION_COOKIE_NAME="intake_session" if settings.embedded else "__Host-intake_session",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
         WTF_CSRF_TIME_LIMIT=int(settings.max_form_age_seconds) or None,
         # The Referer check of Flask-WTF cannot work with "Referrer-Policy: no-referrer"; the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.cookiejar
+import ipaddress
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from intake.phi import Keyring
 from tests.conftest import valid_refill
 from tests.workers.conftest import RedisServer, free_port, wait_until
 
@@ -96,10 +98,20 @@ def test_the_proxy_runs_the_repository_template_with_every_placeholder_set():
         assert line in template, line
 
 
-def test_forwarded_headers_are_believed_from_the_proxy_network_only():
-    subnet = COMPOSE["networks"]["edge"]["ipam"]["config"][0]["subnet"]
-    assert option("web", "--forwarded-allow-ips") == subnet
-    assert SERVICES["web"]["environment"]["INTAKE_TRUSTED_PROXIES"] == subnet
+def test_forwarded_headers_are_believed_from_nginx_alone():
+    """Not from the whole edge subnet: it also holds the bridge's gateway, the source address of
+    every process on the Docker host that connects to a container (any local user could then
+    reach web:8000 and pick an X-Forwarded-For), and web itself with its replicas."""
+    [edge] = COMPOSE["networks"]["edge"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(edge["subnet"])
+    nginx = ipaddress.ip_address(SERVICES["nginx"]["networks"]["edge"]["ipv4_address"])
+    gateway = next(subnet.hosts())
+    assert nginx in subnet and nginx != gateway
+    # Docker hands out addresses from ip_range only, so no container can take nginx's.
+    dynamic = ipaddress.ip_network(edge["ip_range"])
+    assert dynamic.subnet_of(subnet) and nginx not in dynamic and gateway not in dynamic
+    assert option("web", "--forwarded-allow-ips") == str(nginx)
+    assert SERVICES["web"]["environment"]["INTAKE_TRUSTED_PROXIES"] == str(nginx)
     for name in ("migrate", "worker", "beat"):
         assert "INTAKE_TRUSTED_PROXIES" not in SERVICES[name]["environment"], name
 
@@ -115,7 +127,7 @@ def command(service: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_compose_services_run_and_route_a_request(database_url, settings, tmp_path):
-    redis = RedisServer(tmp_path, password="s3cret-" + os.urandom(4).hex())
+    redis = RedisServer(tmp_path, password="s3cret-" + os.urandom(8).hex())
     redis.start()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
@@ -129,6 +141,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
             "INTAKE_KEYRING": settings.keyring,
         "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
             "INTAKE_MIN_FILL_SECONDS": "0",
+            "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
         }
     )
     processes: list[subprocess.Popen[bytes]] = []
@@ -208,3 +221,32 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         redis.stop()
+
+
+@pytest.mark.parametrize("service", ["migrate", "web", "worker", "beat"])
+def test_each_compose_command_refuses_an_unsafe_environment(tmp_path, service):
+    """Every process compose starts reads its settings through the production check: the
+    same weak secret stops migrate, gunicorn, the worker and beat, each naming the variable,
+    before any of them listens, connects or writes a file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+    env.update(
+        {
+            "INTAKE_PROFILE": "production",
+            "INTAKE_DATA_DIR": str(tmp_path / "data"),
+            "INTAKE_SECRET_KEY": "a" * 48,
+            "INTAKE_KEYRING": Keyring.generate().to_json(),
+            "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "INTAKE_DATABASE_URL": "postgresql+psycopg://intake_app:Vq7-db-pass-91@db/intake",
+            "INTAKE_REDIS_URL": "redis://:Rk2-redis-pass-55-long@127.0.0.1:9/0",
+            "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
+        }
+    )
+    argv = command(service, free_port())
+    if service == "web":
+        argv.insert(1, "--check-config")  # gunicorn loads the app, then exits
+    done = subprocess.run(  # noqa: S603
+        argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0, done.stdout[-1000:]
+    assert "INTAKE_SECRET_KEY is a placeholder" in done.stdout + done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "data").exists()

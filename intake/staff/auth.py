@@ -169,6 +169,11 @@ def roles_required(*roles: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
+# A page of another site, or of a sibling on the same registrable domain (www.pharmacy.example
+# beside intake.pharmacy.example): the SameSite=Lax cookie goes along with both.
+OTHER_SITES = frozenset({"cross-site", "same-site"})
+
+
 def refuse_cross_site_views() -> Any:
     """Ask for one more click when another site sent a logged-in browser to a staff page.
 
@@ -176,14 +181,15 @@ def refuse_cross_site_views() -> Any:
     ``audit.exported``), and the session cookie is SameSite=Lax, so a link or pop-up on another
     site could make a browser open them and fill someone's audit history. Browsers say where a
     navigation came from in ``Sec-Fetch-Site``; a cross-site one gets a page with a link, which
-    the user's own click turns into a same-site request. Mail clients and typed addresses send
-    ``none`` and go straight through.
+    the user's own click turns into a same-origin request. ``same-site`` (a sibling subdomain,
+    perhaps a far less guarded site, which gets our cookie sent even from an <img> tag)
+    is treated the same. Mail clients and typed addresses send ``none`` and go straight through.
     """
     from flask import render_template
 
     if (
         request.method == "GET"
-        and request.headers.get("Sec-Fetch-Site") == "cross-site"
+        and request.headers.get("Sec-Fetch-Site") in OTHER_SITES
         and current_user.is_authenticated
     ):
         target = request.full_path if request.query_string else request.path

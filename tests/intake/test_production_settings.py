@@ -31,6 +31,7 @@ def production_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
         "INTAKE_DATABASE_URL": "postgresql+psycopg://intake:Vq7-db-pass-91@db:5432/intake",
         "INTAKE_REDIS_URL": "redis://:Rk2-redis-pass-55@redis:6379/0",
+        "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
     }
     env.update(overrides)
     return {k: v for k, v in env.items() if v}
@@ -61,6 +62,18 @@ def test_safe_production_settings_are_accepted(tmp_path):
             "INTAKE_REDIS_URL holds a placeholder password",
         ),
         ({"INTAKE_REDIS_URL": ""}, "needs INTAKE_REDIS_URL"),
+        # Ways around the checks above: one character repeated, a user with an empty password,
+        # a password of percent-encoded blanks, and one short enough to guess by volume.
+        ({"INTAKE_SECRET_KEY": "a" * 48}, "INTAKE_SECRET_KEY is a placeholder"),
+        ({"INTAKE_SECRET_KEY": "  CHANGE-ME  "}, "INTAKE_SECRET_KEY is a placeholder"),
+        ({"INTAKE_REDIS_URL": "redis://default:@redis:6379/0"}, "INTAKE_REDIS_URL has no password"),
+        ({"INTAKE_REDIS_URL": "redis://:%20%20%20@redis:6379/0"}, "INTAKE_REDIS_URL has no pass"),
+        ({"INTAKE_REDIS_URL": "redis://:Rk2-redis-55@redis/0"}, "password is 12 characters"),
+        # Staff links in team e-mails come from INTAKE_PUBLIC_URL: unset, they pointed at
+        # http://127.0.0.1:8000; over http://, a reference crossed the network in clear text.
+        ({"INTAKE_PUBLIC_URL": ""}, "INTAKE_PUBLIC_URL is 'http://127.0.0.1:8000'"),
+        ({"INTAKE_PUBLIC_URL": "http://intake.pharmacy.test"}, "INTAKE_PUBLIC_URL is 'http:"),
+        ({"INTAKE_PUBLIC_URL": "https://"}, "INTAKE_PUBLIC_URL is 'https:"),
     ],
 )
 def test_unsafe_production_settings_stop_start_up_naming_the_variable(
@@ -138,3 +151,16 @@ def test_data_folder_database_wal_and_logs_are_private_after_start(tmp_path):
     assert {"intake.sqlite3", "intake.sqlite3-wal", "intake.log", "secret_key"} <= set(modes)
     assert any("checkpoint" in name for name in modes), modes
     assert {name: oct(mode) for name, mode in modes.items() if mode & 0o077} == {}
+
+
+def test_a_secret_given_as_a_file_path_is_checked_like_the_value(tmp_path):
+    """The path form of a secret setting is read and judged by its content: a short or
+    placeholder secret in a file is refused as it would be inline."""
+    for content, message in (
+        ("short-but-real-7Hq\n", "INTAKE_SECRET_KEY is 18 bytes"),
+        ("  Change-Me  \n", "INTAKE_SECRET_KEY is a placeholder"),
+    ):
+        secret_file = tmp_path / "flask-secret"
+        secret_file.write_text(content)
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env(production_env(tmp_path, INTAKE_SECRET_KEY=f" {secret_file} "))

@@ -81,6 +81,32 @@ def test_transport_settings_are_read_and_checked_from_the_environment(tmp_path):
             Settings.from_env({"INTAKE_DATA_DIR": str(tmp_path), **env})
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ssl_cert_reqs=none",
+        "ssl_cert_reqs=CERT_NONE",
+        "ssl_cert_reqs=optional",
+        "ssl_check_hostname=false",
+        "db=0&ssl_check_hostname=0",
+    ],
+)
+def test_a_redis_url_cannot_switch_the_certificate_check_off(tmp_path, query):
+    """Attack: ``?ssl_cert_reqs=none`` (hosted-Redis guides print it) in INTAKE_REDIS_URL.
+
+    redis-py lets the URL's query override the options the limiter passes, and kombu replaces
+    ``broker_use_ssl`` with the query's ``ssl_*`` values, so both the broker and the limiter
+    would accept an impostor's certificate (or any name). The setting is refused instead.
+    """
+    url = f"rediss://:pw-long-enough-0123@redis.pharmacy.test:6380/0?{query}"
+    with pytest.raises(SettingsError, match="INTAKE_REDIS_URL turns off") as refused:
+        Settings.from_env({"INTAKE_DATA_DIR": str(tmp_path), "INTAKE_REDIS_URL": url})
+    assert "pw-long-enough" not in str(refused.value)
+    for harmless in ("ssl_cert_reqs=required", "ssl_check_hostname=true", "db=1"):
+        ok = url.split("?")[0] + "?" + harmless
+        Settings.from_env({"INTAKE_DATA_DIR": str(tmp_path), "INTAKE_REDIS_URL": ok})
+
+
 # -- the rate limiter over rediss:// -------------------------------------------------------------
 
 trustme = pytest.importorskip("trustme")

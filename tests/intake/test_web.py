@@ -48,6 +48,21 @@ def test_production_profile_sends_hsts_and_secure_cookies(settings):
     )
 
 
+def test_production_session_cookie_cannot_be_planted_by_a_sibling_subdomain(settings):
+    """Attack: www.pharmacy.example (or any sibling) sets ``intake_session=<the attacker's own
+    logged-in session>; Domain=pharmacy.example``; the pharmacist's browser then sends it to
+    Intake and works as the attacker (login CSRF with no POST for fetch metadata to refuse).
+    A ``__Host-`` cookie is kept by browsers only when Secure, for ``/`` and without Domain, so
+    no other host can set one."""
+    app = create_app(settings.replace(profile="production"))
+    response = app.test_client().get("/refill", base_url="https://intake.pharmacy.example")
+    [cookie] = [c for c in response.headers.getlist("Set-Cookie") if "session=" in c]
+    attributes = [part.strip().lower() for part in cookie.split(";")]
+    assert attributes[0].startswith("__host-intake_session=")
+    assert "secure" in attributes and "path=/" in attributes
+    assert not any(part.startswith("domain=") for part in attributes)
+
+
 def test_session_cookie_is_httponly_and_samesite_lax(client):
     response = client.get("/refill")
     cookie = [c for c in response.headers.getlist("Set-Cookie") if c.startswith("intake_session=")]

@@ -130,7 +130,7 @@ def test_a_refill_sent_over_https_is_worked_by_a_pharmacist(
     log_in(staff, stack, user)
     assert staff.url == f"{stack.base_url}/staff/queue"
     cookies = {c["name"]: c for c in staff.context.cookies()}
-    session = cookies["intake_session"]
+    session = cookies["__Host-intake_session"]
     assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Lax"
     assert all(c["secure"] for c in cookies.values()), cookies
 
@@ -308,3 +308,41 @@ def test_a_form_posted_from_another_site_is_refused(
     expect(page.get_by_role("heading", name="Staff login")).to_be_visible()
     assert stack.audit_events_after(mark, "user.login") == []
     assert stack.audit_events_after(mark, "request.submitted") == []
+
+
+@pytest.mark.parametrize("opaque", ["data: URL", "file: URL", "sandboxed iframe"])
+def test_a_form_from_an_opaque_origin_is_refused(
+    production_stack: ProductionStack, browser_pages: Contexts, tmp_path: Any, opaque: str
+) -> None:
+    """Pages with an opaque origin send ``Origin: null``, as our own pages do under
+    ``Referrer-Policy: no-referrer``; Intake accepts ``null`` only from browsers without fetch
+    metadata. Chromium labels these posts ``Sec-Fetch-Site: cross-site``, so they are refused
+    before the token is looked at, like any other site's."""
+    from urllib.parse import quote
+
+    stack = production_stack
+    form = (
+        f'<form method="post" action="{escape(stack.base_url)}/contact">'
+        '<input type="hidden" name="first_name" value="Forged"></form>'
+        # After a moment, so Playwright has attached to the (out-of-process) frame first.
+        "<script>setTimeout(() => document.forms[0].submit(), 300);</script>"
+    )
+    if opaque == "data: URL":
+        url = "data:text/html," + quote(form)
+    else:
+        page_file = tmp_path / "forged.html"
+        if opaque == "sandboxed iframe":
+            form = f'<iframe sandbox="allow-forms allow-scripts" srcdoc="{escape(form)}"></iframe>'
+        page_file.write_text(form)
+        url = page_file.as_uri()
+    page = browser_pages.new_page()
+    page.goto(f"{stack.base_url}/contact")  # a session cookie exists
+    requests_before = stack.query("SELECT count(*) FROM requests")[0][0]
+    # The request, then its answer: a sandboxed frame's answer may come after goto returns.
+    with page.expect_request(lambda r: r.method == "POST") as posted:
+        page.goto(url)
+    sent = posted.value.all_headers()
+    assert (sent.get("origin"), sent.get("sec-fetch-site")) == ("null", "cross-site")
+    answer = posted.value.response()
+    assert answer is not None and answer.status == 400
+    assert stack.query("SELECT count(*) FROM requests")[0][0] == requests_before

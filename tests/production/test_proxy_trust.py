@@ -12,11 +12,16 @@ Each test uses its own addresses: the rate limits and locks of one must not meet
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from config import Settings
 from intake.accounts import FREE_FAILURES  # the attempt after these failures finds the lock
+from tests.conftest import HIDDEN_RE, valid_contact
 from tests.production.conftest import ProductionStack, Response, WebClient
+from tests.production.test_https_browser import MIN_FILL_SECONDS, team_email
 
 pytestmark = pytest.mark.postgres
 
@@ -133,3 +138,28 @@ def test_a_client_reaching_gunicorn_directly_cannot_escape_the_login_rate_limit(
     statuses = [a.status for a in answers]
     assert statuses == [400] * LOGIN_RATE_LIMIT + [429], statuses
     assert RATE_LIMITED_TEXT in answers[-1].text
+
+
+def test_a_forged_host_header_changes_no_link_or_redirect(production_stack: ProductionStack):
+    """nginx forwards the client's Host as it came (Intake compares it with Origin), so an
+    attacker may send any Host. Links in team e-mails come from INTAKE_PUBLIC_URL and
+    redirects are relative, so a request with ``Host: intake.evil.example`` puts the evil name
+    in neither: a pharmacist following the e-mail still lands on the real site."""
+    stack = production_stack
+    client = stack.client("127.0.0.8")
+    forged = {"Host": "intake.evil.example", "Sec-Fetch-Site": "same-origin"}
+    page = client.get("/contact", forged)
+    assert page.status == 200, page.text[:300]
+    time.sleep(MIN_FILL_SECONDS + 0.5)
+    form = {**dict(HIDDEN_RE.findall(page.text)), **valid_contact(message="forged host")}
+    answer = client.request("POST", "/contact", form, forged)
+    assert answer.status == 303, answer.text[:300]
+    location = answer.header("Location") or ""
+    assert "evil" not in location
+    match = re.search(r"/thanks/([RC]-[0-9A-Z]{4}-[0-9A-Z]{4})$", location)
+    assert match, location
+    email = team_email(stack, match.group(1))
+    assert f"{stack.base_url}/staff/requests/{match.group(1)}" in email
+    assert "evil" not in email
+    redirect = client.get("/staff/queue", forged)
+    assert redirect.status == 302 and "evil" not in (redirect.header("Location") or "")

@@ -149,13 +149,16 @@ def test_admin_cannot_break_the_glass(app, two_teams, make_user, staff_login):
     assert events_since(app, since) == []
 
 
+@pytest.mark.parametrize("fetch_site", ["cross-site", "same-site"])
 def test_another_site_cannot_open_a_request_in_a_logged_in_browser(
-    app, route, make_user, staff_login
+    app, route, make_user, staff_login, fetch_site
 ):
+    """``same-site``: a sibling subdomain (the pharmacy's marketing site, say) also gets the
+    SameSite=Lax cookie sent along, and must not fill a pharmacist's audit history either."""
     reference = route("refill", location="main")
     ana = staff_login(make_user("ana", teams=("refills-main",)))
     since = last_seq(app)
-    lured = ana.get(f"/staff/requests/{reference}", headers={"Sec-Fetch-Site": "cross-site"})
+    lured = ana.get(f"/staff/requests/{reference}", headers={"Sec-Fetch-Site": fetch_site})
     html = lured.get_data(as_text=True)
     assert lured.status_code == 200 and "Continue to this page?" in html
     assert f'href="/staff/requests/{reference}"' in html and "Maria" not in html
