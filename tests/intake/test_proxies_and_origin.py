@@ -221,7 +221,7 @@ def _serve_and_get(app, headers):
     thread.start()
     try:
         request = urllib.request.Request(f"http://127.0.0.1:{port}/_ip", headers=headers)
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
             return response.read().decode()
     finally:
         server.close()
