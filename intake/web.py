@@ -118,6 +118,10 @@ def refuse_control_characters() -> ResponseReturnValue | None:
     return error_page(400)
 
 
+# deploy/nginx/intake.conf.template sends a body over nginx's own limit here (as a GET, without
+# the body), so the patient sees the same plain page as for one over Intake's limits.
+TOO_LARGE_PAGE = "/errors/too-large"
+
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -159,6 +163,11 @@ def init_app(app: Flask) -> None:
     # Before the CSRF token check, so a forged cross-site post is refused as what it is.
     app.before_request_funcs.setdefault(None, []).insert(0, refuse_cross_site_writes)
     app.before_request(refuse_control_characters)
+
+    @app.get(TOO_LARGE_PAGE)
+    def too_large() -> ResponseReturnValue:
+        """The 413 page, for the reverse proxy to show when a body is over its own limit."""
+        return error_page(413)
 
     @app.errorhandler(CSRFError)
     def csrf_error(error: CSRFError) -> ResponseReturnValue:

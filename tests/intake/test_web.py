@@ -75,6 +75,13 @@ def test_not_found_page_is_plain_and_translated(client):
     assert "No encontramos la página" in response.get_data(as_text=True)
 
 
+def test_the_proxys_too_large_page_is_the_apps_413_page(client):
+    """nginx fetches this page for a body over its own limit (deploy/nginx)."""
+    response = client.get("/errors/too-large", headers={"Accept-Language": "es"})
+    assert response.status_code == 413
+    assert "Lo que intentó enviar era demasiado grande" in response.get_data(as_text=True)
+
+
 def test_wrong_method_is_405_not_500(client):
     assert client.delete("/refill").status_code == 405
 

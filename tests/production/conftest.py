@@ -27,9 +27,12 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -705,9 +708,8 @@ class Contexts:
     made: list[Any] = field(default_factory=list)
 
     def new_page(self, **options: Any) -> Any:
-        context = self.browser.new_context(
-            locale="en-US", viewport={"width": 1280, "height": 900}, **options
-        )
+        settings = {"locale": "en-US", "viewport": {"width": 1280, "height": 900}, **options}
+        context = self.browser.new_context(**settings)
         context.set_default_timeout(15_000)
         self.made.append(context)
         return context.new_page()
@@ -726,3 +728,96 @@ def browser_pages(
                 with contextlib.suppress(Exception):
                     page.screenshot(path=str(output_dir / f"failure-{index}-{number}.png"))
         context.close()
+
+
+# -- a browser from an address of its own -----------------------------------------------------
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 that reaches nginx's https port from a chosen source address.
+
+    Chromium always connects to the loopback from 127.0.0.1, so every browser test would be
+    the same client to the rate limits; through a relay of its own, a test's browser is a
+    client of its own. Bytes pass unchanged (TLS is still between Chromium and nginx, checked
+    against the test CA); only the TCP peer nginx sees differs, as behind a NAT. Answers can be
+    held back (``response_delay``) to play a slow network.
+    """
+
+    def __init__(self, target: tuple[str, int], source: str) -> None:
+        self.target, self.source = target, source
+        self.response_delay = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, name=f"relay-{source}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _peer = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, 10, (self.source, 0))
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._sockets += [client, upstream]
+        back = threading.Thread(target=self._copy, args=(upstream, client, True), daemon=True)
+        back.start()
+        self._copy(client, upstream, False)
+        back.join()
+        client.close()
+        upstream.close()
+
+    def _copy(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if answers and self.response_delay:
+                    time.sleep(self.response_delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class Door:
+    """The https site as one test's browser reaches it: its own client address."""
+
+    base_url: str
+    source: str
+    relay: Relay
+
+
+_door_addresses = (
+    f"127.0.{third}.{fourth}" for third in range(20, 250) for fourth in range(1, 255)
+)
+
+
+@pytest.fixture
+def door(production_stack: ProductionStack) -> Iterator[Door]:
+    """``https://localhost:<port>`` through a relay connecting from an address no other test
+    uses, so rate limits and audit pseudonyms of one test never meet another's."""
+    https_port = urlsplit(production_stack.base_url).port
+    assert https_port is not None
+    source = next(_door_addresses)
+    relay = Relay(("127.0.0.1", https_port), source)
+    try:
+        yield Door(f"https://localhost:{relay.port}", source, relay)
+    finally:
+        relay.close()
