@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: str) -> tuple[IPNetwork, ...]:
+    """Parse ``10.0.0.5, 172.16.0.0/12, ::1`` into networks; raise ValueError on a bad entry."""
+    items = (item.strip() for item in value.split(","))
+    return tuple(ipaddress.ip_network(item, strict=False) for item in items if item)
 
 PROFILES = ("embedded", "production")
 DEFAULT_ROUTING_FILE = Path(__file__).with_name("routing.toml")
@@ -39,6 +50,108 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return ()
+    if raw.isdigit():
+        raise SettingsError(
+            f"{name} lists the addresses or networks of your reverse proxies "
+            f"(e.g. 127.0.0.1 or 10.0.0.0/8), not a count of them: {raw!r}"
+        )
+    try:
+        return parse_networks(raw)
+    except ValueError as error:
+        raise SettingsError(f"{name}: an entry is no address or network ({error})") from None
+
+
+def _login_lockout_settings(env: Mapping[str, str]) -> dict[str, int]:
+    """The lockout policy's numbers (docs/compliance.md, "Lockout policy"), each checked."""
+    defaults = Settings()
+    values = {
+        "login_account_budget": _int(
+            env, "INTAKE_LOGIN_ACCOUNT_BUDGET", defaults.login_account_budget
+        ),
+        "login_account_window_minutes": _int(
+            env, "INTAKE_LOGIN_ACCOUNT_WINDOW_MINUTES", defaults.login_account_window_minutes
+        ),
+        "login_account_first_delay_seconds": _int(
+            env,
+            "INTAKE_LOGIN_ACCOUNT_FIRST_DELAY_SECONDS",
+            defaults.login_account_first_delay_seconds,
+        ),
+        "login_account_max_delay_seconds": _int(
+            env, "INTAKE_LOGIN_ACCOUNT_MAX_DELAY_SECONDS", defaults.login_account_max_delay_seconds
+        ),
+        "login_otp_freeze_after": _int(
+            env, "INTAKE_LOGIN_OTP_FREEZE_AFTER", defaults.login_otp_freeze_after
+        ),
+        "login_hash_concurrency": _int(
+            env, "INTAKE_LOGIN_HASH_CONCURRENCY", defaults.login_hash_concurrency
+        ),
+    }
+    for field, value in values.items():
+        if value < 0:
+            raise SettingsError(f"INTAKE_{field.upper()} must not be negative")
+    if values["login_hash_concurrency"] < 1:
+        raise SettingsError("INTAKE_LOGIN_HASH_CONCURRENCY must be at least 1")
+    if values["login_account_budget"] and (
+        values["login_account_first_delay_seconds"] < 1
+        or values["login_account_max_delay_seconds"] < values["login_account_first_delay_seconds"]
+    ):
+        raise SettingsError(
+            "INTAKE_LOGIN_ACCOUNT_FIRST_DELAY_SECONDS must be at least 1 and no more than "
+            "INTAKE_LOGIN_ACCOUNT_MAX_DELAY_SECONDS"
+        )
+    return values
+
+
+MIN_SECRET_BYTES = 32
+# What the embedded profile writes into its data folder (intake.embedded, intake.checkpoints).
+GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
+PLACEHOLDER_RE = re.compile(r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^x+$|^secret$|^password$", re.I)
+
+
+def _is_placeholder(value: str) -> bool:
+    return bool(PLACEHOLDER_RE.search(value.strip()))
+
+
+def read_secret_setting(value: str) -> str:
+    """A secret setting holds the secret itself or the path of a file that holds it."""
+    candidate = value.strip()
+    if candidate and not candidate.startswith("{") and "\n" not in candidate:
+        path = Path(candidate)
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+    return candidate
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0, not {raw!r}")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]) if env.get(name) else None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# INTAKE_SMTP_URL schemes: clear text, STARTTLS on the submission port, TLS from the first byte.
+SMTP_SCHEMES = ("smtp", "smtp+starttls", "smtps")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything an Intake process needs to know about its deployment."""
@@ -67,7 +180,20 @@ class Settings:
     outbox_republish_seconds: float = 60.0
     audit_checkpoint_seconds: float = 300.0
     retention_days: int = 2190
-    trusted_proxies: int = 0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # -- database roles and transport security --
+    database_app_role: str | None = None
+    smtp_ca_file: Path | None = None
+    smtp_allow_plaintext: bool = False
+    redis_ca_file: Path | None = None
+    # Staff login: the per-account failure budget, the second-factor freeze and the cap on
+    # concurrent password checks (docs/compliance.md, "Lockout policy").
+    login_account_budget: int = 20
+    login_account_window_minutes: int = 1440
+    login_account_first_delay_seconds: int = 60
+    login_account_max_delay_seconds: int = 900
+    login_otp_freeze_after: int = 5
+    login_hash_concurrency: int = 4
 
     @property
     def embedded(self) -> bool:
@@ -114,30 +240,131 @@ class Settings:
             outbox_republish_seconds=_float(env, "INTAKE_OUTBOX_REPUBLISH_SECONDS", 60.0),
             audit_checkpoint_seconds=_float(env, "INTAKE_AUDIT_CHECKPOINT_SECONDS", 300.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
-            trusted_proxies=_int(env, "INTAKE_TRUSTED_PROXIES", 0),
+            trusted_proxies=_networks(env, "INTAKE_TRUSTED_PROXIES"),
+            # -- database roles and transport security --
+            database_app_role=env.get("INTAKE_DATABASE_APP_ROLE") or None,
+            smtp_ca_file=_path(env, "INTAKE_SMTP_CA_FILE"),
+            smtp_allow_plaintext=_flag(env, "INTAKE_SMTP_ALLOW_PLAINTEXT"),
+            redis_ca_file=_path(env, "INTAKE_REDIS_CA_FILE"),
         )
+        settings = settings.replace(**_login_lockout_settings(env))
         settings.check()
+        settings.check_transport()
         return settings
 
     def check(self) -> None:
-        """Refuse a production profile that lacks its secrets."""
-        if self.profile == "production":
-            missing = [
-                name
-                for name, value in (
-                    ("INTAKE_SECRET_KEY", self.secret_key),
-                    ("INTAKE_KEYRING", self.keyring),
-                    ("INTAKE_DATABASE_URL", self.database_url),
-                    ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
-                )
-                if not value
-            ]
-            if missing:
+        """Refuse a production profile that lacks its secrets or would run unsafely.
+
+        Why: a deployment that starts with a placeholder secret, the embedded profile's generated
+        key files, an SQLite file or a Redis without a password looks healthy and is not. Each
+        refusal names the variable to fix, so the operator learns at start-up, not from a breach.
+        """
+        if self.profile != "production":
+            return
+        missing = [
+            name
+            for name, value in (
+                ("INTAKE_SECRET_KEY", self.secret_key),
+                ("INTAKE_KEYRING", self.keyring),
+                ("INTAKE_DATABASE_URL", self.database_url),
+                ("INTAKE_REDIS_URL", self.redis_url),
+                ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
+            )
+            if not value
+        ]
+        if missing:
+            raise SettingsError(
+                "the production profile needs "
+                + ", ".join(missing)
+                + "; secrets are never generated outside the embedded profile"
+            )
+        problems: list[str] = []
+        for name, raw in (
+            ("INTAKE_SECRET_KEY", self.secret_key),
+            ("INTAKE_KEYRING", self.keyring),
+            ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
+        ):
+            problems += self._secret_problems(name, raw or "")
+        secret = read_secret_setting(self.secret_key or "")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(
+                f"INTAKE_SECRET_KEY is {len(secret.encode())} bytes; use at least "
+                f"{MIN_SECRET_BYTES} random bytes (python -c \"import secrets; "
+                f"print(secrets.token_urlsafe(48))\")"
+            )
+        database = self.database_url or ""
+        if database.startswith("sqlite"):
+            problems.append(
+                "INTAKE_DATABASE_URL is an SQLite file; the production profile runs on PostgreSQL"
+            )
+        elif _is_placeholder(urlsplit(database).password or ""):
+            problems.append("INTAKE_DATABASE_URL holds a placeholder password")
+        redis_password = urlsplit(self.redis_url or "").password or ""
+        if not redis_password:
+            problems.append(
+                "INTAKE_REDIS_URL has no password (redis://:PASSWORD@host:6379/0); a Redis "
+                "without one lets anyone on its network read and inject tasks"
+            )
+        elif _is_placeholder(redis_password):
+            problems.append("INTAKE_REDIS_URL holds a placeholder password")
+        if problems:
+            raise SettingsError("unsafe production settings: " + "; ".join(problems))
+
+    def _secret_problems(self, name: str, raw: str) -> list[str]:
+        """Placeholders and the embedded profile's generated key files, for one secret."""
+        value = read_secret_setting(raw)
+        if _is_placeholder(value):
+            return [f"{name} is a placeholder; put the real secret there"]
+        data_dir = self.data_dir.resolve()
+        for generated in GENERATED_SECRET_FILES:
+            path = data_dir / generated
+            if raw.strip() and Path(raw.strip()).resolve() == path:
+                return [f"{name} points at {path}, a key file the embedded profile generated"]
+            if path.is_file() and path.read_text(encoding="utf-8").strip() == value:
+                return [f"{name} is the key the embedded profile generated into {path}"]
+        return []
+
+    def check_transport(self) -> None:
+        """Refuse settings that would talk to the mail server or Redis unprotected.
+
+        Why: a notification carries a reference and a staff link, and an SMTP login carries a
+        password; on a network the pharmacy does not control, clear text gives both away. So
+        production refuses clear-text SMTP to anything but this machine unless the operator says
+        the relay sits on a trusted network (INTAKE_SMTP_ALLOW_PLAINTEXT=1), and no profile ever
+        sends an SMTP password in clear text off this machine. Messages name the variable, never
+        the URL (it may hold a password).
+        """
+        if self.smtp_url:
+            parts = urlsplit(self.smtp_url)
+            if parts.scheme not in SMTP_SCHEMES or not parts.hostname:
                 raise SettingsError(
-                    "the production profile needs "
-                    + ", ".join(missing)
-                    + "; secrets are never generated outside the embedded profile"
+                    "INTAKE_SMTP_URL must look like smtp+starttls://host:587, smtps://host:465"
+                    " or smtp://host:25"
                 )
+            clear_off_machine = parts.scheme == "smtp" and not _is_loopback(parts.hostname)
+            if clear_off_machine and parts.username:
+                raise SettingsError(
+                    "INTAKE_SMTP_URL would send the SMTP password in clear text to "
+                    f"{parts.hostname}; use smtp+starttls:// or smtps://"
+                )
+            if clear_off_machine and not self.embedded and not self.smtp_allow_plaintext:
+                raise SettingsError(
+                    f"INTAKE_SMTP_URL sends mail to {parts.hostname} in clear text; use "
+                    "smtp+starttls:// or smtps://, or set INTAKE_SMTP_ALLOW_PLAINTEXT=1 for a "
+                    "relay on a trusted network"
+                )
+        if self.smtp_ca_file:
+            if not self.smtp_url or urlsplit(self.smtp_url).scheme == "smtp":
+                raise SettingsError(
+                    "INTAKE_SMTP_CA_FILE needs an smtp+starttls:// or smtps:// INTAKE_SMTP_URL"
+                )
+            if not self.smtp_ca_file.is_file():
+                raise SettingsError(f"INTAKE_SMTP_CA_FILE: no such file {self.smtp_ca_file}")
+        if self.redis_ca_file:
+            if not (self.redis_url or "").startswith("rediss://"):
+                raise SettingsError("INTAKE_REDIS_CA_FILE needs a rediss:// INTAKE_REDIS_URL")
+            if not self.redis_ca_file.is_file():
+                raise SettingsError(f"INTAKE_REDIS_CA_FILE: no such file {self.redis_ca_file}")
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)

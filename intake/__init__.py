@@ -8,9 +8,10 @@ from pathlib import Path
 from flask import Flask
 
 from config import Settings
-from intake import embedded
+from intake import embedded, private_files, transport
 from intake.clock import utcnow
 from intake.phi import Keyring
+from intake.proxies import TrustedProxies
 from intake.routing import load_routing
 
 
@@ -20,18 +21,16 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings.from_env()
     data_dir = Path(settings.data_dir)
+    private_files.protect_data_dir(data_dir)
     configure_logging(settings.log_level, data_dir / "logs")
+    private_files.protect_existing(data_dir, settings)
 
     app = Flask(__name__)
-    if settings.trusted_proxies:
-        # Behind N reverse proxies, trust their X-Forwarded-* headers (client IP for rate limits
-        # and audit pseudonyms, https for Secure cookies) and nobody else's.
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
-        hops = settings.trusted_proxies
-        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
-        )
+    # X-Forwarded-* (client address for rate limits and audit pseudonyms, https for Secure
+    # cookies) are believed from the listed proxies only, and stripped from everyone else.
+    app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
+        app.wsgi_app, settings.trusted_proxies
+    )
     app.config.update(
         SECRET_KEY=_secret_key(settings),
         SQLALCHEMY_DATABASE_URI=settings.effective_database_url,
@@ -44,7 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_NAME="intake_session",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
         WTF_CSRF_TIME_LIMIT=int(settings.max_form_age_seconds) or None,
-        WTF_CSRF_SSL_STRICT=not settings.embedded,
+        # The Referer check of Flask-WTF cannot work with "Referrer-Policy: no-referrer"; the
+        # origin of every unsafe request is checked by intake.web.refuse_cross_site_writes.
+        WTF_CSRF_SSL_STRICT=False,
         BABEL_DEFAULT_LOCALE="en",
         BABEL_TRANSLATION_DIRECTORIES=str(Path(__file__).with_name("translations")),
         RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
@@ -52,6 +53,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         RATELIMIT_SWALLOW_ERRORS=True,
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
+    # rediss://: the limiter's storage verifies Redis's certificate like the broker does.
+    app.config["RATELIMIT_STORAGE_OPTIONS"] = transport.redis_ssl_options(settings)
     app.extensions["intake.settings"] = settings
     app.extensions["intake.keyring"] = _keyring(settings)
     app.extensions["intake.routing"] = load_routing(settings.routing_file)

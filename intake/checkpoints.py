@@ -195,7 +195,7 @@ def _last_checkpoint(path: Path, public_key: Ed25519PublicKey) -> CheckpointClai
 def _append_line(path: Path, line: str) -> None:
     """Append one line and make it durable before the chain records that it exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode())
         os.fsync(fd)

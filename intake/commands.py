@@ -9,6 +9,7 @@ import sys
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+from flask_migrate.cli import db as migrate_db
 
 from intake import accounts
 from intake.audit_commands import audit
@@ -150,6 +151,47 @@ def users_reset_mfa(username: str, as_json: bool) -> None:
         return
     click.echo(f"TOTP secret: {created.totp_secret}")
     click.echo(f"Authenticator URI: {created.otpauth_uri}")
+
+
+@users.command("set-password")
+@click.argument("username")
+@with_appcontext
+def users_set_password(username: str) -> None:
+    """Give USERNAME a new password (read from standard input) and end all of their sessions."""
+    password = _read_password()
+    try:
+        accounts.set_password(db.session, username, password, _actor(), now())
+        db.session.commit()
+    except accounts.AccountError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    click.echo(f"New password set for {username!r}; their sessions are ended.")
+
+
+@users.command("unfreeze")
+@click.argument("username")
+@with_appcontext
+def users_unfreeze(username: str) -> None:
+    """Clear USERNAME's frozen second factor and per-account login delay.
+
+    Check with the person first: a freeze means someone typed the right password and then
+    wrong codes, so it may be time for `users set-password` and `users reset-mfa` instead.
+    """
+    try:
+        cleared = accounts.unfreeze(
+            db.session, current_app.extensions["intake.keyring"], username, _actor(), now()
+        )
+        db.session.commit()
+    except accounts.AccountError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    names = {
+        "mfa_frozen": "the frozen second factor",
+        "otp_failures": "the count of wrong codes",
+        "account_delay": "the login delay",
+    }
+    what = ", ".join(names[item] for item in cleared) or "nothing was frozen or delayed"
+    click.echo(f"Unfroze {username!r}: {what}.")
 
 
 @click.group("teams")
@@ -320,6 +362,27 @@ def retention_purge() -> None:
     while purged := purge_expired(db.session, now(), days):
         total += len(purged)
     click.echo(f"Purged {total} requests closed more than {days} days ago.")
+
+
+@migrate_db.command("grant-app")
+@click.argument("role")
+@with_appcontext
+def db_grant_app(role: str) -> None:
+    """Grant ROLE the app's privileges only (PostgreSQL; run as the owner after each upgrade).
+
+    ROLE may then SELECT and INSERT on audit_events, use the other tables' rows, and nothing
+    more: no UPDATE, DELETE or TRUNCATE of audit events, no ALTER or DROP of any table.
+    """
+    from intake.database_roles import DatabaseRoleError, grant_app_role
+
+    try:
+        with db.engine.begin() as connection:
+            grants = grant_app_role(connection, role)
+    except DatabaseRoleError as error:
+        raise click.ClickException(str(error)) from None
+    for grant in grants:
+        click.echo(f"{grant.table}: {', '.join(grant.privileges)}")
+    click.echo(f"Granted {role} the app's privileges on {len(grants)} tables.")
 
 
 COMMANDS: list[click.Command] = [serve, users, teams, keys, retention, audit, demo, demo_otp]

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import structlog
 
+from config.settings import read_secret_setting
+
+__all__ = ["ensure_secret_file", "generate_secret_key", "read_secret_setting"]
+
 log = structlog.get_logger(__name__)
 
 
@@ -39,13 +43,3 @@ def ensure_secret_file(path: Path, generate: Callable[[], str], what: str) -> st
 
 def generate_secret_key() -> str:
     return secrets.token_urlsafe(48)
-
-
-def read_secret_setting(value: str) -> str:
-    """A secret setting holds the secret itself or the path of a file that holds it."""
-    candidate = value.strip()
-    if candidate and not candidate.startswith("{") and "\n" not in candidate:
-        path = Path(candidate)
-        if path.is_file():
-            return path.read_text(encoding="utf-8").strip()
-    return candidate

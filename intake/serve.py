@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import structlog
 from flask import Flask
@@ -60,13 +61,22 @@ def stop_children(children: list[subprocess.Popen[bytes]], timeout: float = 15) 
             child.wait()
 
 
-def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
+def make_server(app: Flask, host: str, port: int) -> Any:
+    """The waitress server of ``intake serve``."""
     from waitress.server import create_server
 
+    # waitress would drop X-Forwarded-* itself; Intake's own middleware (intake.proxies)
+    # believes them from INTAKE_TRUSTED_PROXIES only, the same rule as under gunicorn.
+    return create_server(
+        app, host=host, port=port, threads=8, ident="intake", clear_untrusted_proxy_headers=False
+    )
+
+
+def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
     settings = app.extensions["intake.settings"]
     children = start_children(app) if with_workers else []
     child_env = child_environment(app)
-    server = create_server(app, host=host, port=port, threads=8, ident="intake")
+    server = make_server(app, host, port)
     stopping = threading.Event()
 
     def stop(signum: int, _frame: FrameType | None) -> None:

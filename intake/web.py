@@ -118,17 +118,52 @@ def refuse_control_characters() -> ResponseReturnValue | None:
     return error_page(400)
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def cross_site_write() -> str | None:
+    """Why an unsafe request looks cross-site ("sec-fetch-site", "origin"), or None."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        # "none" is a request the user made by hand (address bar, bookmark): no page sent it.
+        return None if fetch_site in ("same-origin", "none") else "sec-fetch-site"
+    origin = request.headers.get("Origin")
+    if origin is None or origin == "null":
+        return None
+    return None if origin.rstrip("/") == request.host_url.rstrip("/") else "origin"
+
+
+def refuse_cross_site_writes() -> ResponseReturnValue | None:
+    """Answer 400 to a POST that another site's page sent.
+
+    Why: the CSRF token (Flask-WTF) is the main defence and stays on for every form. Its HTTPS
+    Referer check cannot be used, because every page sends ``Referrer-Policy: no-referrer`` (so
+    a reference number or a staff search never leaks in a Referer) and browsers then send no
+    Referer at all and ``Origin: null``. Fetch metadata replaces it: every current browser says
+    in ``Sec-Fetch-Site`` whether a request came from our own pages, and ``Origin`` where it is
+    sent must be ours. Behind a proxy ``request.host_url`` is the public one only when the
+    proxy is trusted (intake.proxies), so a wrong ``INTAKE_TRUSTED_PROXIES`` shows up as
+    refused forms, never as accepted forged ones.
+    """
+    if request.method in SAFE_METHODS:
+        return None
+    why = cross_site_write()
+    if why is None:
+        return None
+    log.info("cross_site_write_refused", path=request.path, why=why)
+    return error_page(400)
+
+
 def init_app(app: Flask) -> None:
     app.after_request(security_headers)
+    # Before the CSRF token check, so a forged cross-site post is refused as what it is.
+    app.before_request_funcs.setdefault(None, []).insert(0, refuse_cross_site_writes)
     app.before_request(refuse_control_characters)
 
     @app.errorhandler(CSRFError)
     def csrf_error(error: CSRFError) -> ResponseReturnValue:
-        from intake.patient.views import rerender_after_csrf_error
-
         log.info("csrf_rejected", path=request.path, reason=error.description)
-        page = rerender_after_csrf_error()
-        return page if page is not None else error_page(400)
+        return error_page(400)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> ResponseReturnValue:

@@ -1,7 +1,7 @@
 """language routing: staff languages, interpreter asked for, unmet language need
 
 Revision ID: 20261201_0007
-Revises: 0005
+Revises: 20261201_0008_login_hardening
 Create Date: 2026-12-01
 
 """
@@ -10,7 +10,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = "20261201_0007"
-down_revision = "0005"
+down_revision = "20261201_0008_login_hardening"
 branch_labels = None
 depends_on = None
 
