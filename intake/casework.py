@@ -28,6 +28,7 @@ from intake.models import (
     Request,
     User,
 )
+from intake.routing import needed_language
 
 CLAIM_IDLE = timedelta(minutes=30)
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -359,7 +360,7 @@ def transfer(
     request.assignee_id = request.claimed_at = request.last_activity_at = None
     request.updated_at = now
     flag: dict[str, str | None] = {}
-    need = request.interpreter_language or request.language
+    need = needed_language(request.language, request.interpreter_language)
     if team_languages is not None and need != "en":
         request.language_need = None if need in team_languages.get(team, ("en",)) else need
         flag = {"language_need": request.language_need}

@@ -431,7 +431,7 @@ class Routed:
         ]
 
 
-def language_need(language: str, interpreter_language: str | None) -> str:
+def needed_language(language: str, interpreter_language: str | None) -> str:
     """The language a request must be worked in: the interpreter asked for, else the form's."""
     return interpreter_language or language
 
@@ -538,7 +538,7 @@ def route_request(
         outbox.mark_done(session, request_id, ROUTE_TASK)
         session.commit()
         return None
-    need = language_need(row.language, row.interpreter_language)
+    need = needed_language(row.language, row.interpreter_language)
     decision = table.decide(
         {"kind": row.kind, "topic": row.topic, "location": row.location, "language": need},
         now,
