@@ -21,6 +21,8 @@ def parse_networks(value: str) -> tuple[IPNetwork, ...]:
 
 PROFILES = ("embedded", "production")
 DEFAULT_ROUTING_FILE = Path(__file__).with_name("routing.toml")
+DEFAULT_PHARMACY_FILE = Path(__file__).with_name("pharmacy.toml")
+DEFAULT_CONSENTS_DIR = Path(__file__).with_name("consents")
 
 
 class SettingsError(ValueError):
@@ -194,6 +196,13 @@ class Settings:
     login_account_max_delay_seconds: int = 900
     login_otp_freeze_after: int = 5
     login_hash_concurrency: int = 4
+    # The pharmacy's identity and legal texts (issue 9): the file and folder are checked at
+    # start-up; name, phone and time zone override the file's values when set.
+    pharmacy_file: Path = DEFAULT_PHARMACY_FILE
+    pharmacy_name: str | None = None
+    pharmacy_phone: str | None = None
+    timezone: str | None = None
+    consents_dir: Path = DEFAULT_CONSENTS_DIR
 
     @property
     def embedded(self) -> bool:
@@ -248,6 +257,14 @@ class Settings:
             redis_ca_file=_path(env, "INTAKE_REDIS_CA_FILE"),
         )
         settings = settings.replace(**_login_lockout_settings(env))
+        settings = replace(
+            settings,
+            pharmacy_file=Path(env.get("INTAKE_PHARMACY_FILE") or DEFAULT_PHARMACY_FILE),
+            pharmacy_name=(env.get("INTAKE_PHARMACY_NAME") or "").strip() or None,
+            pharmacy_phone=(env.get("INTAKE_PHARMACY_PHONE") or "").strip() or None,
+            timezone=(env.get("INTAKE_TIMEZONE") or "").strip() or None,
+            consents_dir=Path(env.get("INTAKE_CONSENTS_DIR") or DEFAULT_CONSENTS_DIR),
+        )
         settings.check()
         settings.check_transport()
         return settings

@@ -10,6 +10,8 @@ from flask import Flask
 from config import Settings
 from intake import embedded, private_files, transport
 from intake.clock import utcnow
+from intake.consents import load_consents
+from intake.pharmacy import load_pharmacy
 from intake.phi import Keyring
 from intake.proxies import TrustedProxies
 from intake.routing import load_routing
@@ -59,12 +61,39 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["intake.keyring"] = _keyring(settings)
     app.extensions["intake.routing"] = load_routing(settings.routing_file)
     app.extensions["intake.clock"] = utcnow
+    # Who the pharmacy is and the legal texts patients accept: checked now, like the routing.
+    pharmacy = app.extensions["intake.pharmacy"] = load_pharmacy(settings)
+    consents = app.extensions["intake.consents"] = load_consents(settings.consents_dir)
+    app.config["BABEL_DEFAULT_TIMEZONE"] = pharmacy.timezone
+    app.extensions["intake.timezone"] = pharmacy.timezone  # intake.clock.pharmacy_zone
+    if not settings.embedded:
+        _warn_about_samples(settings, consents.samples)
 
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
     return app
+
+
+def _warn_about_samples(settings: Settings, sample_documents: list[str]) -> None:
+    """Say loudly when production shows patients the shipped sample pharmacy or legal texts."""
+    import structlog
+
+    from config.settings import DEFAULT_PHARMACY_FILE
+
+    log = structlog.get_logger("intake")
+    if Path(settings.pharmacy_file) == DEFAULT_PHARMACY_FILE:
+        log.warning(
+            "sample_pharmacy_in_use",
+            advice="set INTAKE_PHARMACY_FILE to your pharmacy's own file",
+        )
+    if sample_documents:
+        log.warning(
+            "sample_consents_in_use",
+            documents=sample_documents,
+            advice="set INTAKE_CONSENTS_DIR to a folder with your pharmacy's own texts",
+        )
 
 
 def _secret_key(settings: Settings) -> str:
@@ -99,7 +128,7 @@ def format_duration(delta: timedelta) -> str:
 
 
 def register_extensions(app: Flask) -> None:
-    from intake import i18n, outbox
+    from intake import i18n, outbox, pharmacy
     from intake.extensions import babel, csrf, db, limiter, migrate
     from intake.staff.auth import login_manager
 
@@ -109,6 +138,7 @@ def register_extensions(app: Flask) -> None:
     babel.init_app(app, locale_selector=i18n.select_locale)
     limiter.init_app(app)
     i18n.init_app(app)
+    pharmacy.init_app(app)
     outbox.init_app(app)
     login_manager.init_app(app)
     app.add_template_filter(format_duration, "duration")

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from intake import accounts, casework, routing
 from intake.clock import utcnow
-from intake.consents import current_consent
+from intake.consents import accepted_consents
 from intake.extensions import db
 from intake.models import Team, User
 from intake.submissions import Submission, submit_request
@@ -173,9 +173,7 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
         else:
             topic = rng.choice(TOPICS)
             document["message"] = MESSAGES[topic]
-        consents = [current_consent("privacy", language)]
-        if kind == "refill":
-            consents.append(current_consent("contact", language))
+        consents = accepted_consents(kind, language)
         accepted = submit_request(
             session,
             keyring,

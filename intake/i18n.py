@@ -7,15 +7,35 @@ from datetime import datetime
 from babel.dates import format_date, format_time
 from flask import Flask, Response, g, request
 from flask_babel import get_locale
+from werkzeug.exceptions import HTTPException
 
 from intake.clock import pharmacy_zone
 
 LANGUAGES = ("en", "es")
 LANGUAGE_NAMES = {"en": "English", "es": "Español"}
 COOKIE = "intake_lang"
+# A form page's language switch is a submit button of the form itself (name and value below),
+# so what the patient typed comes back in the other language and never goes into a URL.
+SWITCH_FIELD = "switch_language"
+SWITCH_ENDPOINTS = frozenset({"patient.refill", "patient.contact"})
+
+
+def language_switch_requested() -> str | None:
+    """The language a form's switch button asks for, or None when this POST is not a switch."""
+    if request.method != "POST" or request.endpoint not in SWITCH_ENDPOINTS:
+        return None
+    try:
+        asked = request.form.get(SWITCH_FIELD)
+    except HTTPException:  # a body over the limit: answered 413 elsewhere
+        return None
+    return asked if asked in LANGUAGES else None
 
 
 def select_locale() -> str:
+    switched = language_switch_requested()
+    if switched:
+        g.remember_language = switched
+        return switched
     asked = request.args.get("lang")
     if asked in LANGUAGES:
         g.remember_language = asked

@@ -21,6 +21,13 @@ from wtforms.validators import ValidationError
 from intake.routing_data import interpreter_choices, location_choices
 
 REQUIRED = _l("This field is required.")
+FIRST_NAME_NEEDED = _l("Enter your first name.")
+LAST_NAME_NEEDED = _l("Enter your last name.")
+DOB_NEEDED = _l("Enter your date of birth.")
+PHONE_NEEDED = _l("Enter your phone number.")
+LOCATION_NEEDED = _l("Choose the pharmacy location.")
+TOPIC_NEEDED = _l("Choose what your request is about.")
+MESSAGE_NEEDED = _l("Write your question or request.")
 NAME_INVALID = _l("Use letters only (spaces, hyphens, apostrophes and periods are fine).")
 NAME_TOO_LONG = _l("Use at most 60 characters.")
 DATE_INVALID = _l("Enter a real date as YYYY-MM-DD.")
@@ -36,7 +43,11 @@ ADDRESS_NEEDED = _l("Enter the address for delivery or shipping.")
 TOO_LONG = _l("This is too long.")
 NEEDED_BY_PAST = _l("Choose today or a later date.")
 NEEDED_BY_FAR = _l("Choose a date within the next 12 months.")
-CONSENT_NEEDED = _l("You must accept this to send the request.")
+CONSENT_PRIVACY_NEEDED = _l(
+    "Accept the Terms of Use, the Privacy Policy and the Notice of Privacy Practices to send "
+    "your request."
+)
+CONSENT_CONTACT_NEEDED = _l("Agree to be contacted about this request to send it.")
 CHOICE_INVALID = _l("Choose one of the options.")
 INTERPRETER_LANGUAGE_NEEDED = _l("Choose the language you need an interpreter for.")
 
@@ -67,15 +78,15 @@ def _unix_newlines(value: Any) -> Any:
     return value.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL)
 
 
-def _required(field: Any) -> str:
+def _required(field: Any, message: Any = REQUIRED) -> str:
     value = (field.data or "").strip() if isinstance(field.data, str) else field.data
     if not value:
-        raise ValidationError(REQUIRED)
+        raise ValidationError(message)
     return str(value)
 
 
-def clean_name(field: Any) -> str:
-    value = re.sub(r"\s+", " ", _required(field))
+def clean_name(field: Any, message: Any = REQUIRED) -> str:
+    value = re.sub(r"\s+", " ", _required(field, message))
     if len(value) > 60:
         raise ValidationError(NAME_TOO_LONG)
     if not any(c.isalpha() for c in value) or not all(
@@ -171,7 +182,12 @@ class PatientForm(FlaskForm):
     # Language help: not PHI and not sealed; the language goes in a plain column for routing.
     interpreter = BooleanField(_l("I need an interpreter"))
     interpreter_language = SelectField(_l("Language I need"), validate_choice=False)
-    consent_privacy = BooleanField(_l("I have read and accept the Notice of Privacy Practices."))
+    consent_privacy = BooleanField(
+        _l(
+            "I have read and accept the Terms of Use, the Privacy Policy and the Notice of "
+            "Privacy Practices."
+        )
+    )
     # The honeypot: hidden from people, screen readers and the keyboard, and named so that no
     # browser's or password manager's autofill has a reason to fill it (unlike "website").
     extra_comments = StringField(_l("Leave this field empty"))
@@ -200,13 +216,13 @@ class PatientForm(FlaskForm):
 
     # Each validate_<field> stores the normalized value in self.cleaned.
     def validate_first_name(self, field: Any) -> None:
-        self.cleaned["first_name"] = clean_name(field)
+        self.cleaned["first_name"] = clean_name(field, FIRST_NAME_NEEDED)
 
     def validate_last_name(self, field: Any) -> None:
-        self.cleaned["last_name"] = clean_name(field)
+        self.cleaned["last_name"] = clean_name(field, LAST_NAME_NEEDED)
 
     def validate_phone(self, field: Any) -> None:
-        self.cleaned["phone"] = clean_phone(_required(field))
+        self.cleaned["phone"] = clean_phone(_required(field, PHONE_NEEDED))
 
     def validate_email(self, field: Any) -> None:
         if field.data:
@@ -223,7 +239,7 @@ class PatientForm(FlaskForm):
 
     def validate_consent_privacy(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(CONSENT_NEEDED)
+            raise ValidationError(CONSENT_PRIVACY_NEEDED)
 
     def validate_interpreter_language(self, field: Any) -> None:
         # Choosing a language asks for an interpreter, ticked box or not: a patient who needs
@@ -270,7 +286,7 @@ class RefillForm(PatientForm):
         self.location.choices = options([("", _l("Choose a location")), *location_choices()])
 
     def validate_date_of_birth(self, field: Any) -> None:
-        self.cleaned["date_of_birth"] = clean_dob(_required(field), self.today)
+        self.cleaned["date_of_birth"] = clean_dob(_required(field, DOB_NEEDED), self.today)
 
     def validate_rx_numbers(self, field: Any) -> None:
         self.cleaned["rx_numbers"] = clean_rx_numbers(field.data or "")
@@ -280,7 +296,7 @@ class RefillForm(PatientForm):
 
     def validate_location(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(REQUIRED)
+            raise ValidationError(LOCATION_NEEDED)
         if field.data not in dict(location_choices()):
             raise ValidationError(CHOICE_INVALID)
 
@@ -295,7 +311,8 @@ class RefillForm(PatientForm):
             raise ValidationError(TOO_LONG)
         if self.fulfillment.data in ("delivery", "ship") and not value:
             raise ValidationError(ADDRESS_NEEDED)
-        if value:
+        # Kept only when it is used: an address typed, then hidden by choosing pick-up, is not.
+        if value and self.fulfillment.data in ("delivery", "ship"):
             self.cleaned["address"] = value
 
     def validate_needed_by(self, field: Any) -> None:
@@ -313,7 +330,7 @@ class RefillForm(PatientForm):
 
     def validate_consent_contact(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(CONSENT_NEEDED)
+            raise ValidationError(CONSENT_CONTACT_NEEDED)
 
 
 TOPICS = [
@@ -339,16 +356,16 @@ class ContactForm(PatientForm):
     callback_time = StringField(_l("Best time to call you back (optional)"), filters=[_strip])
 
     def validate_date_of_birth(self, field: Any) -> None:
-        self.cleaned["date_of_birth"] = clean_dob(_required(field), self.today)
+        self.cleaned["date_of_birth"] = clean_dob(_required(field, DOB_NEEDED), self.today)
 
     def validate_topic(self, field: Any) -> None:
         if not field.data:
-            raise ValidationError(REQUIRED)
+            raise ValidationError(TOPIC_NEEDED)
         if field.data not in dict(TOPICS):
             raise ValidationError(CHOICE_INVALID)
 
     def validate_message(self, field: Any) -> None:
-        value = _required(field).strip()
+        value = _required(field, MESSAGE_NEEDED).strip()
         if len(value) > 4000:
             raise ValidationError(TOO_LONG)
         self.cleaned["message"] = value

@@ -9,15 +9,17 @@ import structlog
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
-from flask_wtf.csrf import CSRFError
+from flask_wtf.csrf import CSRFError, validate_csrf
+from wtforms.validators import ValidationError
 
 from intake import outbox
 from intake.clock import now
-from intake.consents import current_consent
+from intake.consents import accepted_consents, form_consents
 from intake.extensions import csrf, db, limiter
-from intake.i18n import current_language, format_moment
+from intake.i18n import current_language, format_moment, language_switch_requested
+from intake.patient import receipts
 from intake.patient.form_stamp import FormStamp, new_stamp, read_stamp
-from intake.patient.forms import ContactForm, PatientForm, RefillForm
+from intake.patient.forms import TOPICS, ContactForm, PatientForm, RefillForm
 from intake.phi import ip_pseudonym
 from intake.references import REFERENCE_RE, new_reference
 from intake.submissions import Submission, find_submission, submit_request
@@ -79,22 +81,54 @@ def _submit_limit() -> str:
     return str(_settings().submit_rate_limit)
 
 
+def _is_language_switch() -> bool:
+    """A language switch re-renders the form and stores nothing: not a submission to limit.
+
+    Only a switch that carries a valid CSRF token is exempt, so a forged POST that claims to be
+    a switch is still counted like every other.
+    """
+    if language_switch_requested() is None:
+        return False
+    try:
+        validate_csrf(request.form.get("csrf_token"))
+    except ValidationError:
+        return False
+    return True
+
+
 def _render(kind: str, form: PatientForm, status: int = 200, notice: Any = None) -> Any:
     _form_class, template, order = FORMS[kind]
     form.rendered_at.data = _carried_stamp(kind, form).token
     first_error = next((name for name in order if form[name].errors), None)
-    language = current_language()
-    consents = {"privacy": current_consent("privacy", language)}
-    if kind == "refill":
-        consents["contact"] = current_consent("contact", language)
     page = render_template(
         template,
         form=form,
         first_error=first_error,
-        consents=consents,
-        notice=notice or (FORM_HAS_ERRORS if first_error else None),
+        error_summary=error_summary(form, order),
+        consents=form_consents(kind, current_language()),
+        notice=notice,
+        language_switch=True,
     )
     return page, status
+
+
+def error_summary(form: PatientForm, order: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(id of the control to focus, message) for each field in error, in page order."""
+    summary = []
+    for name in order:
+        field = form[name]
+        if field.errors:
+            target = f"{field.id}-0" if field.type == "RadioField" else field.id
+            summary.append((target, str(field.errors[0])))
+    return summary
+
+
+def _preselect(kind: str, form: PatientForm) -> PatientForm:
+    """A call to action's ``?topic=`` chooses the contact form's topic (only a known one)."""
+    topic = request.args.get("topic")
+    if kind == "contact" and topic in dict(TOPICS):
+        form["topic"].data = topic
+    return form
 
 
 def _carried_stamp(kind: str, form: PatientForm) -> FormStamp:
@@ -141,10 +175,13 @@ def _csrf_failed() -> bool:
 def _handle(kind: str) -> ResponseReturnValue:
     form_class, _template, _order = FORMS[kind]
     if request.method == "GET":
-        return _render(kind, form_class())
+        return _render(kind, _preselect(kind, form_class()))
     if _csrf_failed():
         return rerender_after_csrf_error(kind)
     form = form_class()
+    if language_switch_requested():
+        log.info("form_language_switched", form=kind)
+        return _render(kind, form)
 
     if form.extra_comments.data:
         # Only a bot fills a field no person can see: it gets a decoy, and nothing is stored.
@@ -156,6 +193,9 @@ def _handle(kind: str) -> ResponseReturnValue:
         first = find_submission(db.session, keyring, stamp.key)
         if first is not None:
             _decided(kind, "duplicate", reference=first.reference)
+            if form.validate():  # the thanks page's summary, if this browser lost the first answer
+                language = current_language()
+                receipts.remember(kind, form, first.reference, language, keep_existing=True)
             return redirect(url_for("patient.thanks", reference=first.reference), 303)
     if stamp is None or _expired(stamp):
         _decided(kind, "stale", reason="expired" if stamp else "no_stamp")
@@ -172,9 +212,7 @@ def _handle(kind: str) -> ResponseReturnValue:
         return _render(kind, form, 400)
 
     language = current_language()
-    consents = [current_consent("privacy", language)]
-    if kind == "refill":
-        consents.append(current_consent("contact", language))
+    consents = accepted_consents(kind, language)
     data = form.data
     accepted = submit_request(
         db.session,
@@ -198,6 +236,7 @@ def _handle(kind: str) -> ResponseReturnValue:
         ids = [accepted.outbox_id] if accepted.outbox_id is not None else []
         published = outbox.publish(db.session, ids)
         _decided(kind, "accepted", reference=accepted.reference, published=published)
+    receipts.remember(kind, form, accepted.reference, language, keep_existing=accepted.duplicate)
     return redirect(url_for("patient.thanks", reference=accepted.reference), 303)
 
 
@@ -233,25 +272,61 @@ def index() -> ResponseReturnValue:
 # every POST, a forged one too, before anything reads the body.
 @bp.route("/refill", methods=["GET", "POST"])
 @csrf.exempt
-@limiter.limit(_submit_limit, methods=["POST"])
+@limiter.limit(_submit_limit, methods=["POST"], exempt_when=_is_language_switch)
 def refill() -> ResponseReturnValue:
     return _handle("refill")
 
 
 @bp.route("/contact", methods=["GET", "POST"])
 @csrf.exempt
-@limiter.limit(_submit_limit, methods=["POST"])
+@limiter.limit(_submit_limit, methods=["POST"], exempt_when=_is_language_switch)
 def contact() -> ResponseReturnValue:
     return _handle("contact")
 
 
 @bp.get("/thanks/<reference>")
 def thanks(reference: str) -> ResponseReturnValue:
-    # The page shows only what is in its address, so it reveals nothing about whether the
+    # The page shows what is in its address, and a summary only to the browser that sent the
+    # request (kept in its own signed session), so it reveals nothing about whether the
     # reference exists.
     if not REFERENCE_RE.match(reference):
         abort(404)
-    return render_template("patient/thanks.html", reference=reference)
+    from intake.routing_data import location_choices
+
+    return render_template(
+        "patient/thanks.html",
+        reference=reference,
+        receipt=receipts.recall(reference),
+        topic_labels=dict(TOPICS),
+        location_names=dict(location_choices()),
+    )
+
+
+@bp.get("/legal/<document>")
+@bp.get("/legal/<document>/<version>")
+def legal(document: str, version: str | None = None) -> ResponseReturnValue:
+    """A consent document on its own page, in the page's language (any published version)."""
+    from intake.consents import DOCUMENTS, library
+
+    texts = library()
+    if document not in DOCUMENTS:
+        abort(404)
+    version = version or texts.current[document]
+    try:
+        text = texts.text(document, version, current_language())
+    except LookupError:
+        abort(404)
+    return render_template(
+        "patient/legal.html",
+        text=text,
+        is_current=version == texts.current[document],
+        current_version=texts.current[document],
+    )
+
+
+@bp.get("/favicon.ico")
+def favicon() -> ResponseReturnValue:
+    return current_app.send_static_file("favicon.ico")
 
 
 STATUS_TEXT = {

@@ -18,7 +18,6 @@ from flask import Flask
 from flask_babel import lazy_gettext
 
 from intake.patient import forms as patient_forms
-from intake.patient import views as patient_views
 
 pytestmark = pytest.mark.browser
 
@@ -162,7 +161,8 @@ def submit_with_enter(page: Any) -> Any:
 
 
 def fail_submission_from_keyboard(page: Any) -> Any:
-    tab_from_top_to(page, "button[type=submit]")
+    # The form's own Send button (the header's language switch is a submit button too).
+    tab_from_top_to(page, "form button[type=submit]")
     return submit_with_enter(page)
 
 
@@ -278,7 +278,7 @@ def test_spanish_refill_form_by_keyboard_only(
     page.keyboard.press("Space")
     assert page.is_checked("#consent_contact")
 
-    press_tab_to(page, "button[type=submit]")
+    press_tab_to(page, "form button[type=submit]")
     page.screenshot(path=str(output_dir / "filled-form.png"), full_page=True)
     response = submit_with_enter(page)
     assert response.status == 303, response.status
@@ -322,7 +322,9 @@ def test_spanish_refill_form_by_keyboard_only(
     }
     assert sorted((c.document, c.language) for c in consents) == [
         ("contact", "es"),
+        ("npp", "es"),
         ("privacy", "es"),
+        ("terms", "es"),
     ]
 
 
@@ -336,22 +338,21 @@ def test_spanish_empty_submission_shows_errors_by_the_fields(
     page.screenshot(path=str(output_dir / "errors.png"), full_page=True)
 
     assert page.evaluate("() => document.documentElement.lang") == "es"
-    notice = page.locator(".notice--error[role=alert]")
-    assert notice.inner_text().strip() == spanish(app, patient_views.FORM_HAS_ERRORS)
+    expected = {
+        "first_name": spanish(app, patient_forms.FIRST_NAME_NEEDED),
+        "last_name": spanish(app, patient_forms.LAST_NAME_NEEDED),
+        "date_of_birth": spanish(app, patient_forms.DOB_NEEDED),
+        "phone": spanish(app, patient_forms.PHONE_NEEDED),
+        "rx_numbers": spanish(app, patient_forms.RX_NONE),
+        "location": spanish(app, patient_forms.LOCATION_NEEDED),
+        "consent_privacy": spanish(app, patient_forms.CONSENT_PRIVACY_NEEDED),
+        "consent_contact": spanish(app, patient_forms.CONSENT_CONTACT_NEEDED),
+    }
+    # The summary on top lists every error, each linking to its field.
+    summary = page.locator("#error-summary[role=alert]")
+    assert summary.locator("a").all_inner_texts() == list(expected.values())
     assert page.evaluate("() => document.activeElement.id") == "first_name"
 
-    required = spanish(app, patient_forms.REQUIRED)
-    consent = spanish(app, patient_forms.CONSENT_NEEDED)
-    expected = {
-        "first_name": required,
-        "last_name": required,
-        "date_of_birth": required,
-        "phone": required,
-        "rx_numbers": spanish(app, patient_forms.RX_NONE),
-        "location": required,
-        "consent_privacy": consent,
-        "consent_contact": consent,
-    }
     invalid = page.eval_on_selector_all("form [aria-invalid=true]", "els => els.map(e => e.id)")
     assert sorted(invalid) == sorted(expected)
 
@@ -467,7 +468,7 @@ def test_textarea_filled_to_its_maxlength_is_accepted(
     assert page.evaluate("() => document.getElementById('address').validity.valid")
     page.check("#consent_privacy")
     page.check("#consent_contact")
-    page.focus("button[type=submit]")
+    page.focus("form button[type=submit]")
     response = submit_with_enter(page)
     page.screenshot(path=str(output_dir / "after-submit.png"), full_page=True)
     errors = page.locator(".field__error").all_inner_texts()

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from intake.extensions import db
 from intake.models import Request
 from intake.patient import views as patient_views
-from intake.patient.forms import CONSENT_NEEDED
+from intake.patient.forms import CONSENT_CONTACT_NEEDED
 
 pytestmark = pytest.mark.browser
 
@@ -68,7 +68,7 @@ def send(page: Any) -> Any:
         page.expect_navigation(),
         page.expect_response(lambda r: r.request.method == "POST") as response,
     ):
-        page.click("button[type=submit]")
+        page.click("form button[type=submit]")
     return response.value
 
 
@@ -93,7 +93,7 @@ def test_a_correction_sent_at_once_is_stored_with_a_real_reference(
         page.locator("#consent_contact-error")
         .inner_text()
         .strip()
-        .endswith(in_language(app, CONSENT_NEEDED, lang))
+        .endswith(in_language(app, CONSENT_CONTACT_NEEDED, lang))
     )
     corrected_at = time.monotonic()
     page.check("#consent_contact")
@@ -189,7 +189,7 @@ def test_a_double_click_on_send_stores_one_request(
     wait_until(shown_at, 2.5)
     # Two clicks as far apart as a person's double click: Playwright's dblclick fires both at
     # the same moment, and Chromium folds those into one submission.
-    button = page.locator("button[type=submit]")
+    button = page.locator("form button[type=submit]")
     button.scroll_into_view_if_needed()
     box = button.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2

@@ -36,8 +36,11 @@ def test_refill_is_stored_sealed_with_its_consents_outbox_and_audit_event(app, p
             .scalars()
             .all()
         )
+        # The Terms of Use, Privacy Policy and NPP behind consent_privacy, and the contact consent.
         assert {(c.document, c.version, c.language) for c in consents} == {
-            ("privacy", "2026-11", "es"),
+            ("terms", "2026-12", "es"),
+            ("privacy", "2026-12", "es"),
+            ("npp", "2026-12", "es"),
             ("contact", "2026-11", "es"),
         }
         for consent in consents:

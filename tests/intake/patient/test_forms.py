@@ -50,19 +50,19 @@ def error_beside(html: str, field: str) -> str:
 TODAY = date.today()
 
 REFILL_BAD = [
-    ("first_name", "", F.REQUIRED),
+    ("first_name", "", F.FIRST_NAME_NEEDED),
     ("first_name", "R2-D2", F.NAME_INVALID),
     ("first_name", "<script>", F.NAME_INVALID),
     ("first_name", "A" * 61, F.NAME_TOO_LONG),
-    ("last_name", "   ", F.REQUIRED),
+    ("last_name", "   ", F.LAST_NAME_NEEDED),
     ("last_name", "---", F.NAME_INVALID),
-    ("date_of_birth", "", F.REQUIRED),
+    ("date_of_birth", "", F.DOB_NEEDED),
     ("date_of_birth", "15/03/1980", F.DATE_INVALID),
     ("date_of_birth", "1980-02-30", F.DATE_INVALID),
     ("date_of_birth", (TODAY + timedelta(days=1)).isoformat(), F.DOB_FUTURE),
     ("date_of_birth", TODAY.isoformat(), F.DOB_FUTURE),
     ("date_of_birth", "1890-01-01", F.DOB_TOO_OLD),
-    ("phone", "", F.REQUIRED),
+    ("phone", "", F.PHONE_NEEDED),
     ("phone", "12345", F.PHONE_INVALID),
     ("phone", "call me maybe", F.PHONE_INVALID),
     ("phone", "(202) 555-01", F.PHONE_INVALID),
@@ -74,7 +74,7 @@ REFILL_BAD = [
     ("rx_numbers", "12AB567", F.RX_INVALID),
     ("rx_numbers", "\n".join(str(1000000 + i) for i in range(11)), F.RX_TOO_MANY),
     ("medication", "x" * 101, F.TOO_LONG),
-    ("location", "", F.REQUIRED),
+    ("location", "", F.LOCATION_NEEDED),
     ("location", "atlantis", F.CHOICE_INVALID),
     ("fulfillment", "teleport", F.CHOICE_INVALID),
     ("contact_method", "pigeon", F.CHOICE_INVALID),
@@ -82,8 +82,8 @@ REFILL_BAD = [
     ("needed_by", (TODAY + timedelta(days=400)).isoformat(), F.NEEDED_BY_FAR),
     ("needed_by", "soon", F.DATE_INVALID),
     ("notes", "x" * 2001, F.TOO_LONG),
-    ("consent_privacy", None, F.CONSENT_NEEDED),
-    ("consent_contact", None, F.CONSENT_NEEDED),
+    ("consent_privacy", None, F.CONSENT_PRIVACY_NEEDED),
+    ("consent_contact", None, F.CONSENT_CONTACT_NEEDED),
 ]
 
 
@@ -119,15 +119,15 @@ def test_refill_fields_required_by_other_answers(
 
 
 CONTACT_BAD = [
-    ("date_of_birth", "", F.REQUIRED),
-    ("topic", "", F.REQUIRED),
+    ("date_of_birth", "", F.DOB_NEEDED),
+    ("topic", "", F.TOPIC_NEEDED),
     ("topic", "lottery", F.CHOICE_INVALID),
-    ("message", "", F.REQUIRED),
+    ("message", "", F.MESSAGE_NEEDED),
     ("message", "x" * 4001, F.TOO_LONG),
     ("callback_time", "x" * 101, F.TOO_LONG),
     ("date_of_birth", "3000-01-01", F.DOB_FUTURE),
     ("phone", "555", F.PHONE_INVALID),
-    ("consent_privacy", None, F.CONSENT_NEEDED),
+    ("consent_privacy", None, F.CONSENT_PRIVACY_NEEDED),
 ]
 
 
@@ -144,7 +144,13 @@ def test_contact_bad_value_is_refused_beside_its_field(
 
 
 def test_spanish_messages_are_translated(in_language):
-    for message in (F.REQUIRED, F.PHONE_INVALID, F.RX_INVALID, F.CONSENT_NEEDED, F.DOB_FUTURE):
+    for message in (
+        F.FIRST_NAME_NEEDED,
+        F.PHONE_INVALID,
+        F.RX_INVALID,
+        F.CONSENT_PRIVACY_NEEDED,
+        F.DOB_FUTURE,
+    ):
         assert in_language(message, "es") != in_language(message, "en")
 
 

@@ -229,8 +229,7 @@ def test_the_answer_shows_kind_dates_and_next_step_in_the_pharmacys_time(
 
 
 def test_waiting_on_the_patient_asks_for_a_call_and_is_not_styled_as_success(app, client, patient):
-    pharmacy = {"phone": "(800) 555-0142"}  # stands in for the pharmacy's configuration
-    app.context_processor(lambda: {"pharmacy": pharmacy})
+    # The phone of the pharmacy's configuration (config/pharmacy.toml).
     reference = reference_from(patient.refill())
     change_status(app, reference, "in_progress", "waiting_on_patient")
 
@@ -242,7 +241,7 @@ def test_waiting_on_the_patient_asks_for_a_call_and_is_not_styled_as_success(app
         "Please call us as soon as you can, and have your reference number ready."
     )
     assert answer["call"] == "Call us: (800) 555-0142"
-    assert answer["tel"] == "tel:(800)555-0142"
+    assert answer["tel"] == "tel:+18005550142"
 
     spanish = answer_of(look_up(client, reference, "1980-03-15", "es").get_data(as_text=True))
     assert spanish["call"] == "Llámenos: (800) 555-0142"
@@ -253,7 +252,7 @@ def test_only_a_completed_request_looks_like_success(app, client, patient):
     reference = reference_from(patient.refill())
     received = answer_of(look_up(client, reference, "1980-03-15").get_data(as_text=True))
     assert received["status"] == "received" and "panel--success" not in received["class"]
-    assert received["call"] == ""  # nothing to call about, and no phone configured here
+    assert received["call"] == ""  # nothing to call about
     change_status(app, reference, "in_progress", "completed")
     done = answer_of(look_up(client, reference, "1980-03-15").get_data(as_text=True))
     assert done["status"] == "completed" and "panel--success" in done["class"]
