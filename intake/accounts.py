@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -133,8 +133,14 @@ def create_user(
     teams: list[str],
     actor: str,
     demo: bool = False,
+    languages: list[str] | None = None,
+    known_languages: Collection[str] | None = None,
 ) -> NewUser:
-    """Create an account with a fresh TOTP secret; audited as ``user.created``."""
+    """Create an account with a fresh TOTP secret; audited as ``user.created``.
+
+    ``languages`` are the ones the person works in (English when none are given); with
+    ``known_languages``, any other code is refused.
+    """
     import re
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,63}", username):
@@ -150,9 +156,11 @@ def create_user(
         raise AccountError(f"unknown team {unknown[0]!r} (create it with: intake teams create)")
     if role == "staff" and not teams:
         raise AccountError("staff users need at least one --team")
+    codes = check_languages(languages or ["en"], known_languages)
     user = User(
         username=username,
         role=role,
+        languages=",".join(codes),
         password_hash=_hasher.hash(password),
         demo=demo,
         kek_id="",
@@ -169,10 +177,64 @@ def create_user(
         session,
         actor=actor,
         action="user.created",
-        details={"username": username, "role": role, "teams": sorted(set(teams))},
+        details={
+            "username": username,
+            "role": role,
+            "teams": sorted(set(teams)),
+            "languages": codes,
+        },
     )
     session.flush()
     return NewUser(user, secret)
+
+
+LANGUAGE_CODE_RE = r"[a-z]{2,3}"
+
+
+def check_languages(languages: Iterable[str], known: Collection[str] | None) -> list[str]:
+    """Normalize language codes (lower case, each once, in the order given); refuse bad ones."""
+    import re
+
+    codes: list[str] = []
+    for raw in languages:
+        code = raw.strip().lower()
+        if not re.fullmatch(LANGUAGE_CODE_RE, code):
+            raise AccountError(f"{raw!r} is not a language code (use e.g. en, es, vi)")
+        if known is not None and code not in known:
+            raise AccountError(
+                f"unknown language {code!r}: the routing file lists {', '.join(sorted(known))}"
+            )
+        if code not in codes:
+            codes.append(code)
+    if not codes:
+        raise AccountError("give at least one language")
+    return codes
+
+
+def set_languages(
+    session: DbSession,
+    username: str,
+    languages: list[str],
+    actor: str,
+    known_languages: Collection[str] | None = None,
+) -> list[str]:
+    """Replace the languages USERNAME works in; audited as ``user.changed``. Returns them."""
+    user = _user(session, username)
+    codes = check_languages(languages, known_languages)
+    previous = user.language_codes
+    user.languages = ",".join(codes)
+    record_event(
+        session,
+        actor=actor,
+        action="user.changed",
+        details={
+            "username": username,
+            "change": "languages",
+            "languages": codes,
+            "previous_languages": previous,
+        },
+    )
+    return codes
 
 
 def _user(session: DbSession, username: str) -> User:

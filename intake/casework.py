@@ -8,7 +8,7 @@ records the typed reason and flags the access for review.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +28,7 @@ from intake.models import (
     Request,
     User,
 )
+from intake.routing import needed_language
 
 CLAIM_IDLE = timedelta(minutes=30)
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -245,6 +246,18 @@ def _touch(request: Request, now: datetime) -> None:
         request.last_activity_at = now
 
 
+def _meet_language_need(session: DbSession, request: Request, user_id: int) -> dict[str, str]:
+    """Clear a request's "needs <language>" flag when the person taking it speaks it; the
+    audit details saying so."""
+    if request.language_need is None:
+        return {}
+    user = session.get(User, user_id)
+    if user is None or request.language_need not in user.language_codes:
+        return {}
+    met, request.language_need = request.language_need, None
+    return {"language_need_met": met}
+
+
 def claim(session: DbSession, reference: str, actor: Actor, now: datetime) -> None:
     request = get_request(session, reference, actor, lock=True)
     if request.status not in OPEN_STATUSES:
@@ -254,7 +267,8 @@ def claim(session: DbSession, reference: str, actor: Actor, now: datetime) -> No
     previous = request.assignee_id
     request.assignee_id, request.claimed_at, request.last_activity_at = actor.user_id, now, now
     request.updated_at = now
-    actor.record(session, "request.claimed", reference, previous_assignee=previous)
+    met = _meet_language_need(session, request, actor.user_id)
+    actor.record(session, "request.claimed", reference, previous_assignee=previous, **met)
     session.commit()
 
 
@@ -283,6 +297,7 @@ def change_status(
         )
     old = request.status
     request.status = new_status
+    met: dict[str, str] = {}
     if new_status in ("completed", "cancelled", "queued"):
         request.assignee_id = request.claimed_at = request.last_activity_at = None
     elif request.assignee_id is None:
@@ -292,8 +307,9 @@ def change_status(
             now,
             now,
         )
+        met = _meet_language_need(session, request, actor.user_id)
     _touch(request, now)
-    actor.record(session, "request.status_changed", reference, old=old, new=new_status)
+    actor.record(session, "request.status_changed", reference, old=old, new=new_status, **met)
     session.commit()
 
 
@@ -323,8 +339,14 @@ def transfer(
     reason: str,
     known_teams: Sequence[str],
     now: datetime,
+    team_languages: Mapping[str, Collection[str]] | None = None,
 ) -> int:
-    """Move a request to another team's queue; returns the notification's outbox id."""
+    """Move a request to another team's queue; returns the notification's outbox id.
+
+    With ``team_languages`` (each team's languages in the routing file), a request needing a
+    language is flagged "needs <language>" when the new team does not serve it, and unflagged
+    when it does: it arrives unassigned.
+    """
     if team not in known_teams:
         raise CaseworkError("choose one of the teams")
     reason = check_reason(reason, 5)
@@ -337,8 +359,19 @@ def transfer(
     request.team, request.status = team, "queued"
     request.assignee_id = request.claimed_at = request.last_activity_at = None
     request.updated_at = now
+    flag: dict[str, str | None] = {}
+    need = needed_language(request.language, request.interpreter_language)
+    if team_languages is not None and need != "en":
+        request.language_need = None if need in team_languages.get(team, ("en",)) else need
+        flag = {"language_need": request.language_need}
     actor.record(
-        session, "request.transferred", reference, from_team=old_team, to_team=team, reason=reason
+        session,
+        "request.transferred",
+        reference,
+        from_team=old_team,
+        to_team=team,
+        reason=reason,
+        **flag,
     )
     message = outbox.enqueue(session, request.id, NOTIFY_TASK)
     session.commit()
@@ -361,6 +394,8 @@ class QueueRow:
     assignee: str | None
     display_name: str
     cursor: str
+    interpreter_language: str | None = None
+    language_need: str | None = None
 
 
 # What a queue cursor may hold (see ``parse_cursor``).
@@ -406,6 +441,7 @@ def queue_query(
     status: str | None = None,
     team: str | None = None,
     kind: str | None = None,
+    language_need: str | None = None,
     after: str | None = None,
     limit: int = 50,
 ) -> Any:
@@ -414,7 +450,8 @@ def queue_query(
     Keyset pagination on (priority_rank, sla_due_at, id), which the partial index
     ``ix_requests_open_queue`` serves in order: no sort and no OFFSET. The cursor's priority is
     also an index bound, so a later page starts its scan at its own priority level. A cursor
-    that ``parse_cursor`` refuses is ignored: the first page.
+    that ``parse_cursor`` refuses is ignored: the first page. ``language_need`` keeps the
+    requests flagged as needing that language ("any": needing any).
     """
     query = select(Request)
     if status:
@@ -427,6 +464,10 @@ def queue_query(
         query = query.where(Request.team == team)
     if kind:
         query = query.where(Request.kind == kind)
+    if language_need == "any":
+        query = query.where(Request.language_need.is_not(None))
+    elif language_need:
+        query = query.where(Request.language_need == language_need)
     cursor = parse_cursor(after) if after else None
     if cursor is not None:
         rank, due, last_id = cursor
@@ -506,6 +547,8 @@ def queue_rows_for(
                 assignee=usernames.get(request.assignee_id) if request.assignee_id else None,
                 display_name=name,
                 cursor=_cursor(request),
+                interpreter_language=request.interpreter_language,
+                language_need=request.language_need,
             )
         )
     return rows

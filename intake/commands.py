@@ -59,9 +59,17 @@ def _read_password() -> str:
     "--role", type=click.Choice(["staff", "supervisor", "compliance", "admin"]), required=True
 )
 @click.option("--team", "teams", multiple=True, help="A team the user works for (repeatable).")
+@click.option(
+    "--language",
+    "languages",
+    multiple=True,
+    help="A language the user works in, e.g. es (repeatable; default: en).",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"username", "totp_secret"}.')
 @with_appcontext
-def users_create(username: str, role: str, teams: tuple[str, ...], as_json: bool) -> None:
+def users_create(
+    username: str, role: str, teams: tuple[str, ...], languages: tuple[str, ...], as_json: bool
+) -> None:
     """Create USERNAME; the password is read from standard input."""
     password = _read_password()
     try:
@@ -73,6 +81,8 @@ def users_create(username: str, role: str, teams: tuple[str, ...], as_json: bool
             role=role,
             teams=list(teams),
             actor=_actor(),
+            languages=list(languages) or None,
+            known_languages=_known_languages(),
         )
         db.session.commit()
     except accounts.AccountError as error:
@@ -82,8 +92,32 @@ def users_create(username: str, role: str, teams: tuple[str, ...], as_json: bool
         click.echo(json.dumps({"username": username, "totp_secret": created.totp_secret}))
         return
     click.echo(f"Created {role} {username!r}" + (f" in {', '.join(teams)}" if teams else ""))
+    click.echo(f"Languages: {', '.join(created.user.language_codes)}")
     click.echo(f"TOTP secret: {created.totp_secret}")
     click.echo(f"Authenticator URI: {created.otpauth_uri}")
+
+
+def _known_languages() -> set[str]:
+    """English and the languages of the routing file: the ones routing can serve."""
+    return {"en", *current_app.extensions["intake.routing"].languages}
+
+
+@users.command("set-languages")
+@click.argument("username")
+@click.argument("languages", nargs=-1, required=True)
+@with_appcontext
+def users_set_languages(username: str, languages: tuple[str, ...]) -> None:
+    """Set the languages USERNAME works in (all of them, e.g. `en es`); new requests that need
+    one of them can be assigned to USERNAME."""
+    try:
+        codes = accounts.set_languages(
+            db.session, username, list(languages), _actor(), _known_languages()
+        )
+        db.session.commit()
+    except accounts.AccountError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{username!r} works in: {', '.join(codes)}")
 
 
 @users.command("disable")

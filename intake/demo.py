@@ -32,6 +32,9 @@ DEMO_USERS = [
     ("compliance", "compliance", []),
     ("admin", "admin", []),
 ]
+# The clinician (clinical, IVIG, bilingual, benefits) speaks Spanish, so Spanish copay and IVIG
+# requests are assigned to her; the pharmacist speaks English only.
+DEMO_LANGUAGES = {"clinician": ["en", "es"], "supervisor": ["en", "es"]}
 FIRST = [
     "Maria",
     "José",
@@ -134,6 +137,7 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
             teams=teams,
             actor="system:demo",
             demo=True,
+            languages=DEMO_LANGUAGES.get(username, ["en"]),
         )
         credentials[username] = password
         credentials[f"{username}:totp"] = created.totp_secret
@@ -156,6 +160,9 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
             "contact_method": "phone",
         }
         topic = location = None
+        # Now and then an English form asking for a Vietnamese interpreter: nobody speaks it,
+        # so the queue shows it flagged and the supervisors are told.
+        interpreter = "vi" if index % 11 == 7 else None
         if kind == "refill":
             location = rng.choice(list(table.locations))
             document.update(
@@ -177,6 +184,7 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
                 consents=consents,
                 topic=topic,
                 location=location,
+                interpreter_language=interpreter,
             ),
         )
         # Spread arrival times over the last two days so some requests are already overdue.

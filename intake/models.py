@@ -55,6 +55,11 @@ class Request(db.Model):  # type: ignore[name-defined]
     topic: Mapped[str | None] = mapped_column(String(32))
     location: Mapped[str | None] = mapped_column(String(32))
     language: Mapped[str] = mapped_column(String(8))
+    # The language the patient asked an interpreter for on the form, if any (a code, not PHI).
+    interpreter_language: Mapped[str | None] = mapped_column(String(8))
+    # Set by routing when nobody who speaks the request's language could take it: the code of
+    # the language still needed ("needs Spanish" on the queue); cleared when a speaker claims it.
+    language_need: Mapped[str | None] = mapped_column(String(8))
     status: Mapped[str] = mapped_column(String(32), default="received")
     priority: Mapped[str] = mapped_column(String(16), default="normal")
     # 0 = urgent ... 3 = low: the queue sorts by it, so it is kept beside ``priority``.
@@ -200,6 +205,9 @@ class User(db.Model):  # type: ignore[name-defined]
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))
+    # The languages the person works in, as comma-separated codes ("en,es"): routing assigns a
+    # request needing a language the team does not serve to a member who speaks it.
+    languages: Mapped[str] = mapped_column(String(64), default="en", server_default="en")
     password_hash: Mapped[str] = mapped_column(String(255))
     # The TOTP secret, sealed like PHI under its own data key (row id "user:<id>").
     kek_id: Mapped[str] = mapped_column(String(32))
@@ -222,6 +230,10 @@ class User(db.Model):  # type: ignore[name-defined]
     @property
     def team_ids(self) -> list[str]:
         return sorted(t.team_id for t in self.teams)
+
+    @property
+    def language_codes(self) -> list[str]:
+        return [code for code in (self.languages or "").split(",") if code]
 
 
 class UserTeam(db.Model):  # type: ignore[name-defined]

@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy import select
 
 from intake.extensions import DbSession
-from intake.routing import RoutingTable, Team
+from intake.routing import LANGUAGE_NOTICE_TASK, RoutingTable, Team
 from intake.transport import tls_client_context
 
 log = structlog.get_logger(__name__)
@@ -42,20 +42,35 @@ class Notice:
     sla_due_at: datetime | None
     link: str
     reason: str = "new"
+    # For a language-need notice: the language still needed and the team the request is with.
+    language: str | None = None
+    language_name: str | None = None
+    queue_team_name: str | None = None
 
     def subject(self) -> str:
         what = "Refill request" if self.kind == "refill" else "Contact request"
         flag = f"[{self.priority.upper()}] " if self.priority in ("urgent", "high") else ""
+        if self.reason == "language_need":
+            return f"{flag}Needs {self.language_name}: {what} {self.reference}"
         return f"{flag}{what} {self.reference} for {self.team_name}"
 
     def body(self) -> str:
         due = self.sla_due_at.strftime("%Y-%m-%d %H:%M UTC") if self.sla_due_at else "none"
-        lines = [
-            f"A {self.kind} request is waiting in the {self.team_name} queue.",
-            "",
+        if self.reason == "language_need":
+            lines = [
+                f"A {self.kind} request needs someone who speaks {self.language_name}, and",
+                f"nobody who does could take it in {self.queue_team_name}. It is flagged",
+                f'"needs {self.language_name}" on the queue: transfer it to a team that serves',
+                f"{self.language_name}, or have a colleague who speaks it claim it.",
+                "",
+            ]
+        else:
+            lines = [f"A {self.kind} request is waiting in the {self.team_name} queue.", ""]
+        lines += [
             f"Reference: {self.reference}",
             f"Kind:      {self.kind}" + (f" ({self.topic})" if self.topic else ""),
             f"Priority:  {self.priority}",
+            *([f"Team:      {self.queue_team_name}"] if self.reason == "language_need" else []),
             f"Due by:    {due}",
             "",
             f"Open it (login required): {self.link}",
@@ -74,6 +89,7 @@ class Notice:
             "team": self.team,
             "sla_due_at": self.sla_due_at.isoformat() if self.sla_due_at else None,
             "link": self.link,
+            "language": self.language,
         }
 
     def log_fields(self) -> dict[str, str | None]:
@@ -82,6 +98,8 @@ class Notice:
             "priority": self.priority,
             "kind": self.kind,
             "link": self.link,
+            "reason": self.reason,
+            "language": self.language,
         }
 
 
@@ -259,9 +277,10 @@ def send_outbox_notice(
     """Send the notification an outbox row stands for, at most once, and record the outcome.
 
     ``notify_team`` tells the request's current team; ``notify_supervisors`` tells the
-    supervisors' channel that it is overdue. An already-sent row is skipped, so a redelivered
-    task notifies nobody twice. Returns what happened: sent, skipped, failed; raises
-    :class:`RetryLater` while retries remain.
+    supervisors' channel that it is overdue, ``notify_language_need`` that nobody who speaks
+    its language could take it (skipped if someone has since). An already-sent row is
+    skipped, so a redelivered task notifies nobody twice. Returns what happened: sent,
+    skipped, failed; raises :class:`RetryLater` while retries remain.
     """
     from intake import outbox
     from intake.audit import record_event
@@ -278,13 +297,24 @@ def send_outbox_notice(
         return "skipped"
     request = session.get(Request, request_id)
     overdue = task == "notify_supervisors"
+    language_need = task == LANGUAGE_NOTICE_TASK
     team = (
-        table.supervisors if overdue else table.teams.get(request.team or "") if request else None
+        table.supervisors
+        if overdue or language_need
+        else table.teams.get(request.team or "")
+        if request
+        else None
     )
     if request is None or team is None:
         outbox.mark_done(session, request_id, task, outbox_id, status="failed")
         session.commit()
         return "failed"
+    if language_need and request.language_need is None:
+        # Someone who speaks the language took it before the notice went out.
+        outbox.mark_done(session, request_id, task, outbox_id)
+        session.commit()
+        return "skipped"
+    queue_team = table.teams.get(request.team or "")
     notice = Notice(
         reference=request.reference,
         kind=request.kind,
@@ -294,7 +324,10 @@ def send_outbox_notice(
         team_name=team.name,
         sla_due_at=request.sla_due_at,
         link=f"{settings.public_url}/staff/requests/{request.reference}",
-        reason="overdue" if overdue else "new",
+        reason="overdue" if overdue else "language_need" if language_need else "new",
+        language=request.language_need if language_need else None,
+        language_name=table.language_name(request.language_need) if language_need else None,
+        queue_team_name=queue_team.name if queue_team else request.team,
     )
     session.rollback()  # hold no lock while talking to the outside world
     actor = f"system:{task}"

@@ -37,6 +37,8 @@ class Submission:
     consents: list[ConsentText]
     topic: str | None = None
     location: str | None = None
+    # The language the patient asked an interpreter for (a plain code; routing serves it).
+    interpreter_language: str | None = None
     ip_hmac: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     # The form's one-time key: a second submission with the same key stores nothing.
@@ -122,6 +124,7 @@ def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submiss
             topic=submission.topic,
             location=submission.location,
             language=submission.language,
+            interpreter_language=submission.interpreter_language,
             status="received",
             kek_id=wrapped.kek_id,
             wrapped_key=wrapped.blob,
@@ -174,6 +177,7 @@ def _insert(session: DbSession, row: Request, submission: Submission) -> OutboxM
             "topic": submission.topic,
             "location": submission.location,
             "language": submission.language,
+            "interpreter_language": submission.interpreter_language,
             "consents": [f"{c.document}-{c.version}.{c.language}" for c in submission.consents],
             **submission.details,
         },

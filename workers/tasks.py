@@ -39,9 +39,13 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
             log.info("route_skipped", reason="already routed or unknown")
             return
         log.info(
-            "request_routed", reference=routed.reference, team=routed.team, priority=routed.priority
+            "request_routed",
+            reference=routed.reference,
+            team=routed.team,
+            priority=routed.priority,
+            language_outcome=routed.language_outcome,
         )
-        outbox.publish(db.session, [routed.notify_outbox_id])
+        outbox.publish(db.session, routed.outbox_ids)
     finally:
         structlog.contextvars.unbind_contextvars("task", "request_id")
 
@@ -137,6 +141,20 @@ def purge_login_throttles() -> int:
 
     policy = LoginPolicy.from_settings(current_app.extensions["intake.settings"])
     return purge(db.session, now(), policy)
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    max_retries=20,
+)
+def notify_language_need(self: Any, request_id: str, outbox_id: int | None = None) -> None:
+    """Tell the supervisors' channel that nobody who speaks a request's language could take
+    it; reference, language and link only."""
+    _notify(self, routing.LANGUAGE_NOTICE_TASK, request_id, outbox_id)
 
 
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)

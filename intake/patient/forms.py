@@ -18,7 +18,7 @@ from wtforms import BooleanField, HiddenField, RadioField, SelectField, StringFi
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import ValidationError
 
-from intake.routing_data import location_choices
+from intake.routing_data import interpreter_choices, location_choices
 
 REQUIRED = _l("This field is required.")
 FIRST_NAME_NEEDED = _l("Enter your first name.")
@@ -49,6 +49,7 @@ CONSENT_PRIVACY_NEEDED = _l(
 )
 CONSENT_CONTACT_NEEDED = _l("Agree to be contacted about this request to send it.")
 CHOICE_INVALID = _l("Choose one of the options.")
+INTERPRETER_LANGUAGE_NEEDED = _l("Choose the language you need an interpreter for.")
 
 NAME_PUNCTUATION = set(" '-.’")
 RX_RE = re.compile(r"^[0-9][0-9-]{4,10}[0-9]$")
@@ -178,6 +179,9 @@ class PatientForm(FlaskForm):
         default="phone",
         validate_choice=False,
     )
+    # Language help: not PHI and not sealed; the language goes in a plain column for routing.
+    interpreter = BooleanField(_l("I need an interpreter"))
+    interpreter_language = SelectField(_l("Language I need"), validate_choice=False)
     consent_privacy = BooleanField(
         _l(
             "I have read and accept the Terms of Use, the Privacy Policy and the Notice of "
@@ -194,6 +198,10 @@ class PatientForm(FlaskForm):
         super().__init__(*args, **kwargs)
         self.today = today or date.today()
         self.cleaned: dict[str, Any] = {}
+        self.interpreter_needed: str | None = None
+        self.interpreter_language.choices = options(
+            [("", _l("Choose a language")), *interpreter_choices()]
+        )
 
     def validate(self, extra_validators: Any = None) -> bool:
         """Refuse an oversized field at once, before any validator reads it."""
@@ -232,6 +240,16 @@ class PatientForm(FlaskForm):
     def validate_consent_privacy(self, field: Any) -> None:
         if not field.data:
             raise ValidationError(CONSENT_PRIVACY_NEEDED)
+
+    def validate_interpreter_language(self, field: Any) -> None:
+        # Choosing a language asks for an interpreter, ticked box or not: a patient who needs
+        # one must never be served in a language they do not speak for a missed tick.
+        code = field.data or ""
+        if code and code not in dict(interpreter_choices()):
+            raise ValidationError(CHOICE_INVALID)
+        if self.interpreter.data and not code:
+            raise ValidationError(INTERPRETER_LANGUAGE_NEEDED)
+        self.interpreter_needed = code or None
 
     def _optional_text(self, field: Any, name: str, limit: int) -> None:
         value = (field.data or "").strip()

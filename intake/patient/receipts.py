@@ -20,7 +20,7 @@ from flask_babel import gettext, ngettext
 from flask_babel import lazy_gettext as _l
 
 from intake.pharmacy import local_date, local_datetime, local_day, local_time
-from intake.routing import SLA_RE
+from intake.routing import SLA_RE, needed_language
 
 CONTACT_BY = {
     "phone": _l("by phone"),
@@ -111,7 +111,8 @@ def remember(
         "kind": kind,
         "topic": data.get("topic") if kind == "contact" else None,
         "location": data.get("location") if kind == "refill" else None,
-        "language": language,
+        # The language the request will be worked in, as routing sees it (an interpreter's).
+        "language": needed_language(language, form.interpreter_needed),
     }
     decision = current_app.extensions["intake.routing"].decide(facts, received)
     entry = {

@@ -48,6 +48,8 @@ REFILL_ORDER = (
     "address",
     "needed_by",
     "notes",
+    "interpreter",
+    "interpreter_language",
     "consent_privacy",
     "consent_contact",
 )
@@ -61,6 +63,8 @@ CONTACT_ORDER = (
     "topic",
     "message",
     "callback_time",
+    "interpreter",
+    "interpreter_language",
     "consent_privacy",
 )
 FORMS: dict[str, tuple[type[PatientForm], str, tuple[str, ...]]] = {
@@ -220,6 +224,7 @@ def _handle(kind: str) -> ResponseReturnValue:
             consents=consents,
             topic=data.get("topic") if kind == "contact" else None,
             location=data.get("location") if kind == "refill" else None,
+            interpreter_language=form.interpreter_needed,
             ip_hmac=_client_ip_hmac(),
             submission_key=stamp.key,
         ),

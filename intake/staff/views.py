@@ -136,15 +136,24 @@ def home() -> ResponseReturnValue:
     return redirect(url_for("staff.queue"))
 
 
+def _languages() -> dict[str, str]:
+    """The languages a request may need, by code, with their English names."""
+    table = current_app.extensions["intake.routing"]
+    return {code: table.language_name(code) for code in table.languages}
+
+
 def _queue_filters() -> dict[str, Any]:
     status = request.args.get("status") or None
     team = request.args.get("team") or None
     kind = request.args.get("kind") or None
+    language_need = request.args.get("language_need") or None
     if status not in (None, *STATUSES) or kind not in (None, *KINDS):
+        abort(400)
+    if language_need not in (None, "any", *_languages()):
         abort(400)
     if team is not None and current_user.role != "supervisor" and team not in current_user.teams:
         abort(404)
-    return {"status": status, "team": team, "kind": kind}
+    return {"status": status, "team": team, "kind": kind, "language_need": language_need}
 
 
 @bp.get("/queue")
@@ -180,6 +189,7 @@ def queue() -> ResponseReturnValue:
         statuses=STATUSES,
         open_statuses=OPEN_STATUSES,
         kinds=KINDS,
+        languages=_languages(),
         next_cursor=rows[-1].cursor if len(rows) == 50 else None,
         after=after,
         version=version,
@@ -199,7 +209,12 @@ def _queue_version(filters: dict[str, Any], after: str | None) -> str:
     query = casework.queue_query(current_user.actor(), after=after, **filters)
     ids = db.session.execute(
         query.with_only_columns(
-            Request.id, Request.status, Request.priority, Request.assignee_id, Request.updated_at
+            Request.id,
+            Request.status,
+            Request.priority,
+            Request.assignee_id,
+            Request.updated_at,
+            Request.language_need,
         )
     ).all()
     db.session.rollback()
@@ -221,6 +236,7 @@ def _render_opened(opened: casework.OpenedRequest, status: int = 200) -> Respons
         r=opened.request,
         doc=opened.phi,
         teams=teams,
+        languages=_languages(),
         note_form=NoteForm(),
         status_form=status_form,
         transfer_form=transfer,
@@ -299,6 +315,10 @@ def act(reference: str, action: str) -> ResponseReturnValue:
                 transfer.reason.data or "",
                 list(_team_names()),
                 when,
+                team_languages={
+                    t.id: t.languages
+                    for t in current_app.extensions["intake.routing"].teams.values()
+                },
             )
             outbox.publish(db.session, [outbox_id])
             flash(f"Transferred to {_team_names().get(transfer.team.data or '', '?')}.")
@@ -345,6 +365,12 @@ def search() -> ResponseReturnValue:
                 db.session.rollback()
                 error, status = str(problem) or "Check the search fields.", 400
     page = render_template(
-        "staff/search.html", form=form, results=results, error=error, teams=_team_names(), now=now()
+        "staff/search.html",
+        form=form,
+        results=results,
+        error=error,
+        teams=_team_names(),
+        languages=_languages(),
+        now=now(),
     )
     return page, status

@@ -262,6 +262,14 @@ def test_spanish_refill_form_by_keyboard_only(
     press_tab_to(page, "#notes")
     page.keyboard.type("Por favor llamen después de las 3.")
 
+    # "I need an interpreter", then the language: the first on the list, Spanish.
+    press_tab_to(page, "#interpreter")
+    page.keyboard.press("Space")
+    assert page.is_checked("#interpreter")
+    press_tab_to(page, "#interpreter_language")
+    page.keyboard.press("ArrowDown")
+    assert page.input_value("#interpreter_language") == "es"
+
     # Each consent has a "read the full text" disclosure before its checkbox.
     press_tab_to(page, "#consent_privacy", passing=("details.consent__text > summary",))
     page.keyboard.press("Space")
@@ -297,6 +305,7 @@ def test_spanish_refill_form_by_keyboard_only(
         "north",
         "received",
     )
+    assert row.interpreter_language == "es"
     assert document == {
         "first_name": "María",
         "last_name": "Núñez-Ortiz",

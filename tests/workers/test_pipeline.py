@@ -281,6 +281,10 @@ def test_no_phi_in_redis_messages_worker_logs_or_emails(
         ),
         (lambda t: t + "\n[[rules]]\nteam = 'clinical'\nsla = '1h'\n", "can never match"),
         (lambda t: t.replace("[[rules]]", "[[rules]", 1), "routing.toml"),
+        (
+            lambda t: t.replace('"team:clinical"', '"team:nobody"'),
+            "falls back to unknown team 'nobody' for language needs",
+        ),
     ],
 )
 def test_a_broken_routing_file_stops_the_worker_with_a_clear_message(
