@@ -1,6 +1,6 @@
 """submission key: one request per form sent, however often it is sent
 
-Revision ID: 20261201_0006
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-01
 
@@ -9,8 +9,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision = '20261201_0006'
-down_revision = '0005'
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """language routing: staff languages, interpreter asked for, unmet language need
 
-Revision ID: 20261201_0007
-Revises: 20261201_0008_login_hardening
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-01
 
 """
@@ -9,8 +9,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision = "20261201_0007"
-down_revision = "20261201_0008_login_hardening"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """login hardening: the second-factor freeze, and outbox rows that alert about an account
 
-Revision ID: 20261201_0008_login_hardening
-Revises: 20261201_0006
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01
 
 """
@@ -12,8 +12,8 @@ from alembic import op
 import intake.clock
 
 # revision identifiers, used by Alembic.
-revision = "20261201_0008_login_hardening"
-down_revision = "20261201_0006"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
