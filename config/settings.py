@@ -65,6 +65,39 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
         raise SettingsError(f"{name}: an entry is no address or network ({error})") from None
 
 
+# Who may ever break the glass, and who may ever review it: admins never read requests, and
+# staff do not judge their colleagues' emergency accesses.
+BREAK_GLASS_ROLES = ("staff", "supervisor", "compliance")
+BREAK_GLASS_REVIEWER_ROLES = ("supervisor", "compliance")
+
+
+def _roles(
+    env: Mapping[str, str],
+    name: str,
+    allowed: tuple[str, ...],
+    default: tuple[str, ...],
+    *,
+    allow_none: bool = False,
+) -> tuple[str, ...]:
+    """A comma-separated list of roles out of ``allowed``; ``none`` for no role at all."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw == "none":
+        if allow_none:
+            return ()
+        raise SettingsError(f"{name} needs at least one of {', '.join(allowed)}")
+    roles = tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
+    unknown = [role for role in roles if role not in allowed]
+    if unknown or not roles:
+        raise SettingsError(
+            f"{name} lists roles out of {', '.join(allowed)}"
+            + (" (or none)" if allow_none else "")
+            + f", not {', '.join(unknown) or repr(raw)}"
+        )
+    return roles
+
+
 MIN_SECRET_BYTES = 32
 # What the embedded profile writes into its data folder (intake.embedded, intake.checkpoints).
 GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
@@ -114,6 +147,10 @@ class Settings:
     audit_checkpoint_seconds: float = 300.0
     retention_days: int = 2190
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Break-glass policy (docs/compliance.md, "Break-glass policy").
+    break_glass_roles: tuple[str, ...] = ("staff", "supervisor", "compliance")
+    break_glass_alert_roles: tuple[str, ...] = ("compliance",)
+    break_glass_reviewers: tuple[str, ...] = ("compliance",)
 
     @property
     def embedded(self) -> bool:
@@ -161,6 +198,25 @@ class Settings:
             audit_checkpoint_seconds=_float(env, "INTAKE_AUDIT_CHECKPOINT_SECONDS", 300.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
             trusted_proxies=_networks(env, "INTAKE_TRUSTED_PROXIES"),
+        )
+        settings = replace(
+            settings,
+            break_glass_roles=_roles(
+                env, "INTAKE_BREAK_GLASS_ROLES", BREAK_GLASS_ROLES, cls.break_glass_roles
+            ),
+            break_glass_alert_roles=_roles(
+                env,
+                "INTAKE_BREAK_GLASS_ALERT_ROLES",
+                BREAK_GLASS_ROLES,
+                cls.break_glass_alert_roles,
+                allow_none=True,
+            ),
+            break_glass_reviewers=_roles(
+                env,
+                "INTAKE_BREAK_GLASS_REVIEWERS",
+                BREAK_GLASS_REVIEWER_ROLES,
+                cls.break_glass_reviewers,
+            ),
         )
         settings.check()
         return settings

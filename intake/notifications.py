@@ -3,6 +3,10 @@
 A notification holds the reference, kind, topic, priority, SLA and a link to the staff page: what
 a pharmacist needs to pick the request up, and nothing a lost e-mail could leak. The staff page
 behind the link asks for a login and audits every view.
+
+A break-glass alert (``notify_break_glass``) tells the supervisors' channel, the moment it
+happens, that someone whose break-glass the policy watches opened a request: the username and
+role, the reference and a link to the review page. Not the typed reason, not the patient.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from intake.routing import RoutingTable, Team
 
 log = structlog.get_logger(__name__)
 
+BREAK_GLASS = "break_glass"
+BREAK_GLASS_TASK = "notify_break_glass"
+
 
 class NotificationError(Exception):
     """A channel could not deliver; the task retries with backoff."""
@@ -40,13 +47,25 @@ class Notice:
     sla_due_at: datetime | None
     link: str
     reason: str = "new"
+    # For a break-glass alert: who broke the glass, as "username (role)".
+    accessed_by: str | None = None
 
     def subject(self) -> str:
+        if self.reason == BREAK_GLASS:
+            return f"Break-glass access to {self.reference} by {self.accessed_by or 'someone'}"
         what = "Refill request" if self.kind == "refill" else "Contact request"
         flag = f"[{self.priority.upper()}] " if self.priority in ("urgent", "high") else ""
         return f"{flag}{what} {self.reference} for {self.team_name}"
 
     def body(self) -> str:
+        if self.reason == BREAK_GLASS:
+            return (
+                f"{self.accessed_by or 'Someone'} broke the glass to open request "
+                f"{self.reference}, outside their teams.\n\n"
+                f"Reference: {self.reference}\n\n"
+                f"The access waits for review (login required): {self.link}\n\n"
+                "This message deliberately contains no patient information.\n"
+            )
         due = self.sla_due_at.strftime("%Y-%m-%d %H:%M UTC") if self.sla_due_at else "none"
         lines = [
             f"A {self.kind} request is waiting in the {self.team_name} queue.",
@@ -72,6 +91,7 @@ class Notice:
             "team": self.team,
             "sla_due_at": self.sla_due_at.isoformat() if self.sla_due_at else None,
             "link": self.link,
+            **({"accessed_by": self.accessed_by} if self.reason == BREAK_GLASS else {}),
         }
 
 
@@ -159,13 +179,14 @@ def send_outbox_notice(
     """Send the notification an outbox row stands for, at most once, and record the outcome.
 
     ``notify_team`` tells the request's current team; ``notify_supervisors`` tells the
-    supervisors' channel that it is overdue. An already-sent row is skipped, so a redelivered
-    task notifies nobody twice. Returns what happened: sent, skipped, failed; raises
-    :class:`RetryLater` while retries remain.
+    supervisors' channel that it is overdue, ``notify_break_glass`` that someone broke the
+    glass to open it. An already-sent row is skipped, so a redelivered task notifies nobody
+    twice. Returns what happened: sent, skipped, failed; raises :class:`RetryLater` while
+    retries remain.
     """
     from intake import outbox
     from intake.audit import record_event
-    from intake.models import OutboxMessage, Request
+    from intake.models import AuditEvent, OutboxMessage, Request
 
     pending = select(OutboxMessage.id).where(
         OutboxMessage.request_id == request_id,
@@ -178,13 +199,36 @@ def send_outbox_notice(
         return "skipped"
     request = session.get(Request, request_id)
     overdue = task == "notify_supervisors"
+    glass = task == BREAK_GLASS_TASK
     team = (
-        table.supervisors if overdue else table.teams.get(request.team or "") if request else None
+        table.supervisors
+        if overdue or glass
+        else table.teams.get(request.team or "")
+        if request
+        else None
     )
     if request is None or team is None:
         outbox.mark_done(session, request_id, task, outbox_id, status="failed")
         session.commit()
         return "failed"
+    reason = BREAK_GLASS if glass else "overdue" if overdue else "new"
+    link = f"{settings.public_url}/staff/requests/{request.reference}"
+    accessed_by = None
+    if glass:
+        # The break-glass this alert is about: the latest one recorded with or before its row.
+        queued = session.get(OutboxMessage, outbox_id) if outbox_id is not None else None
+        found = select(AuditEvent.details, AuditEvent.actor_role).where(
+            AuditEvent.action == "phi.break_glass",
+            AuditEvent.reference == request.reference,
+            AuditEvent.outcome == "success",
+        )
+        if queued is not None:
+            found = found.where(AuditEvent.created_at <= queued.created_at)
+        event = session.execute(found.order_by(AuditEvent.seq.desc()).limit(1)).first()
+        if event is not None:
+            username = json.loads(event.details).get("username", "?")
+            accessed_by = f"{username} ({event.actor_role})"
+        link = f"{settings.public_url}/compliance/break-glass"
     notice = Notice(
         reference=request.reference,
         kind=request.kind,
@@ -193,8 +237,9 @@ def send_outbox_notice(
         team=team.id,
         team_name=team.name,
         sla_due_at=request.sla_due_at,
-        link=f"{settings.public_url}/staff/requests/{request.reference}",
-        reason="overdue" if overdue else "new",
+        link=link,
+        reason=reason,
+        accessed_by=accessed_by,
     )
     session.rollback()  # hold no lock while talking to the outside world
     actor = f"system:{task}"
@@ -216,7 +261,7 @@ def send_outbox_notice(
             action="notification.failed",
             reference=notice.reference,
             outcome="failure",
-            details={"team": team.id, "error": str(error)},
+            details={"team": team.id, "error": str(error), "reason": notice.reason},
         )
         outbox.mark_done(session, request_id, task, outbox_id, status="failed")
         session.commit()

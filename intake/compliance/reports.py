@@ -401,6 +401,12 @@ def _words(value: Any) -> str:
 def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
     """What happened and why, in words, from an event's action and (PHI-free) details."""
     d = details
+    if d.get("refused") == "claimed_by_other":
+        what, why = describe(action, {k: v for k, v in d.items() if k != "refused"})
+        held = f"claimed by {d.get('assignee')}"
+        return f"Refused attempt: {what[:1].lower()}{what[1:]}", f"{why}; {held}" if why else held
+    if d.get("refused") == "role_not_allowed":
+        return "Refused: tried to break the glass (role not allowed)", ""
     if action == "phi.viewed" and d.get("view") == "queue":
         return "Saw the first name and last initial in a queue list", ""
     if action == "request.searched":
@@ -635,6 +641,7 @@ def _completions(session: DbSession, since: datetime) -> Any:
         )
         .where(
             AuditEvent.action == "request.status_changed",
+            AuditEvent.outcome == "success",  # a refused attempt completed nothing
             AuditEvent.created_at >= since,
             _detail(session, "new") == "completed",
         )
