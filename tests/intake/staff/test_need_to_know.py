@@ -189,7 +189,10 @@ def test_the_staff_timeline_is_workflow_in_words_without_compliance_details(
     lines = [re.sub(r"<[^>]+>", "", li).strip() for li in re.findall(r"<li.*?</li>", timeline)]
     texts = [line.split("UTC", 1)[1].strip() for line in lines]
 
-    assert texts[:2] == ["Submitted by the patient", "Routed to Refills: Main Street, priority normal"]
+    assert texts[:2] == [
+        "Submitted by the patient",
+        "Routed to Refills: Main Street, priority normal",
+    ]
     assert "Opened by ana (3 times)" in texts
     assert "Claimed by ana" in texts
     assert "Status changed from Queued to In progress by ana" in texts
