@@ -128,9 +128,14 @@ def may_review(role: str, reviewers: tuple[str, ...] = REVIEWER_ROLES) -> bool:
 
 
 def check_comment(comment: str) -> str:
-    """A review comment as stored: 5 to 1000 characters and nothing like patient details."""
+    """A review comment as stored: 5 to 1000 characters and nothing like patient details.
+
+    The filter is the one staff reasons pass (``casework.check_reason``); the comment itself is
+    kept as typed, line breaks included.
+    """
+    comment = comment.strip()
     try:
-        return check_reason(
+        check_reason(
             comment,
             MIN_COMMENT,
             f"write a comment of {MIN_COMMENT} to {MAX_COMMENT} characters",
@@ -138,6 +143,9 @@ def check_comment(comment: str) -> str:
         )
     except CaseworkError as error:
         raise ReviewError(str(error)) from None
+    if len(comment) > MAX_COMMENT:
+        raise ReviewError(f"write a comment of {MIN_COMMENT} to {MAX_COMMENT} characters")
+    return comment
 
 
 def review_break_glass(
