@@ -1,16 +1,28 @@
 # Intake: one image for the web, worker, beat and migrate services of docker-compose.yml.
-FROM python:3.11-slim-bookworm
+# The base image is pinned by digest (the tag alone moves). To move to a newer build, look up
+# the digest with `docker buildx imagetools inspect python:3.11-slim-bookworm` and replace it
+# here; see "Dependencies and the lock file" in docs/operations.md.
+FROM python:3.11.15-slim-bookworm@sha256:d29f48a31a8b408ed19272ca1e7b10ebae13b240a27e862d3d4217c528e2e0c3
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     INTAKE_PROFILE=production INTAKE_DATA_DIR=/var/lib/intake
 
 RUN useradd --system --home /var/lib/intake --create-home intake
 WORKDIR /app
+# Every distribution comes from the hashed lock files (scripts/lock), as a wheel: pip refuses
+# anything unpinned, unhashed or different from what was locked, and builds nothing from source.
+COPY requirements/build.txt requirements/production.txt requirements/
+RUN pip install --require-hashes --only-binary :all: --no-deps -r requirements/build.txt \
+    && pip install --require-hashes --only-binary :all: --no-deps -r requirements/production.txt
 COPY pyproject.toml README.md babel.cfg ./
 COPY config ./config
 COPY intake ./intake
 COPY workers ./workers
-RUN pip install "babel>=2.14" && pybabel compile -d intake/translations && pip install .
+# Intake itself: no dependencies resolved, no build tools fetched (the locked setuptools builds it).
+RUN pybabel compile -d intake/translations \
+    && pip install --no-deps --no-build-isolation . \
+    && pip check
 
 USER intake
 EXPOSE 8000

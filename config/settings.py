@@ -118,6 +118,32 @@ def read_secret_setting(value: str) -> str:
     return candidate
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0, not {raw!r}")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]) if env.get(name) else None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# INTAKE_SMTP_URL schemes: clear text, STARTTLS on the submission port, TLS from the first byte.
+SMTP_SCHEMES = ("smtp", "smtp+starttls", "smtps")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything an Intake process needs to know about its deployment."""
@@ -147,6 +173,11 @@ class Settings:
     audit_checkpoint_seconds: float = 300.0
     retention_days: int = 2190
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # -- database roles and transport security --
+    database_app_role: str | None = None
+    smtp_ca_file: Path | None = None
+    smtp_allow_plaintext: bool = False
+    redis_ca_file: Path | None = None
     # Break-glass policy (docs/compliance.md, "Break-glass policy").
     break_glass_roles: tuple[str, ...] = ("staff", "supervisor", "compliance")
     break_glass_alert_roles: tuple[str, ...] = ("compliance",)
@@ -198,6 +229,11 @@ class Settings:
             audit_checkpoint_seconds=_float(env, "INTAKE_AUDIT_CHECKPOINT_SECONDS", 300.0),
             retention_days=_int(env, "INTAKE_RETENTION_DAYS", 2190),
             trusted_proxies=_networks(env, "INTAKE_TRUSTED_PROXIES"),
+            # -- database roles and transport security --
+            database_app_role=env.get("INTAKE_DATABASE_APP_ROLE") or None,
+            smtp_ca_file=_path(env, "INTAKE_SMTP_CA_FILE"),
+            smtp_allow_plaintext=_flag(env, "INTAKE_SMTP_ALLOW_PLAINTEXT"),
+            redis_ca_file=_path(env, "INTAKE_REDIS_CA_FILE"),
         )
         settings = replace(
             settings,
@@ -219,6 +255,7 @@ class Settings:
             ),
         )
         settings.check()
+        settings.check_transport()
         return settings
 
     def check(self) -> None:
@@ -292,6 +329,48 @@ class Settings:
             if path.is_file() and path.read_text(encoding="utf-8").strip() == value:
                 return [f"{name} is the key the embedded profile generated into {path}"]
         return []
+
+    def check_transport(self) -> None:
+        """Refuse settings that would talk to the mail server or Redis unprotected.
+
+        Why: a notification carries a reference and a staff link, and an SMTP login carries a
+        password; on a network the pharmacy does not control, clear text gives both away. So
+        production refuses clear-text SMTP to anything but this machine unless the operator says
+        the relay sits on a trusted network (INTAKE_SMTP_ALLOW_PLAINTEXT=1), and no profile ever
+        sends an SMTP password in clear text off this machine. Messages name the variable, never
+        the URL (it may hold a password).
+        """
+        if self.smtp_url:
+            parts = urlsplit(self.smtp_url)
+            if parts.scheme not in SMTP_SCHEMES or not parts.hostname:
+                raise SettingsError(
+                    "INTAKE_SMTP_URL must look like smtp+starttls://host:587, smtps://host:465"
+                    " or smtp://host:25"
+                )
+            clear_off_machine = parts.scheme == "smtp" and not _is_loopback(parts.hostname)
+            if clear_off_machine and parts.username:
+                raise SettingsError(
+                    "INTAKE_SMTP_URL would send the SMTP password in clear text to "
+                    f"{parts.hostname}; use smtp+starttls:// or smtps://"
+                )
+            if clear_off_machine and not self.embedded and not self.smtp_allow_plaintext:
+                raise SettingsError(
+                    f"INTAKE_SMTP_URL sends mail to {parts.hostname} in clear text; use "
+                    "smtp+starttls:// or smtps://, or set INTAKE_SMTP_ALLOW_PLAINTEXT=1 for a "
+                    "relay on a trusted network"
+                )
+        if self.smtp_ca_file:
+            if not self.smtp_url or urlsplit(self.smtp_url).scheme == "smtp":
+                raise SettingsError(
+                    "INTAKE_SMTP_CA_FILE needs an smtp+starttls:// or smtps:// INTAKE_SMTP_URL"
+                )
+            if not self.smtp_ca_file.is_file():
+                raise SettingsError(f"INTAKE_SMTP_CA_FILE: no such file {self.smtp_ca_file}")
+        if self.redis_ca_file:
+            if not (self.redis_url or "").startswith("rediss://"):
+                raise SettingsError("INTAKE_REDIS_CA_FILE needs a rediss:// INTAKE_REDIS_URL")
+            if not self.redis_ca_file.is_file():
+                raise SettingsError(f"INTAKE_REDIS_CA_FILE: no such file {self.redis_ca_file}")
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import Flask
 
 from config import Settings
-from intake import embedded, private_files
+from intake import embedded, private_files, transport
 from intake.clock import utcnow
 from intake.phi import Keyring
 from intake.proxies import TrustedProxies
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         RATELIMIT_SWALLOW_ERRORS=True,
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
+    # rediss://: the limiter's storage verifies Redis's certificate like the broker does.
+    app.config["RATELIMIT_STORAGE_OPTIONS"] = transport.redis_ssl_options(settings)
     app.extensions["intake.settings"] = settings
     app.extensions["intake.keyring"] = _keyring(settings)
     app.extensions["intake.routing"] = load_routing(settings.routing_file)

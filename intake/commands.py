@@ -9,6 +9,7 @@ import sys
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+from flask_migrate.cli import db as migrate_db
 
 from intake import accounts
 from intake.audit_commands import audit
@@ -286,6 +287,27 @@ def retention_purge() -> None:
     while purged := purge_expired(db.session, now(), days):
         total += len(purged)
     click.echo(f"Purged {total} requests closed more than {days} days ago.")
+
+
+@migrate_db.command("grant-app")
+@click.argument("role")
+@with_appcontext
+def db_grant_app(role: str) -> None:
+    """Grant ROLE the app's privileges only (PostgreSQL; run as the owner after each upgrade).
+
+    ROLE may then SELECT and INSERT on audit_events, use the other tables' rows, and nothing
+    more: no UPDATE, DELETE or TRUNCATE of audit events, no ALTER or DROP of any table.
+    """
+    from intake.database_roles import DatabaseRoleError, grant_app_role
+
+    try:
+        with db.engine.begin() as connection:
+            grants = grant_app_role(connection, role)
+    except DatabaseRoleError as error:
+        raise click.ClickException(str(error)) from None
+    for grant in grants:
+        click.echo(f"{grant.table}: {', '.join(grant.privileges)}")
+    click.echo(f"Granted {role} the app's privileges on {len(grants)} tables.")
 
 
 COMMANDS: list[click.Command] = [serve, users, teams, keys, retention, audit, demo, demo_otp]

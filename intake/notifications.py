@@ -17,14 +17,16 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 from sqlalchemy import select
 
 from intake.extensions import DbSession
 from intake.routing import RoutingTable, Team
+from intake.transport import tls_client_context
 
 log = structlog.get_logger(__name__)
 
@@ -95,18 +97,37 @@ class Notice:
         }
 
 
-def send_email(smtp_url: str, sender: str, recipient: str, notice: Notice) -> None:
+# The port each INTAKE_SMTP_URL scheme uses when the URL names none.
+SMTP_DEFAULT_PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
+
+
+def send_email(
+    smtp_url: str, sender: str, recipient: str, notice: Notice, *, ca_file: Path | None = None
+) -> None:
+    """Send ``notice`` by e-mail: ``smtp+starttls://`` or ``smtps://`` verify the server.
+
+    ``smtp+starttls://`` refuses a server that does not offer STARTTLS (a downgrade by whoever
+    sits in between) instead of carrying on in clear text; a certificate that does not verify
+    against the system's trust store (or ``ca_file``) stops the message before it is sent.
+    """
     parts = urlsplit(smtp_url)
-    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise NotificationError("INTAKE_SMTP_URL must look like smtp://host:port")
+    if parts.scheme not in SMTP_DEFAULT_PORTS or not parts.hostname:
+        raise NotificationError("INTAKE_SMTP_URL must look like smtp+starttls://host:587")
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = sender, recipient, notice.subject()
     message.set_content(notice.body())
-    client_class = smtplib.SMTP_SSL if parts.scheme == "smtps" else smtplib.SMTP
+    host, port = parts.hostname, parts.port or SMTP_DEFAULT_PORTS[parts.scheme]
     try:
-        with client_class(parts.hostname, parts.port or 25, timeout=10) as client:
+        client: smtplib.SMTP
+        if parts.scheme == "smtps":
+            client = smtplib.SMTP_SSL(host, port, timeout=10, context=tls_client_context(ca_file))
+        else:
+            client = smtplib.SMTP(host, port, timeout=10)
+        with client:
+            if parts.scheme == "smtp+starttls":
+                client.starttls(context=tls_client_context(ca_file))
             if parts.username:
-                client.login(parts.username, parts.password or "")
+                client.login(unquote(parts.username), unquote(parts.password or ""))
             client.send_message(message)
     except (OSError, smtplib.SMTPException) as error:
         raise NotificationError(f"smtp: {type(error).__name__}") from error
@@ -127,13 +148,20 @@ def send_webhook(url: str, notice: Notice) -> None:
         raise NotificationError(f"webhook: {type(error).__name__}") from error
 
 
-def deliver(team: Team, notice: Notice, smtp_url: str | None, sender: str) -> list[str]:
+def deliver(
+    team: Team,
+    notice: Notice,
+    smtp_url: str | None,
+    sender: str,
+    *,
+    smtp_ca_file: Path | None = None,
+) -> list[str]:
     """Send ``notice`` on each of the team's channels; return the channels used."""
     used: list[str] = []
     for channel in team.notify:
         if channel == "email" and team.email:
             if smtp_url:
-                send_email(smtp_url, sender, team.email, notice)
+                send_email(smtp_url, sender, team.email, notice, ca_file=smtp_ca_file)
                 used.append("email")
                 continue
             channel = "log"  # embedded profile: no SMTP server configured
@@ -244,7 +272,13 @@ def send_outbox_notice(
     session.rollback()  # hold no lock while talking to the outside world
     actor = f"system:{task}"
     try:
-        channels = deliver(team, notice, settings.smtp_url, settings.smtp_from)
+        channels = deliver(
+            team,
+            notice,
+            settings.smtp_url,
+            settings.smtp_from,
+            smtp_ca_file=settings.smtp_ca_file,
+        )
     except NotificationError as error:
         if attempt < max_retries:
             log.warning(

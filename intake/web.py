@@ -162,11 +162,8 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(CSRFError)
     def csrf_error(error: CSRFError) -> ResponseReturnValue:
-        from intake.patient.views import rerender_after_csrf_error
-
         log.info("csrf_rejected", path=request.path, reason=error.description)
-        page = rerender_after_csrf_error()
-        return page if page is not None else error_page(400)
+        return error_page(400)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> ResponseReturnValue:

@@ -14,12 +14,16 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask
 
+from intake.transport import redis_ssl_options
+
 
 def broker_settings(flask_app: Flask) -> dict[str, Any]:
     settings = flask_app.extensions["intake.settings"]
     if settings.redis_url:
         return {
             "broker_url": settings.redis_url,
+            # rediss://: verify Redis's certificate and name (kombu's default checks nothing).
+            "broker_use_ssl": redis_ssl_options(settings) or None,
             "broker_transport_options": {
                 # A task taken by a worker that died is handed out again after this long.
                 "visibility_timeout": settings.broker_visibility_timeout,

@@ -8,6 +8,19 @@ from flask import current_app
 target_db = current_app.extensions["migrate"].db
 
 
+def grant_app_role_after_upgrade(connection) -> None:
+    """Re-derive the app role's grants from the new schema, in the migration's transaction.
+
+    With INTAKE_DATABASE_APP_ROLE set, every upgrade (run as the owner) leaves the app role
+    with exactly its privileges on every table, new ones included; see intake.database_roles.
+    """
+    role = current_app.extensions["intake.settings"].database_app_role
+    if role and connection.dialect.name == "postgresql":
+        from intake.database_roles import grant_app_role
+
+        grant_app_role(connection, role)
+
+
 def run_migrations_online() -> None:
     connectable = target_db.engine
     with connectable.connect() as connection:
@@ -24,6 +37,7 @@ def run_migrations_online() -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+            grant_app_role_after_upgrade(connection)
         if connection.dialect.name == "sqlite":
             connection.commit()
             connection.connection.driver_connection.execute("PRAGMA foreign_keys = ON")

@@ -42,6 +42,8 @@ CHOICE_INVALID = _l("Choose one of the options.")
 NAME_PUNCTUATION = set(" '-.’")
 RX_RE = re.compile(r"^[0-9][0-9-]{4,10}[0-9]$")
 MAX_AGE_YEARS = 120
+# No field of a patient form needs more (the longest, the message, allows 4,000).
+MAX_CHARS = 5000
 
 
 def options(pairs: Any) -> list[SelectChoice]:
@@ -121,19 +123,33 @@ def clean_email(text: str) -> str:
         raise ValidationError(EMAIL_INVALID) from None
 
 
+MAX_RX_NUMBERS = 10
+LINE_RE = re.compile(r"[^\r\n]+")
+
+
+def rx_lines(text: str) -> Any:
+    """The non-blank lines of ``text``, read lazily so a caller can stop early."""
+    return (match.group().strip() for match in LINE_RE.finditer(text))
+
+
 def clean_rx_numbers(text: str) -> list[str]:
-    numbers: list[str] = []
-    for line in re.split(r"[\r\n]+", text or ""):
-        item = line.strip()
-        if item and item not in numbers:
-            numbers.append(item)
+    """One number per line, duplicates dropped, at most ten.
+
+    Why lazily and with a set: a pasted (or hostile) list of 40,000 lines used to be compared
+    line by line against every line before it, seconds of CPU for one unauthenticated request.
+    Now each line is looked at once, and reading stops at the eleventh distinct number.
+    """
+    numbers: dict[str, None] = {}
+    for item in rx_lines(text or ""):
+        if item:
+            numbers[item] = None
+            if len(numbers) > MAX_RX_NUMBERS:
+                raise ValidationError(RX_TOO_MANY)
     if not numbers:
         raise ValidationError(RX_NONE)
-    if len(numbers) > 10:
-        raise ValidationError(RX_TOO_MANY)
     if not all(RX_RE.fullmatch(n) for n in numbers):
         raise ValidationError(RX_INVALID)
-    return numbers
+    return list(numbers)
 
 
 class PatientForm(FlaskForm):
@@ -159,6 +175,17 @@ class PatientForm(FlaskForm):
         super().__init__(*args, **kwargs)
         self.today = today or date.today()
         self.cleaned: dict[str, Any] = {}
+
+    def validate(self, extra_validators: Any = None) -> bool:
+        """Refuse an oversized field at once, before any validator reads it."""
+        oversized = [
+            field for field in self if isinstance(field.data, str) and len(field.data) > MAX_CHARS
+        ]
+        if oversized:
+            for field in oversized:
+                field.errors = [TOO_LONG]
+            return False
+        return bool(super().validate(extra_validators))
 
     # Each validate_<field> stores the normalized value in self.cleaned.
     def validate_first_name(self, field: Any) -> None:

@@ -9,11 +9,12 @@ import structlog
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
+from flask_wtf.csrf import CSRFError
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from intake import outbox
 from intake.consents import current_consent
-from intake.extensions import db, limiter
+from intake.extensions import csrf, db, limiter
 from intake.i18n import current_language
 from intake.patient.forms import ContactForm, PatientForm, RefillForm
 from intake.phi import ip_pseudonym
@@ -119,11 +120,23 @@ def _client_ip_hmac() -> str | None:
     return ip_pseudonym(current_app.extensions["intake.keyring"], request.remote_addr)
 
 
+def _csrf_failed() -> bool:
+    """Check the CSRF token here, after the rate limiter has counted the POST."""
+    try:
+        csrf.protect()
+    except CSRFError as error:
+        log.info("csrf_rejected", path=request.path, reason=error.description)
+        return True
+    return False
+
+
 def _handle(kind: str) -> ResponseReturnValue:
     form_class, _template, _order = FORMS[kind]
-    form = form_class()
     if request.method == "GET":
-        return _render(kind, form)
+        return _render(kind, form_class())
+    if _csrf_failed():
+        return rerender_after_csrf_error(kind)
+    form = form_class()
 
     guard = _check_guard(kind, form)
     if guard == "bot":
@@ -160,15 +173,25 @@ def _handle(kind: str) -> ResponseReturnValue:
     return redirect(url_for("patient.thanks", reference=accepted.reference), 303)
 
 
-def rerender_after_csrf_error() -> ResponseReturnValue | None:
-    """A patient whose form token expired gets the form back (400), not a dead end."""
-    kind = {"patient.refill": "refill", "patient.contact": "contact"}.get(request.endpoint or "")
-    if kind is None or request.method != "POST":
-        return None
+def rerender_after_csrf_error(kind: str) -> ResponseReturnValue:
+    """A patient whose form token expired gets the form back (400) with what they typed.
+
+    Nothing is validated: a post without a valid token costs no more than rendering the form,
+    however it was made.
+    """
     form_class, _template, _order = FORMS[kind]
-    form = form_class(meta={"csrf": False})
-    form.validate()
-    return _render(kind, form, 400, notice=FORM_STALE)
+    # Not validated; rendered with a fresh token, so the page it gives back can be sent.
+    return _render(kind, form_class(), 400, notice=FORM_STALE)
+
+
+PATIENT_FORM_MAX_BYTES = 64 * 1024
+
+
+@bp.before_request
+def limit_body_size() -> None:
+    """A patient form is a few KiB; a bigger body is refused (413) before it is parsed."""
+    request.max_content_length = PATIENT_FORM_MAX_BYTES
+    request.max_form_memory_size = PATIENT_FORM_MAX_BYTES
 
 
 @bp.get("/")
@@ -176,13 +199,17 @@ def index() -> ResponseReturnValue:
     return render_template("patient/index.html")
 
 
+# The token is checked inside each view (``_csrf_failed``), so that the rate limiter counts
+# every POST, a forged one too, before anything reads the body.
 @bp.route("/refill", methods=["GET", "POST"])
+@csrf.exempt
 @limiter.limit(_submit_limit, methods=["POST"])
 def refill() -> ResponseReturnValue:
     return _handle("refill")
 
 
 @bp.route("/contact", methods=["GET", "POST"])
+@csrf.exempt
 @limiter.limit(_submit_limit, methods=["POST"])
 def contact() -> ResponseReturnValue:
     return _handle("contact")
@@ -212,14 +239,17 @@ STATUS_NOT_FOUND = _l(
 
 
 @bp.route("/status", methods=["GET", "POST"])
+@csrf.exempt
 @limiter.limit(_submit_limit, methods=["POST"])
 def status() -> ResponseReturnValue:
     from intake.patient.forms import StatusForm
     from intake.status_lookup import look_up_status
 
-    form = StatusForm()
     if request.method == "GET":
-        return render_template("patient/status.html", form=form, first_error=None)
+        return render_template("patient/status.html", form=StatusForm(), first_error=None)
+    if _csrf_failed():
+        abort(400)
+    form = StatusForm()
     if not form.validate():
         first_error = next((n for n in ("reference", "date_of_birth") if form[n].errors), None)
         return render_template(

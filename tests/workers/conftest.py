@@ -48,29 +48,43 @@ def wait_until(
 class RedisServer:
     """A redis-server of our own on a free port, which tests may stop and start again."""
 
-    def __init__(self, folder: Path, password: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, password: str | None = None, tls: TlsFiles | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             if IN_CI:
                 pytest.fail("redis-server is required in CI (scripts/test installs it)")
             pytest.skip("redis-server not installed")
-        self.binary, self.folder, self.password = binary, folder, password
+        self.binary, self.folder, self.password, self.tls = binary, folder, password, tls
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis_client.Redis:
+        if self.tls:  # trusts the CA that issued the server's own certificate
+            return redis_client.Redis.from_url(
+                self.url, ssl_ca_certs=str(self.tls.ca_file), ssl_check_hostname=True
+            )
         return redis_client.Redis.from_url(self.url)
 
     def start(self) -> None:
+        if self.tls:
+            # TLS only (no clear-text port); clients prove themselves by password, not by cert.
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            listen += ["--tls-cert-file", str(self.tls.cert_file)]
+            listen += ["--tls-key-file", str(self.tls.key_file)]
+            listen += ["--tls-ca-cert-file", str(self.tls.ca_file)]
+        else:
+            listen = ["--port", str(self.port)]
         argv = [
             self.binary,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -100,6 +114,26 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
         self.process = None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a test server: its certificate chain and key, and the CA that issued it."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def issue_tls_files(ca: Any, folder: Path, *hosts: str) -> TlsFiles:
+    """Issue a server certificate for ``hosts`` from ``ca`` (a ``trustme.CA``) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert(*(hosts or ("127.0.0.1", "localhost")))
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    ca.cert_pem.write_to_path(str(files.ca_file))
+    cert.private_key_pem.write_to_path(str(files.key_file))
+    files.cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return files
 
 
 @pytest.fixture
@@ -171,6 +205,8 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "INTAKE_KEYRING": settings.keyring,
         "INTAKE_REDIS_URL": settings.redis_url,
         "INTAKE_SMTP_URL": settings.smtp_url,
+        "INTAKE_SMTP_CA_FILE": str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
+        "INTAKE_REDIS_CA_FILE": str(settings.redis_ca_file) if settings.redis_ca_file else None,
     }
     env.update({name: value for name, value in optional.items() if value})
     env.update(extra)
