@@ -479,9 +479,11 @@ def access_report(session: DbSession, reference: str) -> AccessReport:
         details = row.detail_values
         what, why = describe(row.action, details)
         in_list = row.reference is None
-        saw_phi = row.action in ("phi.viewed", "phi.break_glass") and not in_list
-        glass = row.action == "phi.break_glass" or bool(
-            row.action == "phi.viewed" and details.get("break_glass")
+        happened = row.outcome == "success"  # a refused break-glass opened nothing
+        saw_phi = row.action in ("phi.viewed", "phi.break_glass") and not in_list and happened
+        glass = happened and (
+            row.action == "phi.break_glass"
+            or bool(row.action == "phi.viewed" and details.get("break_glass"))
         )
         entry = AccessEntry(
             seq=row.seq,
@@ -505,7 +507,7 @@ def access_report(session: DbSession, reference: str) -> AccessReport:
         person.last = row.created_at
         if row.action == "phi.viewed":
             person.phi_views += 1
-        elif row.action == "phi.break_glass":
+        elif glass and row.action == "phi.break_glass":
             person.break_glass += 1
         else:
             person.other_actions += 1

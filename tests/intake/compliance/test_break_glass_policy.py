@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from config.settings import SettingsError
+from intake.compliance.reports import access_report
 from intake.extensions import db
 from intake.models import AuditEvent, BreakGlassReview, OutboxMessage, Request
 from intake.notifications import send_outbox_notice
@@ -104,6 +105,14 @@ def test_a_role_left_out_of_the_policy_cannot_break_the_glass(app, patient, staf
     listing = carlos.get("/compliance/break-glass").get_data(as_text=True)
     assert "Pending review (0)" in listing
     assert review(carlos, events[0].seq, "Nothing to review here").status_code == 404
+    # The access report lists the attempt as refused, not as a view of the patient's data.
+    with app.app_context():
+        report = access_report(db.session, reference)
+    attempt = next(e for e in report.entries if e.seq == events[0].seq)
+    assert attempt.outcome == "refused" and not attempt.saw_phi and not attempt.break_glass
+    assert attempt.what == "Refused: tried to break the glass (role not allowed)"
+    olivia_line = next(p for p in report.people if p.who == "olivia")
+    assert (olivia_line.phi_views, olivia_line.break_glass) == (0, 0)
 
 
 def test_staff_can_be_left_out_too(app, patient, staff):
