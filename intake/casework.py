@@ -503,8 +503,10 @@ def change_status(
     session: DbSession, reference: str, actor: Actor, new_status: str, now: datetime
 ) -> None:
     request = get_request(session, reference, actor, lock=True)
+    # What was asked for is recorded only when it is a status: the field comes from the browser.
+    asked = new_status if new_status in TRANSITIONS else None
     _refuse_if_claimed_by_other(
-        session, request, actor, now, "request.status_changed", old=request.status, new=new_status
+        session, request, actor, now, "request.status_changed", old=request.status, new=asked
     )
     allowed = TRANSITIONS.get(request.status, ())
     if new_status not in allowed:

@@ -81,6 +81,13 @@ def test_a_teammate_cannot_work_a_colleagues_claimed_request(app, route, make_us
     assert events[0].details["new"] == "cancelled"
     assert events[2].details["to_team"] == "refills-north"
     assert "cancel" not in events[1].raw_details and events[1].details["length"] > 0
+    # The status field comes from the browser: a made-up value never reaches the trail.
+    since = last_seq(app)
+    forged = boris.act(reference, "status", status="Maria Nunez 202 555 0143")
+    assert forged.status_code == 409
+    (event,) = events_since(app, since)
+    assert event.outcome == "refused" and event.details["new"] is None
+    assert "Maria" not in event.raw_details and "555" not in event.raw_details
     assert chain_is_intact(app)
 
     # The page says so up front and offers boris none of the forms he may not use.
