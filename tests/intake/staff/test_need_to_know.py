@@ -93,7 +93,7 @@ def test_a_teammate_cannot_work_a_colleagues_claimed_request(app, route, make_us
     # The page says so up front and offers boris none of the forms he may not use.
     page = boris.get(f"/staff/requests/{reference}").get_data(as_text=True)
     assert CLAIMED in page
-    for action in ("status", "note", "transfer"):
+    for action in ("claim", "status", "note", "transfer"):
         assert f"/staff/requests/{reference}/{action}" not in page
     # The assignee still works it.
     assert ana.act(reference, "note", text="Left a voicemail").status_code == 303
