@@ -65,6 +65,45 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
         raise SettingsError(f"{name}: an entry is no address or network ({error})") from None
 
 
+def _login_lockout_settings(env: Mapping[str, str]) -> dict[str, int]:
+    """The lockout policy's numbers (docs/compliance.md, "Lockout policy"), each checked."""
+    defaults = Settings()
+    values = {
+        "login_account_budget": _int(
+            env, "INTAKE_LOGIN_ACCOUNT_BUDGET", defaults.login_account_budget
+        ),
+        "login_account_window_minutes": _int(
+            env, "INTAKE_LOGIN_ACCOUNT_WINDOW_MINUTES", defaults.login_account_window_minutes
+        ),
+        "login_account_first_delay_seconds": _int(
+            env,
+            "INTAKE_LOGIN_ACCOUNT_FIRST_DELAY_SECONDS",
+            defaults.login_account_first_delay_seconds,
+        ),
+        "login_account_max_delay_seconds": _int(
+            env, "INTAKE_LOGIN_ACCOUNT_MAX_DELAY_SECONDS", defaults.login_account_max_delay_seconds
+        ),
+        "login_otp_freeze_after": _int(
+            env, "INTAKE_LOGIN_OTP_FREEZE_AFTER", defaults.login_otp_freeze_after
+        ),
+        "login_hash_concurrency": _int(
+            env, "INTAKE_LOGIN_HASH_CONCURRENCY", defaults.login_hash_concurrency
+        ),
+    }
+    for field, value in values.items():
+        if value < 0:
+            raise SettingsError(f"INTAKE_{field.upper()} must not be negative")
+    if values["login_hash_concurrency"] < 1:
+        raise SettingsError("INTAKE_LOGIN_HASH_CONCURRENCY must be at least 1")
+    if values["login_account_budget"] and (
+        values["login_account_first_delay_seconds"] < 1
+        or values["login_account_max_delay_seconds"] < values["login_account_first_delay_seconds"]
+    ):
+        raise SettingsError(
+            "INTAKE_LOGIN_ACCOUNT_FIRST_DELAY_SECONDS must be at least 1 and no more than "
+            "INTAKE_LOGIN_ACCOUNT_MAX_DELAY_SECONDS"
+        )
+    return values
 # Who may ever break the glass, and who may ever review it: admins never read requests, and
 # staff do not judge their colleagues' emergency accesses.
 BREAK_GLASS_ROLES = ("staff", "supervisor", "compliance")
@@ -178,6 +217,14 @@ class Settings:
     smtp_ca_file: Path | None = None
     smtp_allow_plaintext: bool = False
     redis_ca_file: Path | None = None
+    # Staff login: the per-account failure budget, the second-factor freeze and the cap on
+    # concurrent password checks (docs/compliance.md, "Lockout policy").
+    login_account_budget: int = 20
+    login_account_window_minutes: int = 1440
+    login_account_first_delay_seconds: int = 60
+    login_account_max_delay_seconds: int = 900
+    login_otp_freeze_after: int = 5
+    login_hash_concurrency: int = 4
     # Break-glass policy (docs/compliance.md, "Break-glass policy").
     break_glass_roles: tuple[str, ...] = ("staff", "supervisor", "compliance")
     break_glass_alert_roles: tuple[str, ...] = ("compliance",)
@@ -235,6 +282,7 @@ class Settings:
             smtp_allow_plaintext=_flag(env, "INTAKE_SMTP_ALLOW_PLAINTEXT"),
             redis_ca_file=_path(env, "INTAKE_REDIS_CA_FILE"),
         )
+        settings = settings.replace(**_login_lockout_settings(env))
         settings = replace(
             settings,
             break_glass_roles=_roles(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import DateTime, TypeDecorator
@@ -22,6 +23,23 @@ def now() -> datetime:
         if clock is not None:
             return clock()  # type: ignore[no-any-return]
     return utcnow()
+
+
+def pharmacy_zone() -> tzinfo:
+    """The pharmacy's time zone, for every time shown to patients (UTC until one is set).
+
+    Read from ``app.extensions["intake.timezone"]`` (an IANA name such as "America/Chicago"),
+    where the pharmacy's configuration puts it; start-up is the place to refuse a bad name.
+    """
+    from flask import current_app, has_app_context
+
+    name = current_app.extensions.get("intake.timezone") if has_app_context() else None
+    if not name:
+        return UTC
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -119,6 +119,47 @@ def users_reset_mfa(username: str, as_json: bool) -> None:
     click.echo(f"Authenticator URI: {created.otpauth_uri}")
 
 
+@users.command("set-password")
+@click.argument("username")
+@with_appcontext
+def users_set_password(username: str) -> None:
+    """Give USERNAME a new password (read from standard input) and end all of their sessions."""
+    password = _read_password()
+    try:
+        accounts.set_password(db.session, username, password, _actor(), now())
+        db.session.commit()
+    except accounts.AccountError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    click.echo(f"New password set for {username!r}; their sessions are ended.")
+
+
+@users.command("unfreeze")
+@click.argument("username")
+@with_appcontext
+def users_unfreeze(username: str) -> None:
+    """Clear USERNAME's frozen second factor and per-account login delay.
+
+    Check with the person first: a freeze means someone typed the right password and then
+    wrong codes, so it may be time for `users set-password` and `users reset-mfa` instead.
+    """
+    try:
+        cleared = accounts.unfreeze(
+            db.session, current_app.extensions["intake.keyring"], username, _actor(), now()
+        )
+        db.session.commit()
+    except accounts.AccountError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    names = {
+        "mfa_frozen": "the frozen second factor",
+        "otp_failures": "the count of wrong codes",
+        "account_delay": "the login delay",
+    }
+    what = ", ".join(names[item] for item in cleared) or "nothing was frozen or delayed"
+    click.echo(f"Unfroze {username!r}: {what}.")
+
+
 @click.group("teams")
 def teams() -> None:
     """Create teams of pharmacy staff."""

@@ -39,14 +39,14 @@ babel = Babel()
 
 
 def client_key() -> str:
-    """Rate-limit by a pseudonym of the client's IP, so the limiter's store (Redis) never holds
-    a raw address."""
+    """Rate-limit by a pseudonym of the client's network (an IPv4 address, an IPv6 /64), so the
+    limiter's store (Redis) never holds a raw address and one IPv6 customer is one client."""
     from flask import current_app
 
-    from intake.phi import ip_pseudonym
+    from intake.phi import client_pseudonym
 
     keyring = current_app.extensions["intake.keyring"]
-    return ip_pseudonym(keyring, get_remote_address()) or "unknown"
+    return client_pseudonym(keyring, get_remote_address()) or "unknown"
 
 
 limiter = Limiter(key_func=client_key, default_limits=[], headers_enabled=True)

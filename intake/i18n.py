@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from babel.dates import format_date, format_time
 from flask import Flask, Response, g, request
 from flask_babel import get_locale
+
+from intake.clock import pharmacy_zone
 
 LANGUAGES = ("en", "es")
 LANGUAGE_NAMES = {"en": "English", "es": "Español"}
@@ -24,6 +29,16 @@ def select_locale() -> str:
 def current_language() -> str:
     locale = get_locale()
     return locale.language if locale is not None and locale.language in LANGUAGES else "en"
+
+
+def format_moment(moment: datetime) -> str:
+    """A date and time as a patient reads it: in the page's language and the pharmacy's zone,
+    with the zone named ("December 1, 2026, 2:45 PM EST")."""
+    local = moment.astimezone(pharmacy_zone())
+    language = current_language()
+    day = format_date(local.date(), "long", locale=language)
+    clock = format_time(local, "short", locale=language)
+    return f"{day}, {clock} {local.tzname()}"
 
 
 def _remember(response: Response) -> Response:

@@ -81,6 +81,9 @@ class Request(db.Model):  # type: ignore[name-defined]
     phone_index: Mapped[str | None] = mapped_column(String(64), index=True)
     email_index: Mapped[str | None] = mapped_column(String(64), index=True)
     name_dob_index: Mapped[str | None] = mapped_column(String(64), index=True)
+    # HMAC of the one-time key the patient's form carried (see intake.submissions): unique, so
+    # a form sent twice, even by two requests at the same instant, stores one request.
+    submission_key_index: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)
 
     consents: Mapped[list[ConsentAcceptance]] = relationship(
         back_populates="request", cascade="all, delete-orphan", order_by="ConsentAcceptance.id"
@@ -133,12 +136,16 @@ class OutboxMessage(db.Model):  # type: ignore[name-defined]
 
     Written in the same transaction as the change it announces, so a request can never be
     saved without its routing task, nor a task published for a request that was rolled back.
+    Most rows are about a request; an alert about a staff account (``alert`` says which, e.g.
+    ``mfa_frozen``) names the user instead and no request.
     """
 
     __tablename__ = "outbox"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    request_id: Mapped[str | None] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    alert: Mapped[str | None] = mapped_column(String(32))
     task: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -205,6 +212,10 @@ class User(db.Model):  # type: ignore[name-defined]
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Wrong authenticator codes typed after the right password, in a row; at the policy's limit
+    # the second factor is frozen (``otp_frozen_at``) until an admin clears it.
+    otp_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    otp_frozen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     teams: Mapped[list[UserTeam]] = relationship(cascade="all, delete-orphan")
 
@@ -223,11 +234,14 @@ class UserTeam(db.Model):  # type: ignore[name-defined]
 
 
 class LoginThrottle(db.Model):  # type: ignore[name-defined]
-    """Failed logins for one (username, client) pair: the delay before the next try.
+    """Failed logins for one (username, client) pair, or for one typed username from anywhere:
+    the delay before the next try.
 
-    Keyed by an HMAC of the typed username and the client's IP pseudonym, known user or not, so
-    a lock says nothing about whether the account exists, and an attacker elsewhere cannot lock
-    a real user out of her own workstation.
+    Keyed by an HMAC of the typed username and the client network's pseudonym (or of the typed
+    username alone, for the per-account budget), known user or not, so a lock says nothing
+    about whether the account exists. The per-client rows keep an attacker elsewhere from
+    locking a real user out of her own workstation quickly; the per-account row bounds the
+    guesses against one account however many addresses the attacker has.
     """
 
     __tablename__ = "login_throttle"

@@ -96,13 +96,92 @@ class Notice:
             **({"accessed_by": self.accessed_by} if self.reason == BREAK_GLASS else {}),
         }
 
+    def log_fields(self) -> dict[str, str | None]:
+        return {
+            "reference": self.reference,
+            "priority": self.priority,
+            "kind": self.kind,
+            "link": self.link,
+        }
+
+
+# What the supervisors are told about a staff account, and what they can do about it.
+ACCOUNT_ALERTS = {
+    "mfa_frozen": (
+        "second factor frozen",
+        "The right password was typed for this account, followed by too many wrong "
+        "authenticator codes in a row. Someone may know the password. Nobody can log in to "
+        "the account until an administrator clears it.",
+        "Call the person. If it was not them, have an administrator change the password "
+        "(intake users set-password {username}) and give a new authenticator secret "
+        "(intake users reset-mfa {username}). If it was them, an administrator clears the "
+        "freeze with: intake users unfreeze {username}",
+    ),
+    "account_locked": (
+        "login attempts locked",
+        "So many wrong logins were tried for this account, from any computer, that further "
+        "attempts are refused for a while (the delay doubles while they go on). The person "
+        "may not be able to log in until it passes.",
+        "If the person needs to log in now, an administrator can lift the delay with: "
+        "intake users unfreeze {username}. Many attempts from unknown computers mean someone "
+        "is guessing the password; tell the security officer.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class AccountNotice:
+    """An alert to the supervisors about a staff account: whose, what happened, what to do.
+
+    Staff usernames are not patient information; the alert names no request and no client
+    address (the audit trail holds the pseudonyms for an investigation).
+    """
+
+    username: str
+    alert: str
+    at: datetime
+    link: str
+
+    def subject(self) -> str:
+        return f"Staff account {self.username}: {ACCOUNT_ALERTS[self.alert][0]}"
+
+    def body(self) -> str:
+        _title, what, action = ACCOUNT_ALERTS[self.alert]
+        lines = [
+            f"Staff account: {self.username}",
+            f"When:          {self.at.strftime('%Y-%m-%d %H:%M UTC')}",
+            "",
+            what,
+            "",
+            action.format(username=self.username),
+            "",
+            f"Compliance officers find the attempts in the audit trail: {self.link}",
+            "",
+            "This message deliberately contains no patient information.",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def as_json(self) -> dict[str, str | None]:
+        return {
+            "event": f"account.{self.alert}",
+            "username": self.username,
+            "at": self.at.isoformat(),
+            "link": self.link,
+        }
+
+    def log_fields(self) -> dict[str, str | None]:
+        return {"alert": self.alert, "username": self.username, "link": self.link}
+
+
+Deliverable = Notice | AccountNotice
+
 
 # The port each INTAKE_SMTP_URL scheme uses when the URL names none.
 SMTP_DEFAULT_PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
 
 
 def send_email(
-    smtp_url: str, sender: str, recipient: str, notice: Notice, *, ca_file: Path | None = None
+    smtp_url: str, sender: str, recipient: str, notice: Deliverable, *, ca_file: Path | None = None
 ) -> None:
     """Send ``notice`` by e-mail: ``smtp+starttls://`` or ``smtps://`` verify the server.
 
@@ -133,7 +212,7 @@ def send_email(
         raise NotificationError(f"smtp: {type(error).__name__}") from error
 
 
-def send_webhook(url: str, notice: Notice) -> None:
+def send_webhook(url: str, notice: Deliverable) -> None:
     if not url.startswith("https://"):
         raise NotificationError("webhooks must use https")
     data = json.dumps(notice.as_json()).encode()
@@ -150,7 +229,7 @@ def send_webhook(url: str, notice: Notice) -> None:
 
 def deliver(
     team: Team,
-    notice: Notice,
+    notice: Deliverable,
     smtp_url: str | None,
     sender: str,
     *,
@@ -169,14 +248,7 @@ def deliver(
             send_webhook(team.webhook, notice)
             used.append("webhook")
         elif channel == "log":
-            log.info(
-                "team_notified",
-                team=team.id,
-                reference=notice.reference,
-                priority=notice.priority,
-                kind=notice.kind,
-                link=notice.link,
-            )
+            log.info("team_notified", team=team.id, **notice.log_fields())
             used.append("log")
     return used
 
@@ -311,3 +383,79 @@ def send_outbox_notice(
     outbox.mark_done(session, request_id, task, outbox_id)
     session.commit()
     return "sent"
+
+
+def send_account_alert(
+    session: DbSession,
+    *,
+    outbox_id: int,
+    settings: Any,
+    table: RoutingTable,
+    attempt: int,
+    max_retries: int,
+) -> str:
+    """Tell the supervisors' channel about a staff account (an outbox row with an ``alert``),
+    at most once, and record the outcome; like :func:`send_outbox_notice` otherwise."""
+    from intake.audit import record_event
+    from intake.models import OutboxMessage, User
+
+    row = session.get(OutboxMessage, outbox_id)
+    if row is None or row.status != "pending" or row.user_id is None:
+        return "skipped"
+    user = session.get(User, row.user_id)
+    team = table.supervisors
+    if user is None or row.alert not in ACCOUNT_ALERTS:
+        _mark_alert(session, outbox_id, "failed")
+        session.commit()
+        return "failed"
+    notice = AccountNotice(
+        username=user.username,
+        alert=str(row.alert),
+        at=row.created_at,
+        link=f"{settings.public_url}/compliance/audit?actor=user:{user.id}",
+    )
+    session.rollback()  # hold no lock while talking to the outside world
+    actor = "system:notify_account_alert"
+    details = {"team": team.id, "alert": notice.alert, "user_id": user.id}
+    try:
+        channels = deliver(
+            team,
+            notice,
+            settings.smtp_url,
+            settings.smtp_from,
+            smtp_ca_file=settings.smtp_ca_file,
+        )
+    except NotificationError as error:
+        if attempt < max_retries:
+            log.warning("account_alert_retry", alert=notice.alert, attempt=attempt + 1)
+            raise RetryLater(error, countdown=min(2**attempt * 5, 600)) from None
+        record_event(
+            session,
+            actor=actor,
+            action="notification.failed",
+            outcome="failure",
+            details={**details, "error": str(error)},
+        )
+        _mark_alert(session, outbox_id, "failed")
+        session.commit()
+        log.error("account_alert_failed", alert=notice.alert)
+        return "failed"
+    record_event(
+        session, actor=actor, action="notification.sent", details={**details, "channels": channels}
+    )
+    _mark_alert(session, outbox_id, "done")
+    session.commit()
+    return "sent"
+
+
+def _mark_alert(session: DbSession, outbox_id: int, status: str) -> None:
+    from sqlalchemy import update
+
+    from intake.clock import utcnow
+    from intake.models import OutboxMessage
+
+    session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id == outbox_id, OutboxMessage.status == "pending")
+        .values(status=status, done_at=utcnow())
+    )

@@ -26,7 +26,10 @@ from intake.models import OutboxMessage
 log = structlog.get_logger(__name__)
 
 Publisher = Callable[[str, str, int], None]
-"""Publish task ``name`` for ``request_id`` and outbox row id; raise if the broker fails."""
+"""Publish task ``name`` for its subject (a request id, or a user id for an account alert) and
+outbox row id; raise if the broker fails."""
+
+ACCOUNT_ALERT_TASK = "notify_account_alert"
 
 # A message published but not marked done after INTAKE_OUTBOX_REPUBLISH_SECONDS is published
 # again: the broker may have lost it (a Redis restart without persistence) or no worker took it.
@@ -50,6 +53,14 @@ def enqueue(session: DbSession, request_id: str, task: str) -> OutboxMessage:
     return message
 
 
+def enqueue_account_alert(session: DbSession, user_id: int, alert: str) -> OutboxMessage:
+    """Record, in the caller's transaction, an alert to the supervisors about a staff account
+    (``alert`` names what happened, e.g. ``mfa_frozen``); it carries no request and no PHI."""
+    message = OutboxMessage(request_id=None, user_id=user_id, alert=alert, task=ACCOUNT_ALERT_TASK)
+    session.add(message)
+    return message
+
+
 def publish(session: DbSession, message_ids: list[int]) -> int:
     """Publish committed outbox rows; return how many reached the broker.
 
@@ -60,14 +71,15 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
     if publisher is None or not message_ids:
         return 0
     rows = session.execute(
-        select(OutboxMessage.id, OutboxMessage.task, OutboxMessage.request_id).where(
-            OutboxMessage.id.in_(message_ids), OutboxMessage.status == "pending"
-        )
+        select(
+            OutboxMessage.id, OutboxMessage.task, OutboxMessage.request_id, OutboxMessage.user_id
+        ).where(OutboxMessage.id.in_(message_ids), OutboxMessage.status == "pending")
     ).all()
     published: list[int] = []
     for row in rows:
+        subject = row.request_id if row.request_id is not None else str(row.user_id)
         try:
-            publisher(row.task, row.request_id, row.id)
+            publisher(row.task, subject, row.id)
         except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
             log.warning("outbox_publish_failed", outbox_id=row.id, error=type(error).__name__)
             break

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -247,3 +248,37 @@ def ip_pseudonym(keyring: Keyring, ip: str | None) -> str | None:
     if not ip:
         return None
     return hmac.new(keyring.ip_key, ip.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+# An IPv6 customer usually gets a whole /64 (often more): counting each of its 2**64 addresses
+# as a client of its own would give one attacker as many budgets as they like.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_network(ip: str) -> str:
+    """The network that counts as one client: an IPv4 address itself, an IPv6 address's /64.
+
+    An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) counts as its IPv4 address, and a string
+    that is no address is returned as it is, so it still names one client.
+    """
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        network = ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False)
+        return str(network)
+    return str(address)
+
+
+def client_pseudonym(keyring: Keyring, ip: str | None) -> str | None:
+    """Pseudonymize the client *network* of an IP, for rate limits and login throttles.
+
+    Unlike :func:`ip_pseudonym` (the audit trail's exact address), every address of one IPv6
+    /64 gets the same pseudonym, so rotating through them earns an attacker nothing.
+    """
+    if not ip:
+        return None
+    return ip_pseudonym(keyring, client_network(ip))

@@ -9,13 +9,15 @@ the date of birth is compared inside this function and never logged or audited.
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from intake import phi
 from intake.audit import record_event
 from intake.extensions import DbSession
-from intake.models import Request
+from intake.models import AuditEvent, Request
 
 COARSE = {
     "received": "received",
@@ -28,6 +30,21 @@ COARSE = {
 }
 
 
+# The audited actions that change what the patient is told (routing keeps it "received").
+STATUS_CHANGES = ("request.status_changed", "request.transferred")
+
+
+@dataclass(frozen=True)
+class StatusAnswer:
+    """What a patient may learn about their own request: no PHI, no team or staff names."""
+
+    status: str  # one of the coarse statuses above
+    kind: str
+    topic: str | None
+    received_at: datetime
+    changed_at: datetime
+
+
 # After this many failed look-ups of one reference within an hour, even the right date of birth
 # gets "not found" until the hour has passed: guessing a birth date takes years, not minutes.
 MAX_FAILURES_PER_HOUR = 5
@@ -36,10 +53,7 @@ MAX_FAILURES_PER_HOUR = 5
 def _recent_failures(session: DbSession, reference: str) -> int:
     from datetime import timedelta
 
-    from sqlalchemy import func
-
     from intake.clock import now
-    from intake.models import AuditEvent
 
     return int(
         session.execute(
@@ -61,8 +75,8 @@ def look_up_status(
     reference: str,
     date_of_birth: str,
     ip_hmac: str | None,
-) -> str | None:
-    """Return the coarse status, or None when the pair matches no request."""
+) -> StatusAnswer | None:
+    """Return what the patient may see, or None when the pair matches no request."""
     row = session.execute(
         select(Request).where(Request.reference == reference)
     ).scalar_one_or_none()
@@ -87,5 +101,22 @@ def look_up_status(
         outcome="success" if status else ("throttled" if throttled else "not_found"),
         ip_hmac=ip_hmac,
     )
+    answer = _answer(session, row, status) if row is not None and status else None
     session.commit()
-    return status
+    return answer
+
+
+def _answer(session: DbSession, row: Request, status: str) -> StatusAnswer:
+    changed = session.execute(
+        select(AuditEvent.created_at)
+        .where(AuditEvent.reference == row.reference, AuditEvent.action.in_(STATUS_CHANGES))
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return StatusAnswer(
+        status=status,
+        kind=row.kind,
+        topic=row.topic,
+        received_at=row.created_at,
+        changed_at=max(changed, row.created_at) if changed else row.created_at,
+    )

@@ -1,5 +1,14 @@
 """Accept a patient's request: seal its PHI and record it, its consents, its routing task and
-its audit event in one transaction."""
+its audit event in one transaction.
+
+Why the submission key: a patient sometimes sends one form twice (a double click, a resend
+after a lost answer, back and send again), and staff must not work the same refill twice. Each
+form carries a random one-time key; the request stores an HMAC of it (never the key) under a
+unique index, so the database itself keeps a second request with that key out, even when both
+arrive at the same instant on different web processes. The one that loses finds the winner's
+reference and answers with it. It assumes the key is random and known only to the patient's
+browser; the HMAC keeps a database reader from replaying it.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ from intake import outbox, phi
 from intake.audit import record_event
 from intake.consents import ConsentText
 from intake.extensions import DbSession
-from intake.models import ConsentAcceptance, Request, new_uuid
+from intake.models import ConsentAcceptance, OutboxMessage, Request, new_uuid
 from intake.references import new_reference
 
 ROUTE_TASK = "route_request"
@@ -30,13 +39,18 @@ class Submission:
     location: str | None = None
     ip_hmac: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    # The form's one-time key: a second submission with the same key stores nothing.
+    submission_key: str | None = None
 
 
 @dataclass(frozen=True)
 class Accepted:
     request_id: str
     reference: str
-    outbox_id: int
+    # None when ``duplicate``: the first submission's routing task is already on its way.
+    outbox_id: int | None
+    # True when this key had already been accepted: nothing new was stored.
+    duplicate: bool = False
 
 
 def _indexes(keyring: phi.Keyring, document: Mapping[str, Any]) -> dict[str, str | None]:
@@ -60,6 +74,22 @@ def display_name(document: Mapping[str, Any]) -> str:
     return f"{document.get('first_name', '')} {last[:1]}.".strip()
 
 
+def submission_key_index(keyring: phi.Keyring, key: str) -> str:
+    return phi.blind_index(keyring, "submission_key", key)
+
+
+def find_submission(session: DbSession, keyring: phi.Keyring, key: str) -> Accepted | None:
+    """The request already accepted with submission ``key``, if any."""
+    row = session.execute(
+        select(Request.id, Request.reference).where(
+            Request.submission_key_index == submission_key_index(keyring, key)
+        )
+    ).first()
+    if row is None:
+        return None
+    return Accepted(request_id=row.id, reference=row.reference, outbox_id=None, duplicate=True)
+
+
 def _unused_reference(session: DbSession, kind: str) -> str:
     while True:
         reference = new_reference(kind)
@@ -69,7 +99,13 @@ def _unused_reference(session: DbSession, kind: str) -> str:
 
 
 def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submission) -> Accepted:
-    """Store a request atomically; the caller publishes the outbox row after this returns."""
+    """Store a request atomically; the caller publishes the outbox row after this returns.
+
+    With a ``submission_key`` that was accepted before, store nothing and return the first
+    request (``duplicate``); the database's unique index decides between simultaneous ones.
+    """
+    key = submission.submission_key
+    key_index = submission_key_index(keyring, key) if key else None
     for attempt in range(3):
         request_id = new_uuid()
         data_key, wrapped = phi.new_data_key(keyring, request_id)
@@ -91,43 +127,55 @@ def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submiss
             wrapped_key=wrapped.blob,
             phi=sealed,
             display_name=display,
+            submission_key_index=key_index,
             **_indexes(keyring, submission.phi),
         )
-        session.add(row)
-        session.flush()  # the request row first: consents and the outbox refer to it
-        for text in submission.consents:
-            session.add(
-                ConsentAcceptance(
-                    request_id=request_id,
-                    document=text.document,
-                    version=text.version,
-                    language=text.language,
-                    sha256=text.sha256,
-                )
-            )
-        message = outbox.enqueue(session, request_id, ROUTE_TASK)
-        record_event(
-            session,
-            actor="patient",
-            action="request.submitted",
-            reference=reference,
-            ip_hmac=submission.ip_hmac,
-            details={
-                "kind": submission.kind,
-                "topic": submission.topic,
-                "location": submission.location,
-                "language": submission.language,
-                "consents": [f"{c.document}-{c.version}.{c.language}" for c in submission.consents],
-                **submission.details,
-            },
-        )
         try:
+            message = _insert(session, row, submission)
             session.commit()
         except IntegrityError:
-            # Two submissions drew the same reference at once: start over with a new one.
+            # Either this form's key was accepted a moment ago by another request (the unique
+            # index waited for it to commit), or two submissions drew the same reference.
             session.rollback()
+            first = find_submission(session, keyring, key) if key else None
+            if first is not None:
+                return first
             if attempt == 2:
                 raise
             continue
         return Accepted(request_id=request_id, reference=reference, outbox_id=message.id)
     raise AssertionError("unreachable")
+
+
+def _insert(session: DbSession, row: Request, submission: Submission) -> OutboxMessage:
+    """Add the request, its consents, its routing task and its audit event; flush, not commit."""
+    request_id, reference = row.id, row.reference
+    session.add(row)
+    session.flush()  # the request row first: consents and the outbox refer to it
+    for text in submission.consents:
+        session.add(
+            ConsentAcceptance(
+                request_id=request_id,
+                document=text.document,
+                version=text.version,
+                language=text.language,
+                sha256=text.sha256,
+            )
+        )
+    message = outbox.enqueue(session, request_id, ROUTE_TASK)
+    record_event(
+        session,
+        actor="patient",
+        action="request.submitted",
+        reference=reference,
+        ip_hmac=submission.ip_hmac,
+        details={
+            "kind": submission.kind,
+            "topic": submission.topic,
+            "location": submission.location,
+            "language": submission.language,
+            "consents": [f"{c.document}-{c.version}.{c.language}" for c in submission.consents],
+            **submission.details,
+        },
+    )
+    return message

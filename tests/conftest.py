@@ -196,7 +196,7 @@ def valid_refill(**overrides: Any) -> dict[str, Any]:
         "notes": "",
         "consent_privacy": "y",
         "consent_contact": "y",
-        "website": "",
+        "extra_comments": "",
     }
     form.update(overrides)
     return {k: v for k, v in form.items() if v is not None}
@@ -206,7 +206,7 @@ def valid_contact(**overrides: Any) -> dict[str, Any]:
     form = {
         "first_name": "John",
         "last_name": "O'Brien",
-        "date_of_birth": "",
+        "date_of_birth": "1962-07-04",
         "phone": "202-555-0178",
         "email": "",
         "contact_method": "phone",
@@ -214,7 +214,7 @@ def valid_contact(**overrides: Any) -> dict[str, Any]:
         "message": "I need help paying for my medication.",
         "callback_time": "after 3 pm",
         "consent_privacy": "y",
-        "website": "",
+        "extra_comments": "",
     }
     form.update(overrides)
     return {k: v for k, v in form.items() if v is not None}

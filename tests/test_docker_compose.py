@@ -1,5 +1,7 @@
-"""docker-compose.yml: Docker does not run here, so run its services' own commands against the
-local PostgreSQL and a throwaway password-protected Redis, and check a request goes through."""
+"""docker-compose.yml: Docker does not run here, so check the topology it declares (nginx the
+only published door, trusted as the one proxy), run its services' own commands against the
+local PostgreSQL and a throwaway password-protected Redis, and check a request goes through.
+The same stack behind Debian's nginx is tested in tests/production/."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tests.workers.conftest import RedisServer, free_port, wait_until
 ROOT = Path(__file__).parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "intake.conf.template"
 
 
 def test_compose_declares_a_production_topology():
@@ -45,6 +48,60 @@ def test_compose_declares_a_production_topology():
     for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "INTAKE_SECRET_KEY", "INTAKE_KEYRING",
                      "INTAKE_AUDIT_SIGNING_KEY"):
         assert re.search(rf"^{variable}=", example, re.M), variable
+
+
+def networks_of(service: str) -> set[str]:
+    return set(SERVICES[service].get("networks") or ["default"])
+
+
+def option(service: str, name: str) -> str:
+    argv = [str(part) for part in SERVICES[service]["command"]]
+    return argv[argv.index(name) + 1]
+
+
+def test_only_the_tls_proxy_is_published():
+    """From outside, the stack is nginx on 443 (and 80, which redirects); nothing else."""
+    published = {name for name, service in SERVICES.items() if service.get("ports")}
+    assert published == {"nginx"}
+    assert set(SERVICES["nginx"]["ports"]) == {"443:443", "80:80"}
+    assert not any("network_mode" in service for service in SERVICES.values())
+    for network in networks_of("postgres") | networks_of("redis"):
+        assert COMPOSE["networks"][network].get("internal") is True, network
+    assert networks_of("nginx") == {"edge"}
+    assert {name for name in SERVICES if "edge" in networks_of(name)} == {"nginx", "web"}
+
+
+def test_the_proxy_runs_the_repository_template_with_every_placeholder_set():
+    nginx = SERVICES["nginx"]
+    assert nginx["image"].startswith("nginx:")
+    volumes = set(nginx["volumes"])
+    assert (
+        "./deploy/nginx/intake.conf.template:/etc/nginx/templates/default.conf.template:ro"
+        in volumes
+    )
+    assert "./deploy/certs:/etc/nginx/certs:ro" in volumes
+    template = NGINX_TEMPLATE.read_text()
+    placeholders = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", template))
+    assert placeholders and placeholders <= set(nginx["environment"]), placeholders
+    assert nginx["environment"]["NGINX_UPSTREAM"] == "web:8000"
+    assert option("web", "--bind") == "0.0.0.0:8000"
+    assert nginx["depends_on"]["web"]["condition"] == "service_healthy"
+    # What Intake relies on (intake.proxies): one hop that overwrites the client address.
+    for line in (
+        "proxy_set_header X-Forwarded-For $remote_addr;",
+        "proxy_set_header X-Forwarded-Proto https;",
+        "proxy_set_header Host $http_host;",
+        'proxy_set_header X-Forwarded-Host "";',
+    ):
+        assert line in template, line
+
+
+def test_forwarded_headers_are_believed_from_the_proxy_network_only():
+    subnet = COMPOSE["networks"]["edge"]["ipam"]["config"][0]["subnet"]
+    assert option("web", "--forwarded-allow-ips") == subnet
+    assert SERVICES["web"]["environment"]["INTAKE_TRUSTED_PROXIES"] == subnet
+    for name in ("migrate", "worker", "beat"):
+        assert "INTAKE_TRUSTED_PROXIES" not in SERVICES[name]["environment"], name
 
 
 def command(service: str, port: int) -> list[str]:

@@ -82,6 +82,10 @@ def celery_init_app(flask_app: Flask) -> Celery:
                 "task": "workers.tasks.escalate_overdue",
                 "schedule": timedelta(seconds=60),
             },
+            "purge-login-throttles": {
+                "task": "workers.tasks.purge_login_throttles",
+                "schedule": timedelta(hours=1),
+            },
             "rewrap-data-keys": {
                 "task": "workers.tasks.rewrap_data_keys",
                 "schedule": timedelta(minutes=10),

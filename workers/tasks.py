@@ -12,7 +12,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from intake import casework, outbox, routing
 from intake.clock import now, utcnow
 from intake.extensions import db
-from intake.notifications import RetryLater, send_outbox_notice
+from intake.notifications import RetryLater, send_account_alert, send_outbox_notice
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +102,41 @@ def escalate_overdue() -> int:
 def notify_supervisors(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Tell the supervisors' channel that a request is overdue; reference and link only."""
     _notify(self, "notify_supervisors", request_id, outbox_id)
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    max_retries=20,
+)
+def notify_account_alert(self: Any, user_id: str, outbox_id: int | None = None) -> None:
+    """Tell the supervisors' channel about a staff account (e.g. a frozen second factor)."""
+    if outbox_id is None:
+        return
+    try:
+        send_account_alert(
+            db.session,
+            outbox_id=outbox_id,
+            settings=current_app.extensions["intake.settings"],
+            table=current_app.extensions["intake.routing"],
+            attempt=self.request.retries,
+            max_retries=NOTIFY_MAX_RETRIES,
+        )
+    except RetryLater as later:
+        raise self.retry(exc=later.error, countdown=later.countdown) from None
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
+def purge_login_throttles() -> int:
+    """Forget login failure counts that lock nothing and have been quiet for the window."""
+    from intake.accounts import LoginPolicy
+    from intake.accounts import purge_login_throttles as purge
+
+    policy = LoginPolicy.from_settings(current_app.extensions["intake.settings"])
+    return purge(db.session, now(), policy)
 
 
 @shared_task(

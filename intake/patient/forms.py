@@ -168,7 +168,10 @@ class PatientForm(FlaskForm):
         validate_choice=False,
     )
     consent_privacy = BooleanField(_l("I have read and accept the Notice of Privacy Practices."))
-    website = StringField(_l("Leave this field empty"))
+    # The honeypot: hidden from people, screen readers and the keyboard, and named so that no
+    # browser's or password manager's autofill has a reason to fill it (unlike "website").
+    extra_comments = StringField(_l("Leave this field empty"))
+    # The signed form stamp (intake.patient.form_stamp): form, first render time, submission key.
     rendered_at = HiddenField()
 
     def __init__(self, *args: Any, today: date | None = None, **kwargs: Any) -> None:
@@ -306,7 +309,9 @@ TOPICS = [
 
 
 class ContactForm(PatientForm):
-    date_of_birth = StringField(_l("Date of birth (optional)"), filters=[_strip])
+    # Required, as on the refill form: with the reference it is how the patient checks the
+    # status of the request, and how staff find the patient's records.
+    date_of_birth = StringField(_l("Date of birth"), filters=[_strip])
     topic = SelectField(
         _l("What is this about?"),
         choices=options([("", _l("Choose a topic")), *TOPICS]),
@@ -316,8 +321,7 @@ class ContactForm(PatientForm):
     callback_time = StringField(_l("Best time to call you back (optional)"), filters=[_strip])
 
     def validate_date_of_birth(self, field: Any) -> None:
-        if field.data:
-            self.cleaned["date_of_birth"] = clean_dob(field.data, self.today)
+        self.cleaned["date_of_birth"] = clean_dob(_required(field), self.today)
 
     def validate_topic(self, field: Any) -> None:
         if not field.data:

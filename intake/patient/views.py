@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -10,16 +10,17 @@ from flask import Blueprint, abort, current_app, redirect, render_template, requ
 from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from intake import outbox
+from intake.clock import now
 from intake.consents import current_consent
 from intake.extensions import csrf, db, limiter
-from intake.i18n import current_language
+from intake.i18n import current_language, format_moment
+from intake.patient.form_stamp import FormStamp, new_stamp, read_stamp
 from intake.patient.forms import ContactForm, PatientForm, RefillForm
 from intake.phi import ip_pseudonym
 from intake.references import REFERENCE_RE, new_reference
-from intake.submissions import Submission, submit_request
+from intake.submissions import Submission, find_submission, submit_request
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("patient", __name__, template_folder="templates")
@@ -29,6 +30,7 @@ FORM_STALE = _l(
     "Please check your answers and send it again."
 )
 FORM_HAS_ERRORS = _l("Please correct the highlighted fields.")
+FORM_SEND_AGAIN = _l("We did not send your form yet. Please check your answers and send it again.")
 
 REFILL_ORDER = (
     "first_name",
@@ -73,13 +75,9 @@ def _submit_limit() -> str:
     return str(_settings().submit_rate_limit)
 
 
-def _render_stamp() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.secret_key or "", salt="intake.form-rendered")
-
-
 def _render(kind: str, form: PatientForm, status: int = 200, notice: Any = None) -> Any:
     _form_class, template, order = FORMS[kind]
-    form.rendered_at.data = _render_stamp().dumps(kind)
+    form.rendered_at.data = _carried_stamp(kind, form).token
     first_error = next((name for name in order if form[name].errors), None)
     language = current_language()
     consents = {"privacy": current_consent("privacy", language)}
@@ -95,25 +93,31 @@ def _render(kind: str, form: PatientForm, status: int = 200, notice: Any = None)
     return page, status
 
 
-def _check_guard(kind: str, form: PatientForm) -> str | None:
-    """Return 'bot', 'stale' or None for a form that looks like a person's."""
-    if form.website.data:
-        return "bot"
-    settings = _settings()
-    max_age = settings.max_form_age_seconds or None
-    try:
-        stamped_kind, rendered = _render_stamp().loads(
-            form.rendered_at.data or "", max_age=max_age, return_timestamp=True
-        )
-    except SignatureExpired:
-        return "stale"
-    except BadSignature:
-        return "stale"
-    if stamped_kind != kind:
-        return "stale"
-    if time.time() - rendered.timestamp() < settings.min_fill_seconds:
-        return "bot"
-    return None
+def _carried_stamp(kind: str, form: PatientForm) -> FormStamp:
+    """The stamp the form came with while it is good for this form, else a new one.
+
+    Carrying it through every re-render keeps the fill time and the submission key of the
+    patient's first view of the form.
+    """
+    stamp = read_stamp(form.rendered_at.data, kind)
+    if stamp is None:
+        return new_stamp(kind)
+    if _expired(stamp):
+        # A genuine form open for hours was filled by a person: its replacement counts as
+        # filled already, so sending it again at once is not "too fast".
+        filled = now() - timedelta(seconds=_settings().min_fill_seconds)
+        return new_stamp(kind, shown_at=filled)
+    return stamp
+
+
+def _expired(stamp: FormStamp) -> bool:
+    max_age = _settings().max_form_age_seconds
+    return bool(max_age) and stamp.age_seconds() > max_age
+
+
+def _decided(kind: str, outcome: str, **details: Any) -> None:
+    """Count one decision on a patient form (no PHI: form, outcome, field names, reference)."""
+    log.info("submission_decision", form=kind, outcome=outcome, **details)
 
 
 def _client_ip_hmac() -> str | None:
@@ -138,16 +142,29 @@ def _handle(kind: str) -> ResponseReturnValue:
         return rerender_after_csrf_error(kind)
     form = form_class()
 
-    guard = _check_guard(kind, form)
-    if guard == "bot":
-        reason = "honeypot" if form.website.data else "too_fast"
-        log.info("submission_dropped_as_bot", form=kind, reason=reason)
+    if form.extra_comments.data:
+        # Only a bot fills a field no person can see: it gets a decoy, and nothing is stored.
+        _decided(kind, "honeypot")
         return render_template("patient/thanks.html", reference=new_reference(kind)), 200
-    if guard == "stale":
+    keyring = current_app.extensions["intake.keyring"]
+    stamp = read_stamp(form.rendered_at.data, kind)
+    if stamp is not None:
+        first = find_submission(db.session, keyring, stamp.key)
+        if first is not None:
+            _decided(kind, "duplicate", reference=first.reference)
+            return redirect(url_for("patient.thanks", reference=first.reference), 303)
+    if stamp is None or _expired(stamp):
+        _decided(kind, "stale", reason="expired" if stamp else "no_stamp")
         form.validate()
-        return _render(kind, form, 400, notice=FORM_STALE)
+        return _render(kind, form, 400, notice=FORM_STALE if stamp else FORM_SEND_AGAIN)
+    if stamp.age_seconds() < _settings().min_fill_seconds:
+        # Sooner than a person fills a form: perhaps a bot, perhaps autofill. The form goes back
+        # with its stamp, so sending it again a moment later is accepted.
+        _decided(kind, "too_fast")
+        form.validate()
+        return _render(kind, form, 400, notice=FORM_SEND_AGAIN)
     if not form.validate():
-        log.info("submission_invalid", form=kind, fields=sorted(form.errors))
+        _decided(kind, "invalid", fields=sorted(form.errors))
         return _render(kind, form, 400)
 
     language = current_language()
@@ -157,7 +174,7 @@ def _handle(kind: str) -> ResponseReturnValue:
     data = form.data
     accepted = submit_request(
         db.session,
-        current_app.extensions["intake.keyring"],
+        keyring,
         Submission(
             kind=kind,
             language=language,
@@ -166,10 +183,16 @@ def _handle(kind: str) -> ResponseReturnValue:
             topic=data.get("topic") if kind == "contact" else None,
             location=data.get("location") if kind == "refill" else None,
             ip_hmac=_client_ip_hmac(),
+            submission_key=stamp.key,
         ),
     )
-    published = outbox.publish(db.session, [accepted.outbox_id])
-    log.info("request_submitted", reference=accepted.reference, kind=kind, published=published)
+    if accepted.duplicate:
+        # The same form, sent again while the first was being stored: the first one's answer.
+        _decided(kind, "duplicate", reference=accepted.reference, raced=True)
+    else:
+        ids = [accepted.outbox_id] if accepted.outbox_id is not None else []
+        published = outbox.publish(db.session, ids)
+        _decided(kind, "accepted", reference=accepted.reference, published=published)
     return redirect(url_for("patient.thanks", reference=accepted.reference), 303)
 
 
@@ -180,7 +203,9 @@ def rerender_after_csrf_error(kind: str) -> ResponseReturnValue:
     however it was made.
     """
     form_class, _template, _order = FORMS[kind]
-    # Not validated; rendered with a fresh token, so the page it gives back can be sent.
+    _decided(kind, "stale", reason="csrf")
+    # Not validated; rendered with a fresh token, so the page it gives back can be sent, and
+    # with the stamp it came with, so its fill time and submission key are kept.
     return _render(kind, form_class(), 400, notice=FORM_STALE)
 
 
@@ -232,6 +257,27 @@ STATUS_TEXT = {
     "completed": _l("Your request is complete."),
     "cancelled": _l("Your request was closed. Please call the pharmacy if you still need help."),
 }
+NOTHING_TO_DO = _l("You do not need to do anything now. We will contact you the way you chose.")
+NEXT_STEP = {
+    "received": NOTHING_TO_DO,
+    "in_progress": NOTHING_TO_DO,
+    "waiting_on_patient": _l(
+        "Please call us as soon as you can, and have your reference number ready."
+    ),
+    "waiting_on_prescriber": _l(
+        "You do not need to do anything now. If your medication is urgent, you can ask your "
+        "prescriber's office to call us."
+    ),
+    "completed": _l(
+        "If you have a question about this request, call us with your reference number."
+    ),
+    "cancelled": _l("If you still need this, call us or send a new request."),
+}
+# How the answer is framed: only a finished request looks like success, and a request waiting
+# on the patient asks for attention.
+STATUS_TONE = {"completed": "success", "waiting_on_patient": "warning", "cancelled": "warning"}
+STATUSES_TO_CALL_ABOUT = ("waiting_on_patient", "completed", "cancelled")
+KIND_TEXT = {"refill": _l("Prescription refill"), "contact": _l("Request to contact you")}
 STATUS_NOT_FOUND = _l(
     "We could not find a request with that reference number and date of birth. "
     "Please check both and try again, or call the pharmacy."
@@ -242,7 +288,7 @@ STATUS_NOT_FOUND = _l(
 @csrf.exempt
 @limiter.limit(_submit_limit, methods=["POST"])
 def status() -> ResponseReturnValue:
-    from intake.patient.forms import StatusForm
+    from intake.patient.forms import TOPICS, StatusForm
     from intake.status_lookup import look_up_status
 
     if request.method == "GET":
@@ -263,10 +309,22 @@ def status() -> ResponseReturnValue:
         _client_ip_hmac(),
     )
     log.info("status_looked_up", found=found is not None)
-    return render_template(
-        "patient/status.html",
-        form=form,
-        first_error=None,
-        result=STATUS_TEXT[found] if found else STATUS_NOT_FOUND,
-        found=found is not None,
-    )
+    if found is None:
+        return render_template(
+            "patient/status.html", form=form, first_error=None, not_found=STATUS_NOT_FOUND
+        )
+    answer = {
+        "reference": form.reference.data,
+        "status": found.status,
+        "headline": STATUS_TEXT[found.status],
+        "next_step": NEXT_STEP[found.status],
+        "tone": STATUS_TONE.get(found.status),
+        "call_us": found.status in STATUSES_TO_CALL_ABOUT,
+        "kind": KIND_TEXT.get(found.kind, found.kind),
+        "topic": dict(TOPICS).get(found.topic) if found.topic else None,
+        "received_at": found.received_at,
+        "received": format_moment(found.received_at),
+        "changed_at": found.changed_at,
+        "changed": format_moment(found.changed_at),
+    }
+    return render_template("patient/status.html", form=form, first_error=None, answer=answer)

@@ -7,6 +7,7 @@ cookie is replayed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
@@ -20,7 +21,7 @@ from intake import accounts
 from intake.casework import Actor
 from intake.clock import now
 from intake.extensions import db
-from intake.phi import ip_pseudonym
+from intake.phi import client_pseudonym, ip_pseudonym
 
 login_manager = LoginManager()
 login_manager.login_view = "staff.login"
@@ -76,6 +77,71 @@ def background_poll() -> bool:
 
 def client_ip_hmac() -> str | None:
     return ip_pseudonym(current_app.extensions["intake.keyring"], request.remote_addr)
+
+
+def client_network_hmac() -> str | None:
+    """The pseudonym login throttles count by: the client's IPv4 address or IPv6 /64."""
+    return client_pseudonym(current_app.extensions["intake.keyring"], request.remote_addr)
+
+
+# -- known devices ------------------------------------------------------------------------------
+
+DEVICE_COOKIE = "intake_device"
+DEVICE_COOKIE_MAX_AGE = timedelta(days=90)
+# A shared pharmacy workstation remembers this many of the people who logged in on it.
+DEVICE_COOKIE_USERS = 8
+_DEVICE_SALT = "intake.known-device"
+
+
+def _device_serializer() -> Any:
+    from itsdangerous import URLSafeTimedSerializer
+
+    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=_DEVICE_SALT)
+
+
+def _remembered_devices() -> dict[str, str]:
+    from itsdangerous import BadSignature
+
+    raw = request.cookies.get(DEVICE_COOKIE)
+    if not raw:
+        return {}
+    try:
+        loaded = _device_serializer().loads(raw, max_age=int(DEVICE_COOKIE_MAX_AGE.total_seconds()))
+    except BadSignature:  # also an expired cookie (SignatureExpired)
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {str(name): str(device) for name, device in loaded.items()}
+
+
+def known_device(username: str) -> str | None:
+    """The id of this browser as a device ``username`` logged in from before, or None.
+
+    Why: the per-account failure budget lets anyone who knows a username delay its logins
+    from everywhere. A browser where the person already logged in carries a signed cookie
+    naming her; its attempts are counted on a throttle of that device instead (see
+    ``intake.accounts.authenticate``), so a stranger spending the budget does not lock her out
+    of her own workstation. The cookie is useless without the password and code, cannot be
+    forged without the app's secret key, and is sent only to the login form.
+    """
+    return _remembered_devices().get(username.strip().lower())
+
+
+def remember_device(response: Any, username: str) -> None:
+    """Mark this browser as a known device of ``username`` (after a successful login)."""
+    devices = _remembered_devices()
+    device = devices.pop(username, None) or secrets.token_urlsafe(16)
+    devices[username] = device  # the most recent last
+    kept = dict(list(devices.items())[-DEVICE_COOKIE_USERS:])
+    response.set_cookie(
+        DEVICE_COOKIE,
+        _device_serializer().dumps(kept),
+        max_age=int(DEVICE_COOKIE_MAX_AGE.total_seconds()),
+        path="/staff/login",
+        secure=bool(current_app.config.get("SESSION_COOKIE_SECURE")),
+        httponly=True,
+        samesite="Strict",
+    )
 
 
 def safe_next(target: str | None) -> str | None:

@@ -27,7 +27,15 @@ from intake.extensions import db, limiter
 from intake.models import KINDS, OPEN_STATUSES, STATUSES
 from intake.patient.forms import clean_phone, options
 from intake.references import normalize_reference
-from intake.staff.auth import client_ip_hmac, refuse_cross_site_views, roles_required, safe_next
+from intake.staff.auth import (
+    client_ip_hmac,
+    client_network_hmac,
+    known_device,
+    refuse_cross_site_views,
+    remember_device,
+    roles_required,
+    safe_next,
+)
 from intake.staff.forms import (
     BreakGlassForm,
     LoginForm,
@@ -43,6 +51,7 @@ bp.before_request(refuse_cross_site_views)
 
 LOGIN_FAILED = "The username, password or authenticator code is not right."
 LOCKED = "Too many failed attempts. Try again in {seconds} seconds."
+BUSY = "Many logins are being checked right now. Try again in a moment."
 WORKERS = ("staff", "supervisor")
 
 
@@ -80,22 +89,33 @@ def login() -> ResponseReturnValue:
         return render_template("staff/login.html", form=form)
     if not form.validate():
         return render_template("staff/login.html", form=form), 400
+    settings = current_app.extensions["intake.settings"]
+    username = form.username.data or ""
     result = accounts.authenticate(
         db.session,
         _keyring(),
-        username=form.username.data or "",
+        username=username,
         password=form.password.data or "",
         otp=form.otp.data or "",
         now=now(),
         ip_hmac=client_ip_hmac(),
+        client=client_network_hmac(),
+        known_device=known_device(username),
+        policy=accounts.LoginPolicy.from_settings(settings),
+        slots=accounts.hash_slots(settings.login_hash_concurrency),
     )
     db.session.commit()
+    if result.outbox_ids:
+        outbox.publish(db.session, list(result.outbox_ids))
     if result.token is None:
         log.info("login_failed", reason=result.reason)
-        if result.reason == "locked":
-            message = LOCKED.format(seconds=result.retry_after)
+        if result.reason in ("locked", "busy"):
+            message = (
+                LOCKED.format(seconds=result.retry_after) if result.reason == "locked" else BUSY
+            )
             page = render_template("staff/login.html", form=form, error=message)
-            return page, 429, {"Retry-After": str(result.retry_after)}
+            status = 429 if result.reason == "locked" else 503
+            return page, status, {"Retry-After": str(result.retry_after)}
         return render_template("staff/login.html", form=form, error=LOGIN_FAILED), 400
     session.clear()  # a fresh session cookie: nothing from before the login survives it
     from intake.staff.auth import StaffPrincipal
@@ -107,7 +127,9 @@ def login() -> ResponseReturnValue:
     target = safe_next(form.next.data)
     if result.user.role == "compliance":
         target = target or url_for("compliance.index")
-    return redirect(target or url_for("staff.queue"), 303)
+    response = redirect(target or url_for("staff.queue"), 303)
+    remember_device(response, result.user.username)
+    return response
 
 
 @bp.post("/logout")

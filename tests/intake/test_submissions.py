@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from intake.audit import verify_chain
 from intake.consents import current_consent
@@ -104,3 +104,50 @@ def test_many_submissions_get_distinct_references(app, patient):
 )
 def test_references_are_read_as_patients_type_them(typed, expected):
     assert normalize_reference(typed) == expected
+
+
+def test_a_second_submission_with_the_same_key_stores_nothing_and_names_the_first(app):
+    """The race's loser: it passed no check, the unique index stops it, it finds the winner."""
+    from intake.submissions import Submission, submit_request
+
+    with app.app_context():
+        keyring = app.extensions["intake.keyring"]
+
+        def submit(first_name: str):
+            return submit_request(
+                db.session,
+                keyring,
+                Submission(
+                    kind="refill",
+                    language="en",
+                    phi={"first_name": first_name, "last_name": "Lopez", "phone": "+12025550143"},
+                    consents=[current_consent("privacy", "en")],
+                    location="main",
+                    submission_key="the-same-form-key",
+                ),
+            )
+
+        first = submit("Ana")
+        second = submit("Ana")
+        assert not first.duplicate and first.outbox_id is not None
+        assert second.duplicate and second.outbox_id is None
+        assert (second.request_id, second.reference) == (first.request_id, first.reference)
+        assert db.session.scalar(select(func.count()).select_from(Request)) == 1
+        assert db.session.scalar(select(func.count()).select_from(OutboxMessage)) == 1
+        assert verify_chain(db.session).ok
+
+
+def test_the_database_refuses_two_requests_with_one_submission_key(app):
+    import sqlalchemy as sa
+
+    insert = sa.text(
+        "INSERT INTO requests (id, reference, kind, language, status, priority, priority_rank,"
+        " created_at, updated_at, phi_encrypted, submission_key_index) VALUES (:id, :ref,"
+        " 'refill', 'en', 'received', 'normal', 2, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :phi,"
+        " :key)"
+    )
+    with app.app_context():
+        with db.engine.begin() as conn:
+            conn.execute(insert, {"id": "r1", "ref": "R-0000-0001", "phi": b"x", "key": "k" * 64})
+        with pytest.raises(sa.exc.IntegrityError), db.engine.begin() as conn:
+            conn.execute(insert, {"id": "r2", "ref": "R-0000-0002", "phi": b"x", "key": "k" * 64})

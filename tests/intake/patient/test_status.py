@@ -1,6 +1,12 @@
-"""The patient's status page: reference + date of birth, nothing else, in their language."""
+"""The patient's status page: reference + date of birth, nothing else, in their language.
+
+A found request shows its kind (and topic), when it was received and last changed in the
+pharmacy's time zone, and what to do next; only a completed request looks like success.
+"""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 from sqlalchemy import select
@@ -101,3 +107,153 @@ def test_guessing_birth_dates_locks_the_reference_for_an_hour(app, client, patie
             .all()
         )
     assert outcomes == ["not_found"] * 5 + ["throttled"]
+
+
+# -- what the answer tells the patient ----------------------------------------------------------
+
+
+def answer_of(html: str) -> dict[str, str]:
+    """The answer panel's pieces, as text (tags dropped, spaces folded)."""
+    import html as html_lib
+    import re
+
+    panel = re.search(
+        r'<section class="([^"]*)"[^>]*data-status="([^"]+)"(.*?)</section>', html, re.S
+    )
+    assert panel, "no status answer on the page"
+    inside = panel.group(3)
+
+    def text(pattern: str) -> str:
+        found = re.search(pattern, inside, re.S)
+        if not found:
+            return ""
+        plain = html_lib.unescape(re.sub(r"<[^>]+>", "", found.group(1)))
+        return " ".join(plain.replace("\u202f", " ").split())
+
+    return {
+        "class": panel.group(1),
+        "status": panel.group(2),
+        "headline": text(r'<h2 id="status-headline">(.*?)</h2>'),
+        "kind": text(r'<dd id="status-kind">(.*?)</dd>'),
+        "received": text(r'<time id="status-received"[^>]*>(.*?)</time>'),
+        "received_at": text(r'id="status-received" datetime="([^"]+)"'),
+        "changed": text(r'<time id="status-changed"[^>]*>(.*?)</time>'),
+        "changed_at": text(r'id="status-changed" datetime="([^"]+)"'),
+        "next": text(r'<p id="status-next">(.*?)</p>'),
+        "call": text(r'<p class="call-us">(.*?)</p>'),
+        "tel": text(r'href="(tel:[^"]+)"'),
+    }
+
+
+def received_at(app, reference: str, moment) -> None:
+    with app.app_context():
+        row = db.session.execute(select(Request).where(Request.reference == reference)).scalar_one()
+        row.created_at = moment
+        db.session.commit()
+
+
+def change_status(app, reference: str, *statuses: str) -> None:
+    """Move the request through ``statuses`` as a supervisor would, audited."""
+    from intake import casework
+    from intake.clock import now
+    from tests.intake.staff.conftest import create_staff_user, create_teams
+
+    create_teams(app)
+    boss = create_staff_user(app, f"boss{uuid.uuid4().hex[:8]}", "supervisor")
+    actor = casework.Actor(boss.id, boss.username, "supervisor", ())
+    with app.app_context():
+        row = db.session.execute(select(Request).where(Request.reference == reference)).scalar_one()
+        if row.status == "received":
+            route_request(db.session, app.extensions["intake.routing"], row.id, utcnow())
+        for status in statuses:
+            casework.change_status(db.session, reference, actor, status, now())
+
+
+def test_a_contact_request_can_be_looked_up_as_the_thanks_page_says(client, patient):
+    sent = patient.contact(topic="copay", date_of_birth="1975-06-01")
+    thanks = client.get(sent.headers["Location"]).get_data(as_text=True)
+    assert "date of birth" in thanks  # what the thanks page tells the patient to bring
+    answer = answer_of(look_up(client, reference_from(sent), "1975-06-01").get_data(as_text=True))
+    assert answer["kind"] == (
+        "Request to contact you: Help paying for my medication (copay assistance)"
+    )
+
+
+def test_a_contact_request_without_a_date_of_birth_is_refused(app, patient):
+    response = patient.contact(date_of_birth="")
+    assert response.status_code == 400
+    assert 'id="date_of_birth-error"' in response.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.execute(select(Request)).first() is None
+
+
+EXPECTED = {
+    "en": {
+        "kind": "Prescription refill",
+        "received": "November 29, 2026, 9:30 PM CST",
+        "headline": "A member of our pharmacy team is working on your request.",
+        "next": "You do not need to do anything now. We will contact you the way you chose.",
+    },
+    "es": {
+        "kind": "Resurtido de receta",
+        "received": "29 de noviembre de 2026, 21:30 CST",
+        "headline": "Un miembro del equipo de la farmacia está atendiendo su solicitud.",
+        "next": "Por ahora no necesita hacer nada. Nos comunicaremos con usted de la forma que"
+        " eligió.",
+    },
+}
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+def test_the_answer_shows_kind_dates_and_next_step_in_the_pharmacys_time(
+    app, client, patient, lang
+):
+    from datetime import UTC, datetime
+
+    app.extensions["intake.timezone"] = "America/Chicago"
+    reference = reference_from(patient.refill())
+    # 03:30 UTC on the 30th is still the evening of the 29th in Chicago.
+    received_at(app, reference, datetime(2026, 11, 30, 3, 30, tzinfo=UTC))
+    change_status(app, reference, "in_progress")
+    with app.app_context():
+        changed = db.session.execute(
+            select(AuditEvent.created_at).where(AuditEvent.action == "request.status_changed")
+        ).scalar_one()
+
+    answer = answer_of(look_up(client, reference, "1980-03-15", lang).get_data(as_text=True))
+    assert {k: answer[k] for k in EXPECTED[lang]} == EXPECTED[lang]
+    assert answer["received_at"] == "2026-11-30T03:30:00+00:00"
+    assert answer["changed_at"] == changed.isoformat()
+    assert answer["changed"].endswith(" CST") and answer["changed"] != answer["received"]
+    assert "panel--success" not in answer["class"]
+
+
+def test_waiting_on_the_patient_asks_for_a_call_and_is_not_styled_as_success(app, client, patient):
+    pharmacy = {"phone": "(800) 555-0142"}  # stands in for the pharmacy's configuration
+    app.context_processor(lambda: {"pharmacy": pharmacy})
+    reference = reference_from(patient.refill())
+    change_status(app, reference, "in_progress", "waiting_on_patient")
+
+    answer = answer_of(look_up(client, reference, "1980-03-15").get_data(as_text=True))
+    assert answer["status"] == "waiting_on_patient"
+    assert "panel--warning" in answer["class"] and "panel--success" not in answer["class"]
+    assert answer["headline"] == "We need to hear from you. Please call the pharmacy."
+    assert answer["next"] == (
+        "Please call us as soon as you can, and have your reference number ready."
+    )
+    assert answer["call"] == "Call us: (800) 555-0142"
+    assert answer["tel"] == "tel:(800)555-0142"
+
+    spanish = answer_of(look_up(client, reference, "1980-03-15", "es").get_data(as_text=True))
+    assert spanish["call"] == "Llámenos: (800) 555-0142"
+    assert spanish["next"].startswith("Por favor, llámenos lo antes posible")
+
+
+def test_only_a_completed_request_looks_like_success(app, client, patient):
+    reference = reference_from(patient.refill())
+    received = answer_of(look_up(client, reference, "1980-03-15").get_data(as_text=True))
+    assert received["status"] == "received" and "panel--success" not in received["class"]
+    assert received["call"] == ""  # nothing to call about, and no phone configured here
+    change_status(app, reference, "in_progress", "completed")
+    done = answer_of(look_up(client, reference, "1980-03-15").get_data(as_text=True))
+    assert done["status"] == "completed" and "panel--success" in done["class"]

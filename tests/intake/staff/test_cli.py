@@ -49,21 +49,38 @@ def test_users_create_json_prints_a_secret_that_logs_in(app, runner, teams, cloc
 
 
 @pytest.mark.parametrize(
-    ("password", "message"),
+    ("username", "password", "message"),
     [
-        ("Short-pw-9", "at least 12 characters"),
-        ("password1234", "common passwords"),
-        ("QWERTYUIOP123", "common passwords"),
+        ("weakling", "Short-pw-9", "at least 12 characters"),
+        ("weakling", "password1234", "too easy to guess. This is a very common password"),
+        ("weakling", "QWERTYUIOP123", "too easy to guess"),
+        ("weakling", "Password123!", "too easy to guess. This is similar to a commonly used"),
+        ("weakling", "pharmacy2026", "too easy to guess"),
+        ("weakling", "Weakling-2026", "must not contain the username"),
+        # The username backwards, as people do when told not to use their username.
+        ("alexandra.petrova", "avortep.ardnaxela", "too easy to guess"),
+        ("weakling", "11111111111111", "too easy to guess"),
+    ],
+    ids=[
+        "short",
+        "common",
+        "keyboard",
+        "common-variant",
+        "site-word",
+        "username",
+        "reversed",
+        "repeated",
     ],
 )
-def test_users_create_refuses_weak_passwords(app, runner, teams, password, message):
+def test_users_create_refuses_weak_passwords(app, runner, teams, username, password, message):
     since = last_seq(app)
 
-    result = create(runner, "weakling", password, "--json")
+    result = create(runner, username, password, "--json")
 
     assert result.exit_code != 0
     assert message in result.output
-    assert not user_exists(app, "weakling")
+    assert password not in result.output
+    assert not user_exists(app, username)
     assert events_since(app, since) == []
 
 
@@ -135,3 +152,62 @@ def test_teams_create_spanish(app, runner):
     assert plain.exit_code == 0 and "Spanish" not in plain.stdout
     with app.app_context():
         assert db.session.get(Team, "refills-main").name == "Refills: Main Street"
+
+
+NEW_PASSWORD = "Quartz-Meadow-8812-lantern"
+
+
+def test_users_set_password_ends_sessions_and_is_audited(
+    app, runner, make_user, staff_login, clock
+):
+    lena = make_user("lena", teams=("refills-main",))
+    omar = make_user("omar", teams=("refills-main",))
+    lena_browser, omar_browser = staff_login(lena), staff_login(omar)
+    since = last_seq(app)
+
+    result = runner.invoke(args=["users", "set-password", "lena"], input=NEW_PASSWORD + "\n")
+
+    assert result.exit_code == 0, result.output
+    assert "sessions are ended" in result.output and NEW_PASSWORD not in result.output
+    answer = lena_browser.get("/staff/queue")
+    assert answer.status_code == 302 and answer.headers["Location"].startswith("/staff/login")
+    assert omar_browser.get("/staff/queue").status_code == 200
+    old = post_login(app.test_client(), "lena", PASSWORD, fresh_code(lena, clock))
+    assert old.status_code == 400
+    lena.password = NEW_PASSWORD
+    login(app.test_client(), lena, clock)
+    events = events_since(app, since)
+    assert [(e.actor.split(":")[:2], e.details) for e in events if e.action == "user.changed"] == [
+        (["system", "cli"], {"username": "lena", "change": "password_set"})
+    ]
+    assert not [e for e in events if NEW_PASSWORD in e.raw_details or PASSWORD in e.raw_details]
+
+
+@pytest.mark.parametrize(
+    ("password", "message"),
+    [
+        ("Password123!", "too easy to guess"),
+        ("pharmacy2026", "too easy to guess"),
+        (PASSWORD, "current password"),
+    ],
+    ids=["common", "site-word", "unchanged"],
+)
+def test_users_set_password_refuses_a_weak_or_unchanged_password(
+    app, runner, make_user, staff_login, password, message
+):
+    lena = make_user("lena", teams=("refills-main",))
+    browser = staff_login(lena)
+    since = last_seq(app)
+
+    result = runner.invoke(args=["users", "set-password", "lena"], input=password + "\n")
+
+    assert result.exit_code != 0
+    assert message in result.output
+    assert events_since(app, since) == []
+    assert browser.get("/staff/queue").status_code == 200  # nothing changed, nobody logged out
+
+
+def test_users_set_password_for_an_unknown_user(app, runner, teams):
+    result = runner.invoke(args=["users", "set-password", "nobody"], input=NEW_PASSWORD + "\n")
+
+    assert result.exit_code != 0 and "no user 'nobody'" in result.output
