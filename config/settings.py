@@ -106,6 +106,37 @@ def _login_lockout_settings(env: Mapping[str, str]) -> dict[str, int]:
             "INTAKE_LOGIN_ACCOUNT_MAX_DELAY_SECONDS"
         )
     return values
+# Who may ever break the glass, and who may ever review it: admins never read requests, and
+# staff do not judge their colleagues' emergency accesses.
+BREAK_GLASS_ROLES = ("staff", "supervisor", "compliance")
+BREAK_GLASS_REVIEWER_ROLES = ("supervisor", "compliance")
+
+
+def _roles(
+    env: Mapping[str, str],
+    name: str,
+    allowed: tuple[str, ...],
+    default: tuple[str, ...],
+    *,
+    allow_none: bool = False,
+) -> tuple[str, ...]:
+    """A comma-separated list of roles out of ``allowed``; ``none`` for no role at all."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw == "none":
+        if allow_none:
+            return ()
+        raise SettingsError(f"{name} needs at least one of {', '.join(allowed)}")
+    roles = tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
+    unknown = [role for role in roles if role not in allowed]
+    if unknown or not roles:
+        raise SettingsError(
+            f"{name} lists roles out of {', '.join(allowed)}"
+            + (" (or none)" if allow_none else "")
+            + f", not {', '.join(unknown) or repr(raw)}"
+        )
+    return roles
 
 
 MIN_SECRET_BYTES = 32
@@ -227,6 +258,10 @@ class Settings:
     pharmacy_phone: str | None = None
     timezone: str | None = None
     consents_dir: Path = DEFAULT_CONSENTS_DIR
+    # Break-glass policy (docs/compliance.md, "Break-glass policy").
+    break_glass_roles: tuple[str, ...] = ("staff", "supervisor", "compliance")
+    break_glass_alert_roles: tuple[str, ...] = ("compliance",)
+    break_glass_reviewers: tuple[str, ...] = ("compliance",)
 
     @property
     def embedded(self) -> bool:
@@ -288,6 +323,22 @@ class Settings:
             pharmacy_phone=(env.get("INTAKE_PHARMACY_PHONE") or "").strip() or None,
             timezone=(env.get("INTAKE_TIMEZONE") or "").strip() or None,
             consents_dir=Path(env.get("INTAKE_CONSENTS_DIR") or DEFAULT_CONSENTS_DIR),
+            break_glass_roles=_roles(
+                env, "INTAKE_BREAK_GLASS_ROLES", BREAK_GLASS_ROLES, cls.break_glass_roles
+            ),
+            break_glass_alert_roles=_roles(
+                env,
+                "INTAKE_BREAK_GLASS_ALERT_ROLES",
+                BREAK_GLASS_ROLES,
+                cls.break_glass_alert_roles,
+                allow_none=True,
+            ),
+            break_glass_reviewers=_roles(
+                env,
+                "INTAKE_BREAK_GLASS_REVIEWERS",
+                BREAK_GLASS_REVIEWER_ROLES,
+                cls.break_glass_reviewers,
+            ),
         )
         settings.check()
         settings.check_transport()

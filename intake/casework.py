@@ -4,10 +4,17 @@ Every function here is one audited transaction: the change and its audit event c
 or not at all. Access follows the minimum-necessary rule: staff see their own teams' requests,
 supervisors every team's, compliance officers and anyone else only through break-glass, which
 records the typed reason and flags the access for review.
+
+Need-to-know inside a team: a request claimed by one person (a claim idle for less than
+``CLAIM_IDLE``) is worked by that person or a supervisor only. A teammate's status change,
+transfer or note is refused with 409 and recorded as ``refused`` in its own transaction, so the
+attempt is in the trail and the request is unchanged. An unclaimed request (or one whose claim
+went idle) may be worked by anyone on its team, as before: the claim is how staff say "mine".
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +35,8 @@ from intake.models import (
     Request,
     User,
 )
+from intake.notifications import BREAK_GLASS_TASK
+from intake.references import normalize_reference
 from intake.routing import needed_language
 
 CLAIM_IDLE = timedelta(minutes=30)
@@ -47,6 +56,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "cancelled": (),
 }
 NOTIFY_TASK = "notify_team"
+BREAK_GLASS_ALERT_TASK = BREAK_GLASS_TASK
 MAX_REASON = 300
 MAX_NOTE = 4000
 
@@ -56,7 +66,15 @@ REASON_LOOKS_LIKE_PHI = (
 )
 
 
-def check_reason(text: str, minimum: int, too_short: str | None = None) -> str:
+CLAIMED_BY_OTHER = "claimed by {name} — ask them or a supervisor"
+ROLE_MAY_NOT_BREAK_GLASS = (
+    "your role may not break the glass at this pharmacy; ask a supervisor to open the request"
+)
+
+
+def check_reason(
+    text: str, minimum: int, too_short: str | None = None, maximum: int = MAX_REASON
+) -> str:
     """Normalize a reason typed by staff, refusing what looks like patient details.
 
     Reasons go into the audit trail in the clear, forever (the trail is append-only), so
@@ -67,8 +85,8 @@ def check_reason(text: str, minimum: int, too_short: str | None = None) -> str:
 
     reason = " ".join(text.split())
     visible = sum(1 for c in reason if c.isalnum())
-    if visible < minimum or len(reason) > MAX_REASON:
-        raise CaseworkError(too_short or f"give a reason of {minimum} to {MAX_REASON} characters")
+    if visible < minimum or len(reason) > maximum:
+        raise CaseworkError(too_short or f"give a reason of {minimum} to {maximum} characters")
     if re.search(r"\d{3}|@|\d{1,4}\s*[/.-]\s*\d{1,2}\s*[/.-]\s*\d{1,4}", reason):
         raise CaseworkError(REASON_LOOKS_LIKE_PHI)
     return reason
@@ -93,6 +111,28 @@ class Conflict(CaseworkError):
     status = 409
 
 
+class Forbidden(CaseworkError):
+    status = 403
+
+
+@dataclass(frozen=True)
+class BreakGlassPolicy:
+    """Who may break the glass, and whose break-glass alerts the supervisors at once.
+
+    Why: break-glass lets anyone in ``roles`` read any request after typing a reason, and the
+    review comes later. For the people who also run the review (compliance officers), a later
+    review is weak oversight, so their accesses can alert the supervisors' channel the moment
+    they happen (``alert_roles``). The alert names the request's reference, never its PHI.
+    """
+
+    roles: tuple[str, ...] = ("staff", "supervisor", "compliance")
+    alert_roles: tuple[str, ...] = ("compliance",)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> BreakGlassPolicy:
+        return cls(settings.break_glass_roles, settings.break_glass_alert_roles)
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who is acting: a logged-in user, with their role and teams."""
@@ -113,7 +153,12 @@ class Actor:
         return self.role == "staff" and request.team in self.teams
 
     def record(
-        self, session: DbSession, action: str, reference: str | None, **details: Any
+        self,
+        session: DbSession,
+        action: str,
+        reference: str | None,
+        outcome: str = "success",
+        **details: Any,
     ) -> None:
         record_event(
             session,
@@ -121,6 +166,7 @@ class Actor:
             actor_role=self.role,
             action=action,
             reference=reference,
+            outcome=outcome,
             ip_hmac=self.ip_hmac,
             details={"username": self.username, **details},
         )
@@ -152,17 +198,36 @@ def get_request(
     return request
 
 
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One line of the staff timeline: what happened, in words, without audit details."""
+
+    at: datetime
+    action: str
+    text: str
+
+
 @dataclass
 class OpenedRequest:
     request: Request
     phi: dict[str, Any]
     notes: list[dict[str, Any]]
     consents: list[ConsentAcceptance]
-    timeline: list[AuditEvent]
+    timeline: list[TimelineEntry]
     break_glass: bool = False
     claim_active: bool = False
     assignee: str | None = None
     transitions: Sequence[str] = field(default_factory=tuple)
+    # Set when this opening alerted the supervisors: publish it after the commit.
+    alert_outbox_id: int | None = None
+
+    def claimed_by_other(self, actor: Actor) -> bool:
+        """True when someone else's live claim keeps ``actor`` from working the request."""
+        return (
+            self.claim_active
+            and self.request.assignee_id != actor.user_id
+            and actor.role != "supervisor"
+        )
 
 
 def claim_is_active(request: Request, now: datetime) -> bool:
@@ -180,12 +245,30 @@ def open_request(
     actor: Actor,
     now: datetime,
     break_glass_reason: str | None = None,
+    policy: BreakGlassPolicy | None = None,
+    team_names: dict[str, str] | None = None,
 ) -> OpenedRequest:
-    """Decrypt a request for ``actor`` and record ``phi.viewed`` (or ``phi.break_glass``)."""
+    """Decrypt a request for ``actor`` and record ``phi.viewed`` (or ``phi.break_glass``).
+
+    Break-glass follows ``policy``: a role it leaves out is refused (403, recorded as a
+    ``refused`` break-glass whether or not the request exists, so the answer reveals nothing),
+    and a role it names for alerts queues a supervisors' notification in the same transaction.
+    """
+    policy = policy or BreakGlassPolicy()
     reason = (break_glass_reason or "").strip()
     if break_glass_reason is not None:
         if actor.role not in ("staff", "supervisor", "compliance"):
             raise NotFound("no such request")
+        if actor.role not in policy.roles:
+            actor.record(
+                session,
+                "phi.break_glass",
+                normalize_reference(reference),
+                outcome="refused",
+                refused="role_not_allowed",
+            )
+            session.commit()
+            raise Forbidden(ROLE_MAY_NOT_BREAK_GLASS)
         reason = check_reason(
             reason, 10, "type a reason of at least 10 characters to break the glass"
         )
@@ -208,10 +291,20 @@ def open_request(
             }
         )
     glass = break_glass_reason is not None
+    alert = None
     if glass:
+        alerted = actor.role in policy.alert_roles
         actor.record(
-            session, "phi.break_glass", reference, reason=reason[:MAX_REASON], review="pending"
+            session,
+            "phi.break_glass",
+            reference,
+            reason=reason[:MAX_REASON],
+            review="pending",
+            supervisors_alerted=alerted,
         )
+        if alerted:
+            # Queued after the event: the alert names the latest break-glass recorded before it.
+            alert = outbox.enqueue(session, request.id, BREAK_GLASS_ALERT_TASK)
     actor.record(session, "phi.viewed", reference, break_glass=glass, notes=len(notes))
     session.commit()
     consents = list(
@@ -221,10 +314,11 @@ def open_request(
             .order_by(ConsentAcceptance.id)
         ).scalars()
     )
-    timeline = list(
+    timeline = staff_timeline(
         session.execute(
             select(AuditEvent).where(AuditEvent.reference == reference).order_by(AuditEvent.seq)
-        ).scalars()
+        ).scalars(),
+        team_names or {},
     )
     assignee = session.get(User, request.assignee_id) if request.assignee_id else None
     return OpenedRequest(
@@ -237,12 +331,109 @@ def open_request(
         claim_active=claim_is_active(request, now),
         assignee=assignee.username if assignee else None,
         transitions=TRANSITIONS.get(request.status, ()),
+        alert_outbox_id=alert.id if alert is not None else None,
     )
 
 
-def _touch(request: Request, now: datetime) -> None:
+# -- the staff timeline ------------------------------------------------------------------------
+
+
+def _words(status: Any) -> str:
+    return str(status or "?").replace("_", " ").capitalize()
+
+
+def _who(event: AuditEvent, details: dict[str, Any]) -> str:
+    if event.actor == "patient":
+        return "the patient"
+    if event.actor.startswith("system:"):
+        return "Intake"
+    return str(details.get("username") or "a former user")
+
+
+# Notifications staff may see: a request's own team notices and overdue escalations. An alert
+# about a break-glass access is the supervisors' and compliance's business, like the access.
+WORKFLOW_NOTICES = ("new", "overdue")
+
+
+def staff_timeline(events: Any, team_names: dict[str, str]) -> list[TimelineEntry]:
+    """The workflow of a request in plain words, for the staff who work it.
+
+    Why: the audit trail is compliance's record. It holds break-glass reasons, review comments,
+    refused attempts and every opening of the page; staff who can see a request need to know
+    who worked it and how, not what compliance wrote about a colleague. So this is an allow
+    list: submitted, routed, claimed, released, status changes, transfers (with their reason,
+    which passed the PHI filter), notes (the text is above, in the notes), escalations, team
+    notices, the patient's status look-ups and the retention purge; repeated openings by the
+    same person fold into one line; break-glass openings, reviews and every refused or failed
+    event except a failed team notice are left out.
+    """
+    entries: list[TimelineEntry] = []
+    viewer: tuple[str, int] | None = None  # (actor, times) of the last line when it is views
+
+    def team(team_id: Any) -> str:
+        return team_names.get(str(team_id), str(team_id or "?"))
+
+    for event in events:
+        d: dict[str, Any] = json.loads(event.details) if event.details else {}
+        who = _who(event, d)
+        action = event.action
+        text: str | None = None
+        if action == "notification.failed" and d.get("reason", "new") in WORKFLOW_NOTICES:
+            text = f"Notifying {team(d.get('team'))} failed"
+        elif event.outcome != "success":
+            text = None
+        elif action == "phi.viewed":
+            if d.get("break_glass"):
+                continue
+            if viewer is not None and viewer[0] == event.actor:
+                viewer = (event.actor, viewer[1] + 1)
+                entries[-1] = TimelineEntry(
+                    entries[-1].at, action, f"Opened by {who} ({viewer[1]} times)"
+                )
+                continue
+            entries.append(TimelineEntry(event.created_at, action, f"Opened by {who}"))
+            viewer = (event.actor, 1)
+            continue
+        elif action == "request.submitted":
+            text = "Submitted by the patient"
+        elif action == "request.routed":
+            text = f"Routed to {team(d.get('team'))}, priority {d.get('priority', '?')}"
+        elif action == "request.claimed":
+            text = f"Claimed by {who}"
+        elif action == "request.released":
+            text = f"Released by {who}"
+        elif action == "request.status_changed":
+            text = f"Status changed from {_words(d.get('old'))} to {_words(d.get('new'))} by {who}"
+        elif action == "request.transferred":
+            text = (
+                f"Transferred from {team(d.get('from_team'))} to {team(d.get('to_team'))} "
+                f"by {who}: {d.get('reason', '')}"
+            )
+        elif action == "note.added":
+            text = f"Note added by {who}"
+        elif action == "request.escalated":
+            text = f"Escalated to {d.get('new_priority', '?')} priority: past its due time"
+        elif action == "notification.sent" and d.get("reason", "new") in WORKFLOW_NOTICES:
+            text = (
+                "Supervisors told it is overdue"
+                if d.get("reason") == "overdue"
+                else f"{team(d.get('team'))} notified"
+            )
+        elif action == "status.looked_up":
+            text = "Status checked by the patient online"
+        elif action == "retention.purged":
+            text = "Patient details shredded by the retention policy"
+        if text is not None:
+            entries.append(TimelineEntry(event.created_at, action, text))
+            viewer = None
+    return entries
+
+
+def _touch(request: Request, now: datetime, actor: Actor) -> None:
     request.updated_at = now
-    if request.assignee_id is not None:
+    # Only the assignee's own work keeps a claim alive: a supervisor stepping in, or a teammate
+    # acting on a claim gone idle, does not revive someone else's claim.
+    if request.assignee_id is not None and request.assignee_id == actor.user_id:
         request.last_activity_at = now
 
 
@@ -256,6 +447,43 @@ def _meet_language_need(session: DbSession, request: Request, user_id: int) -> d
         return {}
     met, request.language_need = request.language_need, None
     return {"language_need_met": met}
+
+
+def _refuse_if_claimed_by_other(
+    session: DbSession,
+    request: Request,
+    actor: Actor,
+    now: datetime,
+    action: str,
+    **details: Any,
+) -> None:
+    """Refuse ``action`` (409) when someone else's live claim covers the request.
+
+    The refusal is its own audited transaction: everything of the attempt is rolled back, then
+    an ``action`` event with outcome ``refused`` (who holds the claim, what was tried; never a
+    note's text) is committed, so the attempt is in the trail and the chain stays one chain.
+    """
+    if (
+        actor.role == "supervisor"
+        or request.assignee_id in (None, actor.user_id)
+        or not claim_is_active(request, now)
+    ):
+        return
+    holder = session.get(User, request.assignee_id)
+    name = holder.username if holder else "another team member"
+    reference, holder_id = request.reference, request.assignee_id
+    session.rollback()
+    actor.record(
+        session,
+        action,
+        reference,
+        outcome="refused",
+        refused="claimed_by_other",
+        assignee=f"user:{holder_id}",
+        **details,
+    )
+    session.commit()
+    raise Conflict(CLAIMED_BY_OTHER.format(name=name))
 
 
 def claim(session: DbSession, reference: str, actor: Actor, now: datetime) -> None:
@@ -289,6 +517,11 @@ def change_status(
     session: DbSession, reference: str, actor: Actor, new_status: str, now: datetime
 ) -> None:
     request = get_request(session, reference, actor, lock=True)
+    # What was asked for is recorded only when it is a status: the field comes from the browser.
+    asked = new_status if new_status in TRANSITIONS else None
+    _refuse_if_claimed_by_other(
+        session, request, actor, now, "request.status_changed", old=request.status, new=asked
+    )
     allowed = TRANSITIONS.get(request.status, ())
     if new_status not in allowed:
         raise Conflict(
@@ -300,15 +533,17 @@ def change_status(
     met: dict[str, str] = {}
     if new_status in ("completed", "cancelled", "queued"):
         request.assignee_id = request.claimed_at = request.last_activity_at = None
-    elif request.assignee_id is None:
-        # Starting work on a request claims it.
+    elif request.assignee_id is None or (
+        not claim_is_active(request, now) and actor.role != "supervisor"
+    ):
+        # Starting work on a request claims it (a claim gone idle passes to whoever does).
         request.assignee_id, request.claimed_at, request.last_activity_at = (
             actor.user_id,
             now,
             now,
         )
         met = _meet_language_need(session, request, actor.user_id)
-    _touch(request, now)
+    _touch(request, now, actor)
     actor.record(session, "request.status_changed", reference, old=old, new=new_status, **met)
     session.commit()
 
@@ -322,11 +557,12 @@ def add_note(
     if len(text) > MAX_NOTE:
         raise CaseworkError(f"a note holds at most {MAX_NOTE} characters")
     request = get_request(session, reference, actor, lock=True)
+    _refuse_if_claimed_by_other(session, request, actor, now, "note.added", length=len(text))
     note = Note(request_id=request.id, author_id=actor.user_id, created_at=now, text=b"")
     session.add(note)
     session.flush()
     note.text = phi.seal(_data_key(keyring, request), request.id, f"note:{note.id}", {"text": text})
-    _touch(request, now)
+    _touch(request, now, actor)
     actor.record(session, "note.added", reference, note_id=note.id, length=len(text))
     session.commit()
 
@@ -351,6 +587,9 @@ def transfer(
         raise CaseworkError("choose one of the teams")
     reason = check_reason(reason, 5)
     request = get_request(session, reference, actor, lock=True)
+    _refuse_if_claimed_by_other(
+        session, request, actor, now, "request.transferred", from_team=request.team, to_team=team
+    )
     if request.status not in OPEN_STATUSES:
         raise Conflict("only an open request can be transferred")
     if team == request.team:
@@ -359,7 +598,7 @@ def transfer(
     request.team, request.status = team, "queued"
     request.assignee_id = request.claimed_at = request.last_activity_at = None
     request.updated_at = now
-    flag: dict[str, str | None] = {}
+    flag: dict[str, Any] = {}
     need = needed_language(request.language, request.interpreter_language)
     if team_languages is not None and need != "en":
         request.language_need = None if need in team_languages.get(team, ("en",)) else need

@@ -3,6 +3,10 @@
 A notification holds the reference, kind, topic, priority, SLA and a link to the staff page: what
 a pharmacist needs to pick the request up, and nothing a lost e-mail could leak. The staff page
 behind the link asks for a login and audits every view.
+
+A break-glass alert (``notify_break_glass``) tells the supervisors' channel, the moment it
+happens, that someone whose break-glass the policy watches opened a request: the username and
+role, the reference and a link to the review page. Not the typed reason, not the patient.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from intake.transport import tls_client_context
 
 log = structlog.get_logger(__name__)
 
+BREAK_GLASS = "break_glass"
+BREAK_GLASS_TASK = "notify_break_glass"
+
 
 class NotificationError(Exception):
     """A channel could not deliver; the task retries with backoff."""
@@ -46,8 +53,12 @@ class Notice:
     language: str | None = None
     language_name: str | None = None
     queue_team_name: str | None = None
+    # For a break-glass alert: who broke the glass, as "username (role)".
+    accessed_by: str | None = None
 
     def subject(self) -> str:
+        if self.reason == BREAK_GLASS:
+            return f"Break-glass access to {self.reference} by {self.accessed_by or 'someone'}"
         what = "Refill request" if self.kind == "refill" else "Contact request"
         flag = f"[{self.priority.upper()}] " if self.priority in ("urgent", "high") else ""
         if self.reason == "language_need":
@@ -55,6 +66,14 @@ class Notice:
         return f"{flag}{what} {self.reference} for {self.team_name}"
 
     def body(self) -> str:
+        if self.reason == BREAK_GLASS:
+            return (
+                f"{self.accessed_by or 'Someone'} broke the glass to open request "
+                f"{self.reference}, outside their teams.\n\n"
+                f"Reference: {self.reference}\n\n"
+                f"The access waits for review (login required): {self.link}\n\n"
+                "This message deliberately contains no patient information.\n"
+            )
         due = self.sla_due_at.strftime("%Y-%m-%d %H:%M UTC") if self.sla_due_at else "none"
         if self.reason == "language_need":
             lines = [
@@ -90,6 +109,7 @@ class Notice:
             "sla_due_at": self.sla_due_at.isoformat() if self.sla_due_at else None,
             "link": self.link,
             "language": self.language,
+            **({"accessed_by": self.accessed_by} if self.reason == BREAK_GLASS else {}),
         }
 
     def log_fields(self) -> dict[str, str | None]:
@@ -278,13 +298,14 @@ def send_outbox_notice(
 
     ``notify_team`` tells the request's current team; ``notify_supervisors`` tells the
     supervisors' channel that it is overdue, ``notify_language_need`` that nobody who speaks
-    its language could take it (skipped if someone has since). An already-sent row is
-    skipped, so a redelivered task notifies nobody twice. Returns what happened: sent,
-    skipped, failed; raises :class:`RetryLater` while retries remain.
+    its language could take it (skipped if someone has since), ``notify_break_glass`` that
+    someone broke the glass to open it. An already-sent row is skipped, so a redelivered task
+    notifies nobody twice. Returns what happened: sent, skipped, failed; raises
+    :class:`RetryLater` while retries remain.
     """
     from intake import outbox
     from intake.audit import record_event
-    from intake.models import OutboxMessage, Request
+    from intake.models import AuditEvent, OutboxMessage, Request
 
     pending = select(OutboxMessage.id).where(
         OutboxMessage.request_id == request_id,
@@ -298,9 +319,10 @@ def send_outbox_notice(
     request = session.get(Request, request_id)
     overdue = task == "notify_supervisors"
     language_need = task == LANGUAGE_NOTICE_TASK
+    glass = task == BREAK_GLASS_TASK
     team = (
         table.supervisors
-        if overdue or language_need
+        if overdue or language_need or glass
         else table.teams.get(request.team or "")
         if request
         else None
@@ -315,6 +337,32 @@ def send_outbox_notice(
         session.commit()
         return "skipped"
     queue_team = table.teams.get(request.team or "")
+    reason = (
+        BREAK_GLASS
+        if glass
+        else "overdue"
+        if overdue
+        else "language_need"
+        if language_need
+        else "new"
+    )
+    link = f"{settings.public_url}/staff/requests/{request.reference}"
+    accessed_by = None
+    if glass:
+        # The break-glass this alert is about: the latest one recorded with or before its row.
+        queued = session.get(OutboxMessage, outbox_id) if outbox_id is not None else None
+        found = select(AuditEvent.details, AuditEvent.actor_role).where(
+            AuditEvent.action == "phi.break_glass",
+            AuditEvent.reference == request.reference,
+            AuditEvent.outcome == "success",
+        )
+        if queued is not None:
+            found = found.where(AuditEvent.created_at <= queued.created_at)
+        event = session.execute(found.order_by(AuditEvent.seq.desc()).limit(1)).first()
+        if event is not None:
+            username = json.loads(event.details).get("username", "?")
+            accessed_by = f"{username} ({event.actor_role})"
+        link = f"{settings.public_url}/compliance/break-glass"
     notice = Notice(
         reference=request.reference,
         kind=request.kind,
@@ -323,8 +371,9 @@ def send_outbox_notice(
         team=team.id,
         team_name=team.name,
         sla_due_at=request.sla_due_at,
-        link=f"{settings.public_url}/staff/requests/{request.reference}",
-        reason="overdue" if overdue else "language_need" if language_need else "new",
+        link=link,
+        reason=reason,
+        accessed_by=accessed_by,
         language=request.language_need if language_need else None,
         language_name=table.language_name(request.language_need) if language_need else None,
         queue_team_name=queue_team.name if queue_team else request.team,
@@ -355,7 +404,7 @@ def send_outbox_notice(
             action="notification.failed",
             reference=notice.reference,
             outcome="failure",
-            details={"team": team.id, "error": str(error)},
+            details={"team": team.id, "error": str(error), "reason": notice.reason},
         )
         outbox.mark_done(session, request_id, task, outbox_id, status="failed")
         session.commit()

@@ -157,6 +157,19 @@ def notify_language_need(self: Any, request_id: str, outbox_id: int | None = Non
     _notify(self, routing.LANGUAGE_NOTICE_TASK, request_id, outbox_id)
 
 
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    max_retries=20,
+)
+def notify_break_glass(self: Any, request_id: str, outbox_id: int | None = None) -> None:
+    """Alert the supervisors' channel to a break-glass access; who, reference and link only."""
+    _notify(self, casework.BREAK_GLASS_ALERT_TASK, request_id, outbox_id)
+
+
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
 def rewrap_data_keys() -> int:
     """After a key rotation, rewrap a batch of data keys under the new primary KEK."""

@@ -3,8 +3,13 @@
 Why: break-glass is the emergency access procedure (45 CFR 164.312(a)(2)(ii)): anyone may open
 any request in an emergency, typing a reason, so that care never waits on permissions. The
 safeguard is the review afterwards: each ``phi.break_glass`` event stays "pending" until a
-compliance officer other than the person who broke the glass records a review, and the review
-itself is an audit event written in the same transaction as its row.
+reviewer other than the person who broke the glass records a review, and the review itself is
+an audit event written in the same transaction as its row. Reviewers are compliance officers,
+and supervisors too where the pharmacy says so (``INTAKE_BREAK_GLASS_REVIEWERS``): a pharmacy
+with one compliance officer could otherwise never have that officer's accesses reviewed.
+
+The review comment goes into the append-only trail in the clear, so it passes the same filter
+for patient details as every other staff-typed reason (no numbers, dates or e-mail addresses).
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from intake.casework import Actor, CaseworkError
+from intake.casework import Actor, CaseworkError, check_reason
 from intake.compliance.reports import actor_is_user, seq_in_range
 from intake.extensions import DbSession
 from intake.models import AuditEvent, BreakGlassReview, User
 
 MIN_COMMENT = 5
 MAX_COMMENT = 1000
+REVIEWER_ROLES = ("compliance",)
+ROLE_NAMES = {"compliance": "compliance officer", "supervisor": "supervisor"}
+# Only break-glass accesses that happened are reviewed; a refused attempt is in the trail only.
+HAPPENED = AuditEvent.outcome == "success"
 
 
 class ReviewError(CaseworkError):
@@ -68,7 +77,7 @@ def break_glass_entries(session: DbSession, reviewed_limit: int = 200) -> list[B
         .outerjoin(User, actor_is_user())
         .outerjoin(BreakGlassReview, BreakGlassReview.audit_seq == AuditEvent.seq)
         .outerjoin(reviewer, reviewer.id == BreakGlassReview.reviewer_id)
-        .where(AuditEvent.action == "phi.break_glass")
+        .where(AuditEvent.action == "phi.break_glass", HAPPENED)
     )
     pending = session.execute(
         base.where(BreakGlassReview.audit_seq.is_(None)).order_by(AuditEvent.seq.asc())
@@ -104,24 +113,61 @@ def pending_count(session: DbSession) -> int:
             select(func.count())
             .select_from(AuditEvent)
             .outerjoin(BreakGlassReview, BreakGlassReview.audit_seq == AuditEvent.seq)
-            .where(AuditEvent.action == "phi.break_glass", BreakGlassReview.audit_seq.is_(None))
+            .where(
+                AuditEvent.action == "phi.break_glass",
+                HAPPENED,
+                BreakGlassReview.audit_seq.is_(None),
+            )
         ).scalar_one()
     )
 
 
+def may_review(role: str, reviewers: tuple[str, ...] = REVIEWER_ROLES) -> bool:
+    """True when ``role`` reviews break-glass accesses under the pharmacy's policy."""
+    return role in reviewers and role in ROLE_NAMES
+
+
+def check_comment(comment: str) -> str:
+    """A review comment as stored: 5 to 1000 characters and nothing like patient details.
+
+    The filter is the one staff reasons pass (``casework.check_reason``); the comment itself is
+    kept as typed, line breaks included.
+    """
+    comment = comment.strip()
+    try:
+        check_reason(
+            comment,
+            MIN_COMMENT,
+            f"write a comment of {MIN_COMMENT} to {MAX_COMMENT} characters",
+            maximum=MAX_COMMENT,
+        )
+    except CaseworkError as error:
+        raise ReviewError(str(error)) from None
+    if len(comment) > MAX_COMMENT:
+        raise ReviewError(f"write a comment of {MIN_COMMENT} to {MAX_COMMENT} characters")
+    return comment
+
+
 def review_break_glass(
-    session: DbSession, actor: Actor, seq: int, comment: str, now: datetime
+    session: DbSession,
+    actor: Actor,
+    seq: int,
+    comment: str,
+    now: datetime,
+    reviewers: tuple[str, ...] = REVIEWER_ROLES,
 ) -> BreakGlassReview:
     """Mark break-glass event ``seq`` reviewed and record ``break_glass.reviewed``; one
-    transaction, committed here."""
-    comment = comment.strip()
+    transaction, committed here. Only a role of ``reviewers`` reviews, never the person who
+    broke the glass."""
+    if not may_review(actor.role, reviewers):
+        raise ReviewError("there is no break-glass access with that number", 404)
     event = session.get(AuditEvent, seq) if seq_in_range(seq) else None
-    if event is None or event.action != "phi.break_glass":
+    if event is None or event.action != "phi.break_glass" or event.outcome != "success":
         raise ReviewError("there is no break-glass access with that number", 404)
     if event.actor == actor.audit_name:
-        raise ReviewError("another compliance officer must review your own break-glass access", 409)
-    if not MIN_COMMENT <= len(comment) <= MAX_COMMENT:
-        raise ReviewError(f"write a comment of {MIN_COMMENT} to {MAX_COMMENT} characters")
+        others = " or ".join(ROLE_NAMES[r] for r in reviewers if r in ROLE_NAMES)
+        raise ReviewError(f"another {others} must review your own break-glass access", 409)
+    comment = check_comment(comment)
     if session.get(BreakGlassReview, seq) is not None:
         raise ReviewError("this break-glass access has already been reviewed", 409)
     review = BreakGlassReview(

@@ -401,6 +401,12 @@ def _words(value: Any) -> str:
 def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
     """What happened and why, in words, from an event's action and (PHI-free) details."""
     d = details
+    if d.get("refused") == "claimed_by_other":
+        what, why = describe(action, {k: v for k, v in d.items() if k != "refused"})
+        held = f"claimed by {d.get('assignee')}"
+        return f"Refused attempt: {what[:1].lower()}{what[1:]}", f"{why}; {held}" if why else held
+    if d.get("refused") == "role_not_allowed":
+        return "Refused: tried to break the glass (role not allowed)", ""
     if action == "phi.viewed" and d.get("view") == "queue":
         return "Saw the first name and last initial in a queue list", ""
     if action == "request.searched":
@@ -473,9 +479,11 @@ def access_report(session: DbSession, reference: str) -> AccessReport:
         details = row.detail_values
         what, why = describe(row.action, details)
         in_list = row.reference is None
-        saw_phi = row.action in ("phi.viewed", "phi.break_glass") and not in_list
-        glass = row.action == "phi.break_glass" or bool(
-            row.action == "phi.viewed" and details.get("break_glass")
+        happened = row.outcome == "success"  # a refused break-glass opened nothing
+        saw_phi = row.action in ("phi.viewed", "phi.break_glass") and not in_list and happened
+        glass = happened and (
+            row.action == "phi.break_glass"
+            or bool(row.action == "phi.viewed" and details.get("break_glass"))
         )
         entry = AccessEntry(
             seq=row.seq,
@@ -499,7 +507,7 @@ def access_report(session: DbSession, reference: str) -> AccessReport:
         person.last = row.created_at
         if row.action == "phi.viewed":
             person.phi_views += 1
-        elif row.action == "phi.break_glass":
+        elif glass and row.action == "phi.break_glass":
             person.break_glass += 1
         else:
             person.other_actions += 1
@@ -635,6 +643,7 @@ def _completions(session: DbSession, since: datetime) -> Any:
         )
         .where(
             AuditEvent.action == "request.status_changed",
+            AuditEvent.outcome == "success",  # a refused attempt completed nothing
             AuditEvent.created_at >= since,
             _detail(session, "new") == "completed",
         )

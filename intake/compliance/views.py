@@ -46,14 +46,36 @@ CSV_FLUSH_ROWS = 200
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+# The pages a break-glass reviewer who is not a compliance officer (a supervisor, where the
+# pharmacy names supervisors as reviewers) may reach: the review list and the review itself.
+REVIEW_ENDPOINTS = ("compliance.break_glass_list", "compliance.review")
+
+
+def _reviewers() -> tuple[str, ...]:
+    return tuple(current_app.extensions["intake.settings"].break_glass_reviewers)
+
+
 @bp.before_request
 def compliance_only() -> ResponseReturnValue | None:
-    """Every page here is for compliance officers; anyone else learns nothing (404)."""
+    """Every page here is for compliance officers; anyone else learns nothing (404), except a
+    configured break-glass reviewer on the review pages."""
     if not current_user.is_authenticated:
         return login_manager.unauthorized()  # type: ignore[no-any-return]
-    if current_user.role != "compliance":
-        abort(404)
-    return None
+    if current_user.role == "compliance":
+        return None
+    if request.endpoint in REVIEW_ENDPOINTS and break_glass.may_review(
+        current_user.role, _reviewers()
+    ):
+        return None
+    abort(404)
+
+
+@bp.app_context_processor
+def break_glass_reviewer() -> dict[str, Any]:
+    """Lets the staff layout link a supervisor who reviews break-glass to the review page."""
+    if not current_user.is_authenticated or current_user.role == "compliance":
+        return {"reviews_break_glass": False}
+    return {"reviews_break_glass": break_glass.may_review(current_user.role, _reviewers())}
 
 
 def _team_names() -> dict[str, str]:
@@ -280,7 +302,7 @@ def review(seq: int) -> ResponseReturnValue:
         return _break_glass_page(400, message, seq, form)
     try:
         break_glass.review_break_glass(
-            db.session, current_user.actor(), seq, form.comment.data or "", now()
+            db.session, current_user.actor(), seq, form.comment.data or "", now(), _reviewers()
         )
     except break_glass.ReviewError as error:
         db.session.rollback()

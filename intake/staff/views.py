@@ -67,6 +67,19 @@ def _team_names() -> dict[str, str]:
     return {t.id: t.name for t in current_app.extensions["intake.routing"].teams.values()}
 
 
+def _glass_policy() -> casework.BreakGlassPolicy:
+    return casework.BreakGlassPolicy.from_settings(current_app.extensions["intake.settings"])
+
+
+def _not_in_scope(reference: str, form: BreakGlassForm, status: int) -> ResponseReturnValue:
+    return render_template(
+        "staff/not_in_scope.html",
+        reference=reference,
+        form=form,
+        may_break_glass=current_user.role in _glass_policy().roles,
+    ), status
+
+
 @bp.route("/login", methods=["GET", "POST"])
 @limiter.limit(_login_limit, methods=["POST"])
 def login() -> ResponseReturnValue:
@@ -240,6 +253,7 @@ def _render_opened(opened: casework.OpenedRequest, status: int = 200) -> Respons
         note_form=NoteForm(),
         status_form=status_form,
         transfer_form=transfer,
+        claimed_by_other=opened.claimed_by_other(current_user.actor()),
         now=now(),
     ), status
 
@@ -251,13 +265,11 @@ def request_page(reference: str) -> ResponseReturnValue:
         abort(404)
     try:
         opened = casework.open_request(
-            db.session, _keyring(), reference, current_user.actor(), now()
+            db.session, _keyring(), reference, current_user.actor(), now(), team_names=_team_names()
         )
     except casework.NotFound:
         db.session.rollback()
-        return render_template(
-            "staff/not_in_scope.html", reference=reference, form=BreakGlassForm()
-        ), 404
+        return _not_in_scope(reference, BreakGlassForm(), 404)
     except CaseworkError as error:  # e.g. 410: the request's data was purged by retention
         db.session.rollback()
         return render_template(
@@ -278,12 +290,19 @@ def act(reference: str, action: str) -> ResponseReturnValue:
         if action == "break-glass":
             form = BreakGlassForm()
             if not form.validate():
-                return render_template(
-                    "staff/not_in_scope.html", reference=reference, form=form
-                ), 400
+                return _not_in_scope(reference, form, 400)
             opened = casework.open_request(
-                db.session, _keyring(), reference, actor, when, break_glass_reason=form.reason.data
+                db.session,
+                _keyring(),
+                reference,
+                actor,
+                when,
+                break_glass_reason=form.reason.data,
+                policy=_glass_policy(),
+                team_names=_team_names(),
             )
+            if opened.alert_outbox_id is not None:
+                outbox.publish(db.session, [opened.alert_outbox_id])
             return _render_opened(opened)
         if current_user.role not in WORKERS:
             abort(404)

@@ -78,7 +78,7 @@ def test_overdue_requests_go_one_step_up_once(app, route, clock, make_user, staf
     # Staff see it: the request now carries the higher priority and says why.
     page = ana.get(f"/staff/requests/{made['normal']}").get_data(as_text=True)
     assert '<span class="badge badge--high">high</span>' in page
-    assert "<strong>request.escalated</strong>" in page
+    assert "Escalated to high priority: past its due time" in page
     assert "(overdue)" in page
 
 
