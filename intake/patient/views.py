@@ -20,7 +20,7 @@ from intake.i18n import current_language, format_moment, language_switch_request
 from intake.patient import receipts
 from intake.patient.form_stamp import FormStamp, new_stamp, read_stamp
 from intake.patient.forms import TOPICS, ContactForm, PatientForm, RefillForm
-from intake.phi import ip_pseudonym
+from intake.phi import client_pseudonym, ip_pseudonym
 from intake.references import REFERENCE_RE, new_reference
 from intake.submissions import Submission, find_submission, same_as_first, submit_request
 
@@ -382,6 +382,10 @@ NEXT_STEP = {
 STATUS_TONE = {"completed": "success", "waiting_on_patient": "warning", "cancelled": "warning"}
 STATUSES_TO_CALL_ABOUT = ("waiting_on_patient", "completed", "cancelled")
 KIND_TEXT = {"refill": _l("Prescription refill"), "contact": _l("Request to contact you")}
+STATUS_THROTTLED = _l(
+    "There were too many tries with this reference number, so for your safety we stopped "
+    "checking it for a while. Please call us, or try again later."
+)
 STATUS_NOT_FOUND = _l(
     "We could not find a request with that reference number and date of birth. "
     "Please check both and try again, or call the pharmacy."
@@ -393,7 +397,7 @@ STATUS_NOT_FOUND = _l(
 @limiter.limit(_submit_limit, methods=["POST"])
 def status() -> ResponseReturnValue:
     from intake.patient.forms import TOPICS, StatusForm
-    from intake.status_lookup import look_up_status
+    from intake.status_lookup import Throttled, look_up_status
 
     if request.method == "GET":
         return render_template("patient/status.html", form=StatusForm(), first_error=None)
@@ -405,13 +409,21 @@ def status() -> ResponseReturnValue:
         return render_template(
             "patient/status.html", form=form, first_error=first_error, notice=FORM_HAS_ERRORS
         ), 400
+    keyring = current_app.extensions["intake.keyring"]
     found = look_up_status(
         db.session,
-        current_app.extensions["intake.keyring"],
+        keyring,
         form.reference.data,
         form.date_of_birth.data,
         _client_ip_hmac(),
+        client=client_pseudonym(keyring, request.remote_addr),
     )
+    if isinstance(found, Throttled):
+        log.info("status_looked_up", found=False, throttled=True)
+        page = render_template(
+            "patient/status.html", form=form, first_error=None, throttled=STATUS_THROTTLED
+        )
+        return page, 429, {"Retry-After": str(found.retry_after_seconds)}
     log.info("status_looked_up", found=found is not None)
     if found is None:
         return render_template(
