@@ -95,6 +95,35 @@ def test_the_environment_overrides_name_phone_and_time_zone(make_app, settings):
     assert "Pacific Time" in client.get("/").get_data(as_text=True)
 
 
+HOSTILE = '<script src="//evil.example/x.js"></script><img src=x onerror=alert(1)>'
+
+
+def test_hostile_pharmacy_values_are_shown_as_text_on_every_page(make_app, settings, tmp_path):
+    """A pharmacy name (INTAKE_PHARMACY_NAME) or file value holding markup is shown as text:
+    in the title, header, footer, printout, notice and error pages, never as HTML."""
+    from config.settings import DEFAULT_PHARMACY_FILE
+
+    text = DEFAULT_PHARMACY_FILE.read_text(encoding="utf-8")
+    text = text.replace('"1200 Harbor Avenue, Suite 300"', f"'{HOSTILE}'")
+    text = re.sub(r'(?m)^en = "Monday to Friday.*$', f"en = '{HOSTILE} Monday to Friday'", text)
+    text = re.sub(
+        r'(?m)^notice = "ATTENTION: If you speak English.*$',
+        f"notice = '{HOSTILE} Call {{phone}} (TTY: {{tty}}).'",
+        text,
+    )
+    hostile_file = tmp_path / "pharmacy.toml"
+    hostile_file.write_text(text, encoding="utf-8")
+    app = make_app(settings.replace(pharmacy_name=HOSTILE, pharmacy_file=hostile_file))
+    client = app.test_client()
+    for path in [*PATIENT_PAGES, "/legal/privacy/2026-11"]:
+        page = client.get(path).get_data(as_text=True)
+        assert '<script src="//evil' not in page and "<img src=x" not in page, path
+        assert html_lib.escape(HOSTILE, quote=True) in page or "&lt;script" in page, path
+    hidden = hidden_fields(client.get("/refill").get_data(as_text=True))
+    stale = client.post("/refill", data={**valid_refill(), **hidden, "csrf_token": "expired"})
+    assert stale.status_code == 400 and "<img src=x" not in stale.get_data(as_text=True)
+
+
 def test_settings_read_the_pharmacy_overrides_from_the_environment(tmp_path):
     settings = Settings.from_env(
         {
