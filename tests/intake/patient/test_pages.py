@@ -449,6 +449,31 @@ def test_each_legal_text_has_its_own_page_in_both_languages(client, document, en
         assert "Sample text" in text_of(page) or "Texto de muestra" in text_of(page)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/legal/terms/..%2f..%2fconsents.toml",
+        "/legal/terms/..%2Fprivacy-2026-12",
+        "/legal/..%2fconsents",
+        "/legal/terms/2026-12.en.txt",
+        "/legal/terms/2026-12.en",
+        "/legal/terms/..",
+        "/legal/terms/%2e%2e/%2e%2e/pharmacy.toml",
+        "/legal/terms/2026-12/extra",
+        "/legal/consents.toml",
+        "/legal/TERMS",
+        "/legal/terms/" + "9" * 5000,
+    ],
+)
+def test_legal_pages_read_only_published_texts(client, path):
+    """No path reaches a file: the document and version are looked up among the texts read at
+    start-up, never joined into a file name."""
+    response = client.get(path)
+    assert response.status_code in (400, 404), path
+    page = response.get_data(as_text=True)
+    assert "[terms]" not in page and "version =" not in page and "timezone" not in page
+
+
 def test_an_earlier_version_stays_readable_and_unknown_ones_are_404(client):
     old = client.get("/legal/privacy/2026-11").get_data(as_text=True)
     assert "This is an earlier version" in old and 'href="/legal/privacy"' in old

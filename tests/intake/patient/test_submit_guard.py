@@ -373,3 +373,53 @@ def test_two_posts_of_one_form_at_the_same_instant_store_one_request(guarded, cl
     raced = [d for d in decisions(caplog) if d.get("raced")]
     print(f"{len(raced)} of {rounds} duplicates were stopped by the unique index")
     assert stored(guarded) == {"requests": rounds, "outbox": rounds, "submitted": rounds}
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"form": "refill", "key": ["a"], "at": 1},
+        {"form": "refill", "key": "k", "at": "yesterday"},
+        {"form": "refill", "key": "k", "at": float("inf")},
+        {"form": "refill", "key": "k", "at": -1e20},
+        {"form": "refill", "key": "k", "at": 253402300799.0},  # 9999-12-31
+        {"form": "refill", "key": "k", "at": True},
+        ["refill", "k", 1],
+        "refill",
+    ],
+    ids=["key-list", "at-text", "at-inf", "at-far-past", "at-year-9999", "at-bool", "list", "str"],
+)
+def test_signed_but_malformed_stamps_get_the_form_back_never_a_500(
+    guarded, client, clock, payload, lang
+):
+    """A stamp signed with the app's secret but holding nonsense (a leaked secret, a future
+    format) is replaced or re-dated; the patient's answers come back in their language."""
+    from intake.patient.form_stamp import _serializer
+
+    hidden = open_form(client, lang=lang)
+    with guarded.test_request_context():
+        forged = _serializer().dumps(payload)
+    clock.advance(seconds=30)
+    response = client.post("/refill", data={**valid_refill(), **hidden, "rendered_at": forged})
+    html = shown(response.get_data(as_text=True))
+    assert response.status_code == 400 and 'value="Maria"' in html
+    assert f'<html lang="{lang}">' in html
+    assert stored(guarded)["requests"] == 0
+    clock.advance(seconds=MIN_FILL)
+    again = client.post("/refill", data={**valid_refill(), **hidden_fields(html)})
+    assert stored_reference(guarded, reference_from(again)) is not None
+
+
+def test_a_stamp_signed_with_another_apps_secret_is_not_carried(guarded, client, clock, make_app):
+    """A stamp from another deployment (a staging site, a copy of the app) is not genuine."""
+    other = make_app(guarded.extensions["intake.settings"].replace(secret_key="another-secret"))
+    foreign = hidden_fields(other.test_client().get("/refill").get_data(as_text=True))
+    hidden = open_form(client)
+    clock.advance(seconds=30)
+    response = client.post(
+        "/refill", data={**valid_refill(), **hidden, "rendered_at": foreign["rendered_at"]}
+    )
+    assert response.status_code == 400
+    assert hidden_fields(response.get_data(as_text=True))["rendered_at"] != foreign["rendered_at"]
+    assert stored(guarded)["requests"] == 0
