@@ -290,6 +290,32 @@ def test_thanks_summary_survives_more_submissions_from_the_same_browser(patient,
     assert "Help paying for my medication" in main_text(client.get(f"/thanks/{second}"))
 
 
+def test_many_submissions_keep_the_session_cookie_small_and_free_of_phi(app, patient, client):
+    """A patient (or a script) sending many requests from one browser must not grow the
+    session cookie past what browsers keep (4 KiB), which would break every page; and the
+    cookie is signed, not encrypted, so it holds no PHI."""
+    import base64
+    import json
+    import zlib
+
+    rx = "\n".join(f"10000{n:02d}" for n in range(10))
+    references = []
+    for n in range(12):
+        sent = patient.refill(rx_numbers=rx) if n % 2 else patient.contact(topic="side_effect")
+        references.append(reference_from(sent))
+    cookie = client.get_cookie("intake_session")
+    assert cookie is not None and len(cookie.value) < 4000
+    payload = cookie.value.lstrip(".").split(".")[0]
+    raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    session = json.loads(zlib.decompress(raw) if cookie.value.startswith(".") else raw)
+    text = json.dumps(session)
+    for phi in ("Maria", "John", "Núñez", "O'Brien", "1980-03-15", "1962-07-04", "555", "1000001"):
+        assert phi not in text, phi
+    # The newest summaries are kept; every page still renders.
+    assert "What you sent" in main_text(client.get(f"/thanks/{references[-1]}"))
+    assert client.get("/refill").status_code == 200
+
+
 def test_a_forged_or_stale_receipt_in_the_session_shows_the_plain_page(app, client):
     with client.session_transaction() as session:
         session["receipts"] = {
