@@ -423,3 +423,19 @@ def test_a_stamp_signed_with_another_apps_secret_is_not_carried(guarded, client,
     assert response.status_code == 400
     assert hidden_fields(response.get_data(as_text=True))["rendered_at"] != foreign["rendered_at"]
     assert stored(guarded)["requests"] == 0
+
+
+def test_other_answers_that_lose_the_race_do_not_see_the_first_reference(
+    guarded, client, clock, monkeypatch
+):
+    """The loser of two simultaneous posts of one key is stopped by the unique index, not by
+    the first look-up; with other answers it must still not be told the winner's reference."""
+    hidden = open_form(client)
+    clock.advance(seconds=30)
+    reference = reference_from(client.post("/refill", data={**hidden, **valid_refill()}))
+    monkeypatch.setattr(views, "find_submission", lambda *args: None)  # both passed the check
+    raced = client.post("/refill", data={**hidden, **valid_refill(first_name="Eve")})
+    assert raced.status_code == 400 and reference not in raced.get_data(as_text=True)
+    same = client.post("/refill", data={**hidden, **valid_refill()})
+    assert reference_from(same) == reference
+    assert stored(guarded)["requests"] == 1
