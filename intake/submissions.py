@@ -6,8 +6,10 @@ after a lost answer, back and send again), and staff must not work the same refi
 form carries a random one-time key; the request stores an HMAC of it (never the key) under a
 unique index, so the database itself keeps a second request with that key out, even when both
 arrive at the same instant on different web processes. The one that loses finds the winner's
-reference and answers with it. It assumes the key is random and known only to the patient's
-browser; the HMAC keeps a database reader from replaying it.
+reference and answers with it, but only when it carries the same answers
+(:func:`same_as_first`): the key sits in the page, so a shared computer's history or a saved
+page can hand it to someone else, who must not learn the first patient's reference. The HMAC
+keeps a database reader from replaying it.
 """
 
 from __future__ import annotations
