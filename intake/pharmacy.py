@@ -27,8 +27,9 @@ LANGUAGES = ("en", "es")
 TOP_KEYS = {"name", "phone", "tty", "timezone", "address", "hours", "language_assistance"}
 NOTICE_KEYS = {"language", "name", "notice", "dir"}
 PLACEHOLDER_RE = re.compile(r"\{(phone|tty)\}")
-# Three-digit service codes (711 is the relay service for TTY users) dial as they are.
-SERVICE_CODE_RE = re.compile(r"^[2-9]11$")
+# 711, the relay service for TTY users, dials as it is; it is a TTY number only. No other
+# three-digit code (911 above all) may become the number every "call us" link dials.
+RELAY_SERVICE = "711"
 DATETIME_AT = _l("%(date)s at %(time)s")
 
 
@@ -71,10 +72,14 @@ class Pharmacy:
         return ZoneInfo(self.timezone)
 
 
-def parse_phone(raw: Any, where: str, what: str) -> PhoneNumber:
-    """Check a phone number and give its display form and ``tel:`` link (E.164)."""
+def parse_phone(raw: Any, where: str, what: str, relay: bool = False) -> PhoneNumber:
+    """Check a phone number and give its display form and ``tel:`` link (E.164).
+
+    ``relay``: the number may be the TTY relay service, 711. The display form is the library's
+    formatting of the number, never the text as typed (no stray characters reach the pages).
+    """
     text = str(raw or "").strip()
-    if SERVICE_CODE_RE.match(text):
+    if relay and text == RELAY_SERVICE:
         return PhoneNumber(display=text, href=f"tel:{text}")
     try:
         number = phonenumbers.parse(text, "US")
@@ -84,7 +89,8 @@ def parse_phone(raw: Any, where: str, what: str) -> PhoneNumber:
         raise PharmacyError(f"{where}: {what} {text!r} is not a valid phone number")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
-    display = national if number.country_code == 1 else text
+    international = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    display = national if number.country_code == 1 else international
     return PhoneNumber(display=display, href=f"tel:{e164}")
 
 
@@ -169,7 +175,7 @@ def parse_pharmacy(text: str, path: Path, overrides: Mapping[str, str | None]) -
         raise PharmacyError(f"{path}: 'phone' is required (the number patients call)")
     else:
         phone = parse_phone(doc["phone"], line_of("phone"), "'phone'")
-    tty = parse_phone(doc["tty"], line_of("tty"), "'tty'") if doc.get("tty") else None
+    tty = parse_phone(doc["tty"], line_of("tty"), "'tty'", relay=True) if doc.get("tty") else None
     if overrides.get("timezone"):
         timezone = check_timezone(overrides["timezone"], "INTAKE_TIMEZONE", "the time zone")
     elif "timezone" not in doc:

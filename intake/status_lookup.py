@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from intake import phi
+from intake.accounts import _throttle_row
 from intake.audit import record_event
+from intake.clock import now
 from intake.extensions import DbSession
-from intake.models import AuditEvent, Request
+from intake.models import AuditEvent, LoginThrottle, Request
 
 COARSE = {
     "received": "received",
@@ -45,28 +47,44 @@ class StatusAnswer:
     changed_at: datetime
 
 
-# After this many failed look-ups of one reference within an hour, even the right date of birth
-# gets "not found" until the hour has passed: guessing a birth date takes years, not minutes.
-MAX_FAILURES_PER_HOUR = 5
+# Failed look-ups are counted per (typed reference, client) and per typed reference from
+# anywhere, known reference or not. One client (a stranger who read a reference off a printout)
+# gets five tries an hour at one reference; then that client waits an hour, while the patient,
+# from their own phone or computer, still gets in. The per-reference ceiling bounds guessing
+# from many addresses. Unknown references are counted exactly like real ones, so being told
+# "too many tries" says nothing about whether a reference exists.
+FAILURES_PER_CLIENT = 5
+FAILURES_PER_REFERENCE = 20
+WINDOW = timedelta(hours=1)
 
 
-def _recent_failures(session: DbSession, reference: str) -> int:
-    from datetime import timedelta
+@dataclass(frozen=True)
+class Throttled:
+    """Too many failed look-ups of this reference (from this client, or from everywhere)."""
 
-    from intake.clock import now
+    retry_after_seconds: int
 
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(AuditEvent)
-            .where(
-                AuditEvent.reference == reference,
-                AuditEvent.action == "status.looked_up",
-                AuditEvent.outcome != "success",
-                AuditEvent.created_at > now() - timedelta(hours=1),
-            )
-        ).scalar_one()
-    )
+
+def client_throttle_key(keyring: phi.Keyring, reference: str, client: str | None) -> str:
+    return phi.blind_index(keyring, "status-lookup", f"{reference}|{client or '-'}")
+
+
+def reference_throttle_key(keyring: phi.Keyring, reference: str) -> str:
+    return phi.blind_index(keyring, "status-lookup-reference", reference)
+
+
+def _counting(row: LoginThrottle, now: datetime) -> LoginThrottle:
+    """The row with its count restarted when its window has passed and it locks nothing."""
+    locked = row.locked_until is not None and row.locked_until > now
+    if not locked and row.updated_at is not None and row.updated_at <= now - WINDOW:
+        row.failures = 0
+        row.locked_until = None
+    return row
+
+
+def _locked_for(rows: tuple[LoginThrottle, ...], now: datetime) -> int:
+    until = [r.locked_until for r in rows if r.locked_until is not None and r.locked_until > now]
+    return int((max(until) - now).total_seconds()) + 1 if until else 0
 
 
 def look_up_status(
@@ -75,14 +93,30 @@ def look_up_status(
     reference: str,
     date_of_birth: str,
     ip_hmac: str | None,
-) -> StatusAnswer | None:
-    """Return what the patient may see, or None when the pair matches no request."""
+    client: str | None = None,
+) -> StatusAnswer | Throttled | None:
+    """Return what the patient may see, ``Throttled``, or None when the pair matches nothing.
+
+    ``client`` names the client for the throttle (its network's pseudonym); by default the
+    audit trail's ``ip_hmac``.
+    """
+    moment = now()
+    client = client or ip_hmac
+    # Locked in this order (client's row, then the reference's) by every look-up, until commit.
+    rows = (
+        _counting(
+            _throttle_row(session, client_throttle_key(keyring, reference, client), moment), moment
+        ),
+        _counting(
+            _throttle_row(session, reference_throttle_key(keyring, reference), moment), moment
+        ),
+    )
     row = session.execute(
         select(Request).where(Request.reference == reference)
     ).scalar_one_or_none()
+    wait = _locked_for(rows, moment)
     status: str | None = None
-    throttled = row is not None and _recent_failures(session, reference) >= MAX_FAILURES_PER_HOUR
-    if row is not None and not throttled and row.wrapped_key is not None and row.kek_id is not None:
+    if row is not None and not wait and row.wrapped_key is not None and row.kek_id is not None:
         try:
             document = phi.open_phi(
                 keyring, row.id, phi.SealedPHI(phi.WrappedKey(row.kek_id, row.wrapped_key), row.phi)
@@ -92,17 +126,27 @@ def look_up_status(
         stored = str(document.get("date_of_birth", ""))
         if stored and hmac.compare_digest(stored.encode(), date_of_birth.encode()):
             status = COARSE.get(row.status, "received")
+    if not wait and status is None:
+        for counted, limit in zip(rows, (FAILURES_PER_CLIENT, FAILURES_PER_REFERENCE), strict=True):
+            counted.failures += 1
+            counted.updated_at = moment
+            if counted.failures >= limit:
+                counted.locked_until = moment + WINDOW
+    elif status is not None:
+        rows[0].failures, rows[0].locked_until, rows[0].updated_at = 0, None, moment
     # Failed look-ups of a real request name it, so its access report shows guessing attempts.
     record_event(
         session,
         actor="patient",
         action="status.looked_up",
         reference=reference if row is not None else None,
-        outcome="success" if status else ("throttled" if throttled else "not_found"),
+        outcome="success" if status else ("throttled" if wait else "not_found"),
         ip_hmac=ip_hmac,
     )
     answer = _answer(session, row, status) if row is not None and status else None
     session.commit()
+    if wait:
+        return Throttled(retry_after_seconds=wait)
     return answer
 
 

@@ -6,8 +6,10 @@ after a lost answer, back and send again), and staff must not work the same refi
 form carries a random one-time key; the request stores an HMAC of it (never the key) under a
 unique index, so the database itself keeps a second request with that key out, even when both
 arrive at the same instant on different web processes. The one that loses finds the winner's
-reference and answers with it. It assumes the key is random and known only to the patient's
-browser; the HMAC keeps a database reader from replaying it.
+reference and answers with it, but only when it carries the same answers
+(:func:`same_as_first`): the key sits in the page, so a shared computer's history or a saved
+page can hand it to someone else, who must not learn the first patient's reference. The HMAC
+keeps a database reader from replaying it.
 """
 
 from __future__ import annotations
@@ -90,6 +92,28 @@ def find_submission(session: DbSession, keyring: phi.Keyring, key: str) -> Accep
     if row is None:
         return None
     return Accepted(request_id=row.id, reference=row.reference, outbox_id=None, duplicate=True)
+
+
+def same_as_first(
+    session: DbSession, keyring: phi.Keyring, first: Accepted, document: Mapping[str, Any]
+) -> bool:
+    """Whether ``document`` is what the request ``first`` stored: a resend, not another request.
+
+    Why: the submission key sits in the page, so whoever gets hold of it (a shared computer's
+    history, a saved page) could send other answers with it and be told the first patient's
+    reference. Only the same answers again get the first one's reference; anyone who can send
+    those knows them already. The stored PHI is opened for the comparison only, never shown.
+    """
+    row = session.get(Request, first.request_id)
+    if row is None or row.wrapped_key is None or row.kek_id is None:
+        return False  # shredded: nothing left to be the same as
+    try:
+        stored = phi.open_phi(
+            keyring, row.id, phi.SealedPHI(phi.WrappedKey(row.kek_id, row.wrapped_key), row.phi)
+        )
+    except phi.SealError:
+        return False
+    return phi.canonical_json(stored) == phi.canonical_json(document)
 
 
 def _unused_reference(session: DbSession, kind: str) -> str:

@@ -44,9 +44,10 @@ def _serializer() -> URLSafeSerializer:
     return URLSafeSerializer(secret, salt=SALT)
 
 
-def new_stamp(form: str, shown_at: datetime | None = None) -> FormStamp:
-    """A stamp for ``form`` shown now (or at ``shown_at``), with a fresh random submission key."""
-    key = secrets.token_urlsafe(16)
+def new_stamp(form: str, shown_at: datetime | None = None, key: str | None = None) -> FormStamp:
+    """A stamp for ``form`` shown now (or at ``shown_at``), with a fresh random submission key
+    (or ``key``, to re-date a stamp and keep its key)."""
+    key = key or secrets.token_urlsafe(16)
     rendered_at = shown_at or now()
     token = _serializer().dumps({"form": form, "key": key, "at": rendered_at.timestamp()})
     return FormStamp(form=form, key=key, rendered_at=rendered_at, token=token)

@@ -20,9 +20,9 @@ from intake.i18n import current_language, format_moment, language_switch_request
 from intake.patient import receipts
 from intake.patient.form_stamp import FormStamp, new_stamp, read_stamp
 from intake.patient.forms import TOPICS, ContactForm, PatientForm, RefillForm
-from intake.phi import ip_pseudonym
+from intake.phi import client_pseudonym, ip_pseudonym
 from intake.references import REFERENCE_RE, new_reference
-from intake.submissions import Submission, find_submission, submit_request
+from intake.submissions import Submission, find_submission, same_as_first, submit_request
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("patient", __name__, template_folder="templates")
@@ -33,6 +33,11 @@ FORM_STALE = _l(
 )
 FORM_HAS_ERRORS = _l("Please correct the highlighted fields.")
 FORM_SEND_AGAIN = _l("We did not send your form yet. Please check your answers and send it again.")
+FORM_ALREADY_SENT = _l(
+    "This form was already sent with other answers, so we did not send it again. To change "
+    "the request you sent, please call us at %(phone)s. To send these answers as a new "
+    "request, check them and send the form again."
+)
 
 REFILL_ORDER = (
     "first_name",
@@ -140,6 +145,12 @@ def _carried_stamp(kind: str, form: PatientForm) -> FormStamp:
     stamp = read_stamp(form.rendered_at.data, kind)
     if stamp is None:
         return new_stamp(kind)
+    if stamp.rendered_at > now():
+        # Signed by us, yet dated later than now: this server's clock is behind the one that
+        # rendered it (another machine, or a clock stepped back). Carried as it is, it would be
+        # "too fast" on every send for as long as the gap; re-dated to now, with its key, the
+        # patient's next send a moment later goes through and is still recognised if repeated.
+        return new_stamp(kind, shown_at=now(), key=stamp.key)
     if _expired(stamp):
         # A genuine form open for hours was filled by a person: its replacement counts as
         # filled already, so sending it again at once is not "too fast".
@@ -192,10 +203,11 @@ def _handle(kind: str) -> ResponseReturnValue:
     if stamp is not None:
         first = find_submission(db.session, keyring, stamp.key)
         if first is not None:
+            if not (form.validate() and same_as_first(db.session, keyring, first, form.cleaned)):
+                return _already_sent(kind, form)
             _decided(kind, "duplicate", reference=first.reference)
-            if form.validate():  # the thanks page's summary, if this browser lost the first answer
-                language = current_language()
-                receipts.remember(kind, form, first.reference, language, keep_existing=True)
+            # The thanks page's summary, if this browser lost the first answer.
+            receipts.remember(kind, form, first.reference, current_language(), keep_existing=True)
             return redirect(url_for("patient.thanks", reference=first.reference), 303)
     if stamp is None or _expired(stamp):
         _decided(kind, "stale", reason="expired" if stamp else "no_stamp")
@@ -231,6 +243,8 @@ def _handle(kind: str) -> ResponseReturnValue:
     )
     if accepted.duplicate:
         # The same form, sent again while the first was being stored: the first one's answer.
+        if not same_as_first(db.session, keyring, accepted, form.cleaned):
+            return _already_sent(kind, form)
         _decided(kind, "duplicate", reference=accepted.reference, raced=True)
     else:
         ids = [accepted.outbox_id] if accepted.outbox_id is not None else []
@@ -238,6 +252,21 @@ def _handle(kind: str) -> ResponseReturnValue:
         _decided(kind, "accepted", reference=accepted.reference, published=published)
     receipts.remember(kind, form, accepted.reference, language, keep_existing=accepted.duplicate)
     return redirect(url_for("patient.thanks", reference=accepted.reference), 303)
+
+
+def _already_sent(kind: str, form: PatientForm) -> ResponseReturnValue:
+    """Other answers under a key already used: the form back, never the first one's reference.
+
+    The first request stays as it was (staff work it; a change goes by phone). The form comes
+    back with a new stamp (a new key, counted as filled), so sending it again is a deliberate
+    new request, not taken for the first one.
+    """
+    _decided(kind, "key_reused", fields=sorted(form.errors))
+    filled = now() - timedelta(seconds=_settings().min_fill_seconds)
+    form.rendered_at.data = new_stamp(kind, shown_at=filled).token
+    pharmacy = current_app.extensions["intake.pharmacy"]
+    notice = str(FORM_ALREADY_SENT) % {"phone": pharmacy.phone.display}
+    return _render(kind, form, 400, notice=notice)
 
 
 def rerender_after_csrf_error(kind: str) -> ResponseReturnValue:
@@ -358,6 +387,10 @@ NEXT_STEP = {
 STATUS_TONE = {"completed": "success", "waiting_on_patient": "warning", "cancelled": "warning"}
 STATUSES_TO_CALL_ABOUT = ("waiting_on_patient", "completed", "cancelled")
 KIND_TEXT = {"refill": _l("Prescription refill"), "contact": _l("Request to contact you")}
+STATUS_THROTTLED = _l(
+    "There were too many tries with this reference number, so for your safety we stopped "
+    "checking it for a while. Please call us, or try again later."
+)
 STATUS_NOT_FOUND = _l(
     "We could not find a request with that reference number and date of birth. "
     "Please check both and try again, or call the pharmacy."
@@ -369,7 +402,7 @@ STATUS_NOT_FOUND = _l(
 @limiter.limit(_submit_limit, methods=["POST"])
 def status() -> ResponseReturnValue:
     from intake.patient.forms import TOPICS, StatusForm
-    from intake.status_lookup import look_up_status
+    from intake.status_lookup import Throttled, look_up_status
 
     if request.method == "GET":
         return render_template("patient/status.html", form=StatusForm(), first_error=None)
@@ -381,13 +414,21 @@ def status() -> ResponseReturnValue:
         return render_template(
             "patient/status.html", form=form, first_error=first_error, notice=FORM_HAS_ERRORS
         ), 400
+    keyring = current_app.extensions["intake.keyring"]
     found = look_up_status(
         db.session,
-        current_app.extensions["intake.keyring"],
+        keyring,
         form.reference.data,
         form.date_of_birth.data,
         _client_ip_hmac(),
+        client=client_pseudonym(keyring, request.remote_addr),
     )
+    if isinstance(found, Throttled):
+        log.info("status_looked_up", found=False, throttled=True)
+        page = render_template(
+            "patient/status.html", form=form, first_error=None, throttled=STATUS_THROTTLED
+        )
+        return page, 429, {"Retry-After": str(found.retry_after_seconds)}
     log.info("status_looked_up", found=found is not None)
     if found is None:
         return render_template(

@@ -404,3 +404,49 @@ def test_odd_query_values_never_cause_a_server_error(app, sign_in, value):
                 assert response.status_code == 400, url
     # Whatever came before, the database session is still good.
     assert client.get("/compliance/audit").status_code == 200
+
+
+HOSTILE_VALUES = ["x" * 6000, "\u202e٣١٢", "%00", "' OR 1=1 --", "<script>", "R-" + "Z" * 500]
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+def test_hostile_status_look_ups_get_a_message_in_the_page_language(app, client, lang):
+    """Every value a script can post to the status page: a 400 beside the field in the page's
+    language, or the plain "not found"; never a 500, never a throttle row left half-written."""
+    from tests.conftest import hidden_fields
+
+    page = client.get(f"/status?lang={lang}")
+    token = hidden_fields(page.get_data(as_text=True))["csrf_token"]
+    for value in HOSTILE_VALUES:
+        for field in ("reference", "date_of_birth"):
+            data = {"csrf_token": token, "reference": "R-0000-0000", "date_of_birth": "1980-01-01"}
+            data[field] = value
+            response = client.post("/status", data=data)
+            assert response.status_code in (200, 400), (field, value[:20])
+            assert f'<html lang="{lang}">' in response.get_data(as_text=True)
+    many = {"csrf_token": token, "reference": ["R-0000-0000", "R-1111-1111"]}
+    assert client.post("/status", data={**many, "date_of_birth": "1980-01-01"}).status_code == 200
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+@pytest.mark.parametrize("kind", ["refill", "contact"])
+def test_hostile_values_in_the_new_form_fields_never_cause_a_500(app, client, kind, lang):
+    """The stamp, the language switch and the honeypot, posted with nonsense: the form comes
+    back in the page's language (or a decoy for a filled honeypot), and nothing half-written."""
+    from sqlalchemy import func, select
+
+    from intake.extensions import db
+    from intake.models import Request
+    from tests.conftest import hidden_fields, valid_contact, valid_refill
+
+    answers = valid_refill() if kind == "refill" else valid_contact()
+    for field in ("rendered_at", "switch_language", "topic", "contact_method", "location"):
+        for value in [*HOSTILE_VALUES, ["xx", "yy"]]:
+            hidden = hidden_fields(client.get(f"/{kind}?lang={lang}").get_data(as_text=True))
+            response = client.post(f"/{kind}", data={**answers, **hidden, field: value})
+            assert response.status_code in (200, 303, 400), (field, str(value)[:20])
+            if response.status_code != 303:
+                assert f'<html lang="{lang}">' in response.get_data(as_text=True)
+    with app.app_context():
+        stored = db.session.scalar(select(func.count()).select_from(Request))
+    assert stored <= 3 * len(HOSTILE_VALUES) + 3

@@ -48,6 +48,20 @@ BROKEN = {
         "'timezone' 'Mars/Olympus' is not a known time zone",
     ),
     "tty": (('tty = "711"', 'tty = "12"'), "'tty' '12' is not a valid phone number"),
+    # Every "call the pharmacy" link would dial the emergency number.
+    "phone-911": (
+        ('phone = "1-800-555-0142"', 'phone = "911"'),
+        "'phone' '911' is not a valid phone number",
+    ),
+    "tty-911": (('tty = "711"', 'tty = "911"'), "'tty' '911' is not a valid phone number"),
+    "phone-markup": (
+        ('phone = "1-800-555-0142"', 'phone = "+44 20 7946 0958 <script>alert(1)</script>"'),
+        "is not a valid phone number",
+    ),
+    "phone-uri": (
+        ('phone = "1-800-555-0142"', 'phone = "javascript:alert(1)//+18005550142"'),
+        "is not a valid phone number",
+    ),
     "name": (
         ('name = "Riverbend Specialty Pharmacy"', 'name = ""'),
         "'name' must be the pharmacy's name",
@@ -105,6 +119,21 @@ def test_the_page_languages_must_have_a_notice(tmp_path):
 def test_bad_environment_overrides_are_refused_by_name(tmp_path, overrides, message):
     with pytest.raises(PharmacyError, match=message):
         parse_pharmacy(SAMPLE, tmp_path / "p.toml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("typed", "display", "href"),
+    [
+        ("+44 20 7946 0958 \u202e", "+44 20 7946 0958", "tel:+442079460958"),
+        ("+44 (20) 7946-0958", "+44 20 7946 0958", "tel:+442079460958"),
+        ("1 (800) 555 0142", "(800) 555-0142", "tel:+18005550142"),
+    ],
+)
+def test_a_phone_is_shown_as_formatted_never_as_typed(tmp_path, typed, display, href):
+    """A stray character in the file (a right-to-left override, odd punctuation) never reaches
+    the pages: they show the number's standard form and dial its E.164 form."""
+    pharmacy = parse_pharmacy(SAMPLE, tmp_path / "p.toml", {"phone": typed})
+    assert (pharmacy.phone.display, pharmacy.phone.href) == (display, href)
 
 
 def test_the_shipped_file_is_a_realistic_fictional_pharmacy(app):

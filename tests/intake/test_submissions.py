@@ -154,3 +154,33 @@ def test_the_database_refuses_two_requests_with_one_submission_key(app):
             conn.execute(insert, {"id": "r1", "ref": "R-0000-0001", "phi": b"x", "key": "k" * 64})
         with pytest.raises(sa.exc.IntegrityError), db.engine.begin() as conn:
             conn.execute(insert, {"id": "r2", "ref": "R-0000-0002", "phi": b"x", "key": "k" * 64})
+
+
+def test_only_the_same_answers_count_as_the_first_submission(app):
+    """What decides whether a used key gets the first request's reference back."""
+    from intake.submissions import Submission, find_submission, same_as_first, submit_request
+
+    document = {"first_name": "Ana", "last_name": "Lopez", "phone": "+12025550143"}
+    with app.app_context():
+        keyring = app.extensions["intake.keyring"]
+        submit_request(
+            db.session,
+            keyring,
+            Submission(
+                kind="refill",
+                language="en",
+                phi=document,
+                consents=[current_consent("privacy", "en")],
+                location="main",
+                submission_key="a-form-key",
+            ),
+        )
+        first = find_submission(db.session, keyring, "a-form-key")
+        assert first is not None
+        assert same_as_first(db.session, keyring, first, dict(reversed(document.items())))
+        assert not same_as_first(db.session, keyring, first, {**document, "first_name": "Eve"})
+        assert not same_as_first(db.session, keyring, first, {**document, "notes": "more"})
+        row = db.session.get(Request, first.request_id)
+        row.wrapped_key = None  # shredded by retention: nothing to be the same as
+        db.session.commit()
+        assert not same_as_first(db.session, keyring, first, document)

@@ -16,9 +16,22 @@ def backend(request):
     return request.param
 
 
-@pytest.mark.parametrize(
-    "path", ["/", "/refill", "/contact", "/status", "/thanks/R-0000-0000", "/nowhere"]
-)
+EVERY_PATIENT_PAGE = [
+    "/",
+    "/refill",
+    "/contact",
+    "/contact?topic=side_effect",
+    "/status",
+    "/thanks/R-0000-0000",
+    "/legal/terms",
+    "/legal/npp?lang=es",
+    "/legal/privacy/2026-11",
+    "/legal/contact/2026-11",
+    "/nowhere",
+]
+
+
+@pytest.mark.parametrize("path", EVERY_PATIENT_PAGE)
 def test_security_headers_on_every_page(client, path):
     response = client.get(path)
     csp = response.headers["Content-Security-Policy"]
@@ -33,7 +46,7 @@ def test_security_headers_on_every_page(client, path):
 def test_pages_have_no_inline_script_or_style_and_no_external_assets(client):
     import re
 
-    for path in ("/", "/refill", "/contact", "/status"):
+    for path in EVERY_PATIENT_PAGE:
         html = client.get(path).get_data(as_text=True)
         assert "<script>" not in html and "<style" not in html and " style=" not in html
         assert not re.search(r'(src|href)="(https?:)?//', html), path
@@ -115,8 +128,14 @@ def test_production_refuses_to_start_without_its_secrets():
             {"INTAKE_PROFILE": "production", "INTAKE_DATABASE_URL": "postgresql://db/intake"}
         )
     with pytest.raises(SettingsError, match="INTAKE_AUDIT_SIGNING_KEY"):
-        Settings.from_env({"INTAKE_PROFILE": "production", "INTAKE_SECRET_KEY": "x" * 40,
-                           "INTAKE_KEYRING": "{}", "INTAKE_DATABASE_URL": "postgresql://db/x"})
+        Settings.from_env(
+            {
+                "INTAKE_PROFILE": "production",
+                "INTAKE_SECRET_KEY": "x" * 40,
+                "INTAKE_KEYRING": "{}",
+                "INTAKE_DATABASE_URL": "postgresql://db/x",
+            }
+        )
     with pytest.raises(SettingsError, match="INTAKE_KEYRING"):
         Settings.from_env(
             {
@@ -159,3 +178,36 @@ def test_keyring_can_come_from_a_file(tmp_path):
     app = create_app(Settings(data_dir=tmp_path / "var", keyring=str(path), secret_key="s" * 40))
     assert app.extensions["intake.keyring"] == ring
     assert not (tmp_path / "var" / "keyring.json").exists()
+
+
+def test_pages_answering_a_post_keep_the_headers_and_no_inline_code(app, client):
+    """The pages a POST renders (a form sent back, a status answer, a stopped look-up, the
+    honeypot's decoy) carry form values or PHI: the same strict policy and no-store."""
+    import re
+
+    from tests.conftest import hidden_fields, valid_refill
+
+    def check(response):
+        csp = response.headers["Content-Security-Policy"]
+        assert "unsafe-inline" not in csp and "default-src 'none'" in csp
+        assert response.headers["Cache-Control"] == "no-store"
+        html = response.get_data(as_text=True)
+        assert "<script>" not in html and "<style" not in html and " style=" not in html
+        assert not re.search(r" on[a-z]+=", html)
+
+    hidden = hidden_fields(client.get("/refill").get_data(as_text=True))
+    check(client.post("/refill", data={**hidden, **valid_refill(phone="12")}))  # invalid
+    check(client.post("/refill", data={**hidden, **valid_refill(), "switch_language": "es"}))
+    check(client.post("/refill", data={**hidden, **valid_refill(extra_comments="x")}))  # decoy
+    check(client.post("/refill", data={**hidden, **valid_refill(), "csrf_token": "x"}))
+    sent = client.post("/refill", data={**hidden, **valid_refill()})
+    check(client.get(sent.headers["Location"]))
+    check(client.post("/refill", data={**hidden, **valid_refill(first_name="Eve")}))  # key reused
+    token = hidden_fields(client.get("/status").get_data(as_text=True))["csrf_token"]
+    for _ in range(6):  # not found five times, then stopped
+        answer = client.post(
+            "/status",
+            data={"csrf_token": token, "reference": "R-0000-0000", "date_of_birth": "1980-01-01"},
+        )
+        check(answer)
+    assert answer.status_code == 429

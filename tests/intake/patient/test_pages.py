@@ -95,6 +95,35 @@ def test_the_environment_overrides_name_phone_and_time_zone(make_app, settings):
     assert "Pacific Time" in client.get("/").get_data(as_text=True)
 
 
+HOSTILE = '<script src="//evil.example/x.js"></script><img src=x onerror=alert(1)>'
+
+
+def test_hostile_pharmacy_values_are_shown_as_text_on_every_page(make_app, settings, tmp_path):
+    """A pharmacy name (INTAKE_PHARMACY_NAME) or file value holding markup is shown as text:
+    in the title, header, footer, printout, notice and error pages, never as HTML."""
+    from config.settings import DEFAULT_PHARMACY_FILE
+
+    text = DEFAULT_PHARMACY_FILE.read_text(encoding="utf-8")
+    text = text.replace('"1200 Harbor Avenue, Suite 300"', f"'{HOSTILE}'")
+    text = re.sub(r'(?m)^en = "Monday to Friday.*$', f"en = '{HOSTILE} Monday to Friday'", text)
+    text = re.sub(
+        r'(?m)^notice = "ATTENTION: If you speak English.*$',
+        f"notice = '{HOSTILE} Call {{phone}} (TTY: {{tty}}).'",
+        text,
+    )
+    hostile_file = tmp_path / "pharmacy.toml"
+    hostile_file.write_text(text, encoding="utf-8")
+    app = make_app(settings.replace(pharmacy_name=HOSTILE, pharmacy_file=hostile_file))
+    client = app.test_client()
+    for path in [*PATIENT_PAGES, "/legal/privacy/2026-11"]:
+        page = client.get(path).get_data(as_text=True)
+        assert '<script src="//evil' not in page and "<img src=x" not in page, path
+        assert html_lib.escape(HOSTILE, quote=True) in page or "&lt;script" in page, path
+    hidden = hidden_fields(client.get("/refill").get_data(as_text=True))
+    stale = client.post("/refill", data={**valid_refill(), **hidden, "csrf_token": "expired"})
+    assert stale.status_code == 400 and "<img src=x" not in stale.get_data(as_text=True)
+
+
 def test_settings_read_the_pharmacy_overrides_from_the_environment(tmp_path):
     settings = Settings.from_env(
         {
@@ -261,6 +290,32 @@ def test_thanks_summary_survives_more_submissions_from_the_same_browser(patient,
     assert "Help paying for my medication" in main_text(client.get(f"/thanks/{second}"))
 
 
+def test_many_submissions_keep_the_session_cookie_small_and_free_of_phi(app, patient, client):
+    """A patient (or a script) sending many requests from one browser must not grow the
+    session cookie past what browsers keep (4 KiB), which would break every page; and the
+    cookie is signed, not encrypted, so it holds no PHI."""
+    import base64
+    import json
+    import zlib
+
+    rx = "\n".join(f"10000{n:02d}" for n in range(10))
+    references = []
+    for n in range(12):
+        sent = patient.refill(rx_numbers=rx) if n % 2 else patient.contact(topic="side_effect")
+        references.append(reference_from(sent))
+    cookie = client.get_cookie("intake_session")
+    assert cookie is not None and len(cookie.value) < 4000
+    payload = cookie.value.lstrip(".").split(".")[0]
+    raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    session = json.loads(zlib.decompress(raw) if cookie.value.startswith(".") else raw)
+    text = json.dumps(session)
+    for phi in ("Maria", "John", "Núñez", "O'Brien", "1980-03-15", "1962-07-04", "555", "1000001"):
+        assert phi not in text, phi
+    # The newest summaries are kept; every page still renders.
+    assert "What you sent" in main_text(client.get(f"/thanks/{references[-1]}"))
+    assert client.get("/refill").status_code == 200
+
+
 def test_a_forged_or_stale_receipt_in_the_session_shows_the_plain_page(app, client):
     with client.session_transaction() as session:
         session["receipts"] = {
@@ -418,6 +473,31 @@ def test_each_legal_text_has_its_own_page_in_both_languages(client, document, en
         assert text.sha256 in page
         assert html_lib.escape(text.paragraphs[1], quote=True) in page
         assert "Sample text" in text_of(page) or "Texto de muestra" in text_of(page)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/legal/terms/..%2f..%2fconsents.toml",
+        "/legal/terms/..%2Fprivacy-2026-12",
+        "/legal/..%2fconsents",
+        "/legal/terms/2026-12.en.txt",
+        "/legal/terms/2026-12.en",
+        "/legal/terms/..",
+        "/legal/terms/%2e%2e/%2e%2e/pharmacy.toml",
+        "/legal/terms/2026-12/extra",
+        "/legal/consents.toml",
+        "/legal/TERMS",
+        "/legal/terms/" + "9" * 5000,
+    ],
+)
+def test_legal_pages_read_only_published_texts(client, path):
+    """No path reaches a file: the document and version are looked up among the texts read at
+    start-up, never joined into a file name."""
+    response = client.get(path)
+    assert response.status_code in (400, 404), path
+    page = response.get_data(as_text=True)
+    assert "[terms]" not in page and "version =" not in page and "timezone" not in page
 
 
 def test_an_earlier_version_stays_readable_and_unknown_ones_are_404(client):

@@ -88,16 +88,33 @@ def test_status_lookups_are_rate_limited(app, settings, client):
     assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
 
 
-def test_guessing_birth_dates_locks_the_reference_for_an_hour(app, client, patient):
-    reference = reference_from(patient.refill())
-    for day in range(1, 6):
-        assert "could not find" in look_up(client, reference, f"1980-01-0{day}").get_data(
-            as_text=True
-        )
-    # Even the right date of birth gets the same answer now: guessing cannot go on.
-    assert "could not find" in look_up(client, reference, "1980-03-15").get_data(as_text=True)
+def look_up_from(client, address: str, reference: str, dob: str, lang: str = "en"):
+    """A look-up from the client at ``address``, with its own session and CSRF token."""
+    environ = {"REMOTE_ADDR": address}
+    page = client.get(f"/status?lang={lang}", environ_base=environ)
+    token = hidden_fields(page.get_data(as_text=True))["csrf_token"]
+    return client.post(
+        "/status",
+        data={"csrf_token": token, "reference": reference, "date_of_birth": dob},
+        environ_base=environ,
+    )
+
+
+STRANGER, PATIENT = "198.51.100.7", "203.0.113.20"
+
+
+def throttled_text(app, lang: str) -> str:
+    from flask_babel import force_locale
+
+    from intake.patient.views import STATUS_THROTTLED
+
+    with app.test_request_context(), force_locale(lang):
+        return str(STATUS_THROTTLED)
+
+
+def lookup_outcomes(app, reference: str) -> list[str]:
     with app.app_context():
-        outcomes = (
+        return list(
             db.session.execute(
                 select(AuditEvent.outcome)
                 .where(AuditEvent.action == "status.looked_up", AuditEvent.reference == reference)
@@ -106,7 +123,80 @@ def test_guessing_birth_dates_locks_the_reference_for_an_hour(app, client, patie
             .scalars()
             .all()
         )
-    assert outcomes == ["not_found"] * 5 + ["throttled"]
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+def test_five_wrong_birth_dates_from_one_client_do_not_lock_out_the_patient(app, patient, lang):
+    """Issue 11: anyone who read a reference off a printout could enter five wrong birth dates
+    and keep the patient's right one answered "not found" for an hour, with no explanation."""
+    reference = reference_from(patient.refill())
+    stranger, own = app.test_client(), app.test_client()
+    for day in range(1, 6):
+        wrong = look_up_from(stranger, STRANGER, reference, f"1980-01-0{day}", lang)
+        assert wrong.status_code == 200
+    # That client is stopped, and told so, with the pharmacy's phone, in its language.
+    stopped = look_up_from(stranger, STRANGER, reference, "1980-03-15", lang)
+    html = stopped.get_data(as_text=True).replace("&#39;", "'")
+    assert stopped.status_code == 429 and int(stopped.headers["Retry-After"]) > 0
+    assert throttled_text(app, lang) in html
+    assert 'href="tel:+18005550142"' in html.split('id="status-throttled"')[1].split("</div>")[0]
+    assert 'data-status="' not in html
+    # The patient, from their own phone, still gets their answer.
+    found = look_up_from(own, PATIENT, reference, "1980-03-15", lang)
+    assert found.status_code == 200 and 'data-status="received"' in found.get_data(as_text=True)
+    assert lookup_outcomes(app, reference) == ["not_found"] * 5 + ["throttled", "success"]
+
+
+def without_token(html: str) -> str:
+    import re
+
+    return re.sub(r'name="csrf_token" type="hidden" value="[^"]*"', "", html)
+
+
+def test_being_stopped_says_nothing_about_whether_a_reference_exists(app, patient):
+    """Unknown references are counted like real ones, so "too many tries" is no oracle."""
+    real = reference_from(patient.refill())
+    answers = {}
+    for reference in (real, "R-0000-0000"):
+        client = app.test_client()
+        pages = [
+            look_up_from(client, STRANGER, reference, f"1980-01-0{day}") for day in range(1, 8)
+        ]
+        answers[reference] = [
+            (p.status_code, without_token(p.get_data(as_text=True).replace(reference, "REF")))
+            for p in pages
+        ]
+    assert [code for code, _ in answers[real]] == [200] * 5 + [429, 429]
+    assert answers[real] == answers["R-0000-0000"]
+
+
+def test_many_clients_together_hit_the_per_reference_ceiling_then_it_clears(app, patient):
+    from intake.status_lookup import FAILURES_PER_CLIENT, FAILURES_PER_REFERENCE
+    from tests.intake.staff.conftest import install_clock
+
+    clock = install_clock(app)
+    reference = reference_from(patient.refill())
+    clients = FAILURES_PER_REFERENCE // FAILURES_PER_CLIENT
+    for n in range(clients):
+        client = app.test_client()
+        for day in range(1, FAILURES_PER_CLIENT + 1):
+            address = f"192.0.2.{10 + n}"
+            assert look_up_from(client, address, reference, f"1981-01-0{day}").status_code == 200
+    # Guessing from yet more addresses is stopped for everyone, the patient included (who is
+    # told to call); an hour later the patient gets in.
+    late = look_up_from(app.test_client(), PATIENT, reference, "1980-03-15", "es")
+    assert late.status_code == 429 and throttled_text(app, "es") in late.get_data(as_text=True)
+    clock.advance(hours=1, seconds=1)
+    again = look_up_from(app.test_client(), PATIENT, reference, "1980-03-15")
+    assert again.status_code == 200 and 'data-status="received"' in again.get_data(as_text=True)
+
+
+def test_one_ipv6_customer_is_one_client_for_the_look_up_throttle(app, patient):
+    reference = reference_from(patient.refill())
+    client = app.test_client()
+    for n in range(1, 6):
+        look_up_from(client, f"2001:db8:1:2::{n}", reference, f"1980-01-0{n}")
+    assert look_up_from(client, "2001:db8:1:2::99", reference, "1980-03-15").status_code == 429
 
 
 # -- what the answer tells the patient ----------------------------------------------------------

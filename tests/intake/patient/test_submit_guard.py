@@ -240,15 +240,72 @@ def test_the_same_form_sent_again_answers_with_the_same_reference(guarded, clien
     clock.advance(seconds=30)
     first = client.post("/refill", data={**hidden, **valid_refill()})
     reference = reference_from(first)
-    # A resend after a lost answer, then back to the form, a change, and send again.
+    # A resend after a lost answer, and the same answers again in the other language.
     again = client.post("/refill", data={**hidden, **valid_refill()})
-    changed = client.post("/refill", data={**hidden, **valid_refill(notes="one more thing")})
-    for response in (again, changed):
+    switched = client.post("/refill?lang=es", data={**hidden, **valid_refill()})
+    for response in (again, switched):
         assert response.status_code == 303
         assert response.headers["Location"] == first.headers["Location"]
     assert stored(guarded) == {"requests": 1, "outbox": 1, "submitted": 1}
     thanks = client.get(again.headers["Location"])
     assert thanks.status_code == 200 and reference in thanks.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+def test_other_answers_under_a_used_key_never_see_the_first_reference(
+    guarded, client, clock, caplog, lang
+):
+    """Whoever gets hold of a sent form's stamp (a shared computer's history, a saved page)
+    and sends other answers with it is not told the first patient's reference, and gets no
+    summary of the first request; the form comes back with a new key."""
+    hidden = open_form(client, lang=lang)
+    clock.advance(seconds=30)
+    reference = reference_from(client.post("/refill", data={**hidden, **valid_refill()}))
+
+    stranger = guarded.test_client()
+    own = open_form(stranger, lang=lang)
+    answers = valid_refill(first_name="Eve", date_of_birth="1990-01-01")
+    reused = stranger.post("/refill", data={**answers, **own, "rendered_at": hidden["rendered_at"]})
+    html = shown(reused.get_data(as_text=True))
+    assert reused.status_code == 400 and "Location" not in reused.headers
+    assert reference not in html
+    with guarded.test_request_context(), force_locale(lang):
+        expected = str(views.FORM_ALREADY_SENT) % {"phone": "(800) 555-0142"}
+    assert expected in html and 'value="Eve"' in html
+    renewed = hidden_fields(html)["rendered_at"]
+    assert renewed != hidden["rendered_at"]
+    # Nor a summary of it on its thanks page.
+    assert 'id="received-at"' not in stranger.get(f"/thanks/{reference}").get_data(as_text=True)
+    assert stored(guarded) == {"requests": 1, "outbox": 1, "submitted": 1}
+    # The patient's own change after going back is refused the same way: the first request is
+    # not silently answered for with the change thrown away.
+    changed = client.post("/refill", data={**hidden, **valid_refill(notes="one more thing")})
+    assert changed.status_code == 400 and "one more thing" in changed.get_data(as_text=True)
+    # Sending the returned form again is a deliberate new request.
+    again = stranger.post("/refill", data={**answers, **hidden_fields(html)})
+    assert reference_from(again) != reference
+    assert stored(guarded)["requests"] == 2
+    assert "key_reused" in [d["outcome"] for d in decisions(caplog)]
+
+
+def test_a_stamp_from_a_clock_ahead_is_not_too_fast_forever(guarded, client, clock):
+    """A stamp signed by a web server whose clock runs ahead (or before this one's clock was
+    stepped back) must not make every send "too fast" for as long as the gap."""
+    hidden = open_form(client)
+    clock.advance(minutes=-10)
+    first = client.post("/refill", data={**hidden, **valid_refill()})
+    assert first.status_code == 400  # too soon to tell it was filled
+    carried = hidden_fields(first.get_data(as_text=True))
+    with guarded.test_request_context():
+        old, new = (read_stamp(h["rendered_at"], "refill") for h in (hidden, carried))
+    assert old is not None and new is not None and new.key == old.key, "the same key, re-dated"
+    clock.advance(seconds=MIN_FILL)
+    sent = client.post("/refill", data={**carried, **valid_refill()})
+    reference = reference_from(sent)
+    # Still one form: a resend of either version of its stamp is the same request.
+    again = client.post("/refill", data={**hidden, **valid_refill()})
+    assert reference_from(again) == reference
+    assert stored(guarded)["requests"] == 1
 
 
 def test_each_new_form_gets_its_own_key(guarded, client, clock):
@@ -316,3 +373,69 @@ def test_two_posts_of_one_form_at_the_same_instant_store_one_request(guarded, cl
     raced = [d for d in decisions(caplog) if d.get("raced")]
     print(f"{len(raced)} of {rounds} duplicates were stopped by the unique index")
     assert stored(guarded) == {"requests": rounds, "outbox": rounds, "submitted": rounds}
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"form": "refill", "key": ["a"], "at": 1},
+        {"form": "refill", "key": "k", "at": "yesterday"},
+        {"form": "refill", "key": "k", "at": float("inf")},
+        {"form": "refill", "key": "k", "at": -1e20},
+        {"form": "refill", "key": "k", "at": 253402300799.0},  # 9999-12-31
+        {"form": "refill", "key": "k", "at": True},
+        ["refill", "k", 1],
+        "refill",
+    ],
+    ids=["key-list", "at-text", "at-inf", "at-far-past", "at-year-9999", "at-bool", "list", "str"],
+)
+def test_signed_but_malformed_stamps_get_the_form_back_never_a_500(
+    guarded, client, clock, payload, lang
+):
+    """A stamp signed with the app's secret but holding nonsense (a leaked secret, a future
+    format) is replaced or re-dated; the patient's answers come back in their language."""
+    from intake.patient.form_stamp import _serializer
+
+    hidden = open_form(client, lang=lang)
+    with guarded.test_request_context():
+        forged = _serializer().dumps(payload)
+    clock.advance(seconds=30)
+    response = client.post("/refill", data={**valid_refill(), **hidden, "rendered_at": forged})
+    html = shown(response.get_data(as_text=True))
+    assert response.status_code == 400 and 'value="Maria"' in html
+    assert f'<html lang="{lang}">' in html
+    assert stored(guarded)["requests"] == 0
+    clock.advance(seconds=MIN_FILL)
+    again = client.post("/refill", data={**valid_refill(), **hidden_fields(html)})
+    assert stored_reference(guarded, reference_from(again)) is not None
+
+
+def test_a_stamp_signed_with_another_apps_secret_is_not_carried(guarded, client, clock, make_app):
+    """A stamp from another deployment (a staging site, a copy of the app) is not genuine."""
+    other = make_app(guarded.extensions["intake.settings"].replace(secret_key="another-secret"))
+    foreign = hidden_fields(other.test_client().get("/refill").get_data(as_text=True))
+    hidden = open_form(client)
+    clock.advance(seconds=30)
+    response = client.post(
+        "/refill", data={**valid_refill(), **hidden, "rendered_at": foreign["rendered_at"]}
+    )
+    assert response.status_code == 400
+    assert hidden_fields(response.get_data(as_text=True))["rendered_at"] != foreign["rendered_at"]
+    assert stored(guarded)["requests"] == 0
+
+
+def test_other_answers_that_lose_the_race_do_not_see_the_first_reference(
+    guarded, client, clock, monkeypatch
+):
+    """The loser of two simultaneous posts of one key is stopped by the unique index, not by
+    the first look-up; with other answers it must still not be told the winner's reference."""
+    hidden = open_form(client)
+    clock.advance(seconds=30)
+    reference = reference_from(client.post("/refill", data={**hidden, **valid_refill()}))
+    monkeypatch.setattr(views, "find_submission", lambda *args: None)  # both passed the check
+    raced = client.post("/refill", data={**hidden, **valid_refill(first_name="Eve")})
+    assert raced.status_code == 400 and reference not in raced.get_data(as_text=True)
+    same = client.post("/refill", data={**hidden, **valid_refill()})
+    assert reference_from(same) == reference
+    assert stored(guarded)["requests"] == 1
