@@ -252,3 +252,13 @@ def reference_from(response: Any) -> str:
     match = re.search(r"/thanks/([RC]-[0-9A-Z]{4}-[0-9A-Z]{4})$", response.headers["Location"])
     assert match, response.headers["Location"]
     return match.group(1)
+
+
+@pytest.fixture(scope="session")
+def playwright() -> Iterator[Any]:
+    """One Playwright driver for the whole run: its sync API refuses a second one while the
+    first is running, and both the embedded and the production browser tests need one."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        yield driver

@@ -652,7 +652,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session")
 def chromium(
-    production_stack: ProductionStack, tmp_path_factory: pytest.TempPathFactory
+    production_stack: ProductionStack, tmp_path_factory: pytest.TempPathFactory, playwright: Any
 ) -> Iterator[Any]:
     """Debian's Chromium trusting the stack's CA for real, as a managed desktop would.
 
@@ -675,19 +675,16 @@ def chromium(
             [certutil, "-d", f"sql:{nssdb}", *args], capture_output=True, text=True, timeout=30
         )
         assert done.returncode == 0, done.stderr
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=CHROMIUM_ARGS,
-            headless=True,
-            env={**os.environ, "HOME": str(home)},
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
+    browser = playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=CHROMIUM_ARGS,
+        headless=True,
+        env={**os.environ, "HOME": str(home)},
+    )
+    try:
+        yield browser
+    finally:
+        browser.close()
 
 
 @pytest.fixture

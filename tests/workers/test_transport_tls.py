@@ -214,12 +214,18 @@ def test_a_worker_routes_over_rediss_and_mails_the_team_over_starttls(
         celery_processes(settings).wait_ready()
         reference = reference_from(Patient(app.test_client()).refill())
         wait_until(lambda: mailbox.messages, 30, message="the team's e-mail")
+
+        def sent_event():
+            # The worker records the sending after the server has taken the message.
+            with app.app_context():
+                return db.session.execute(
+                    sa.select(AuditEvent).where(AuditEvent.action == "notification.sent")
+                ).scalar_one_or_none()
+
+        sent = wait_until(sent_event, 30, message="notification.sent in the audit trail")
         with app.app_context():
             row = db.session.execute(
                 sa.select(Request).where(Request.reference == reference)
-            ).scalar_one()
-            sent = db.session.execute(
-                sa.select(AuditEvent).where(AuditEvent.action == "notification.sent")
             ).scalar_one()
         assert row.status == "queued" and sent.reference == reference
         assert reference in mailbox.messages[0]["Subject"]
