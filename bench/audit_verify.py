@@ -1,7 +1,7 @@
 """Measure how fast ``intake audit verify`` recomputes the audit chain.
 
 Writes N realistic events into a temporary SQLite database (and, with --postgres, a temporary
-PostgreSQL database), then times ``intake.audit.verify_chain`` against a baseline measured in
+PostgreSQL database), then times ``intake.audit.chain.verify_chain`` against a baseline measured in
 the same run: a bare loop that reads the same rows through the same streaming query and
 computes one SHA-256 over each. The ratio (verify time / baseline time) is what to compare
 between machines and versions; events per second depend on the machine.
@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from intake.audit import (
+from intake.audit.chain import (
     GENESIS_HASH,
     _stored_rows,  # the query verify streams, so the baseline reads exactly the same rows
     event_hash,

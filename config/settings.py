@@ -140,7 +140,8 @@ def _roles(
 
 
 MIN_SECRET_BYTES = 32
-# What the embedded profile writes into its data folder (intake.embedded, intake.checkpoints).
+# What the embedded profile writes into its data folder (intake.ops.embedded,
+# intake.audit.checkpoints).
 GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
 # "xxxx", "aaaa...": one character repeated is a stand-in, whatever its length.
 PLACEHOLDER_RE = re.compile(

@@ -8,18 +8,19 @@ from pathlib import Path
 from flask import Flask
 
 from config import Settings
-from intake import embedded, private_files, transport
+from intake import transport
 from intake.clock import utcnow
-from intake.consents import load_consents
+from intake.crypto.phi import Keyring
+from intake.ops import embedded, private_files
+from intake.ops.proxies import TrustedProxies
 from intake.pharmacy import load_pharmacy
-from intake.phi import Keyring
-from intake.proxies import TrustedProxies
-from intake.routing import load_routing
+from intake.requests.consents import load_consents
+from intake.requests.routing import load_routing
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web application for ``settings`` (read from the environment by default)."""
-    from intake.logs import configure_logging
+    from intake.ops.logs import configure_logging
 
     settings = settings or Settings.from_env()
     data_dir = Path(settings.data_dir)
@@ -131,9 +132,10 @@ def format_duration(delta: timedelta) -> str:
 
 
 def register_extensions(app: Flask) -> None:
-    from intake import i18n, outbox, pharmacy
+    from intake import i18n, pharmacy
+    from intake.accounts.login import login_manager
     from intake.extensions import babel, csrf, db, limiter, migrate
-    from intake.staff.auth import login_manager
+    from intake.requests import outbox
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(__file__).with_name("migrations")))
@@ -148,8 +150,8 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from intake import ops
     from intake.compliance.views import bp as compliance
+    from intake.ops import health as ops
     from intake.patient.views import bp as patient
     from intake.staff.views import bp as staff
 
@@ -160,7 +162,7 @@ def register_blueprints(app: Flask) -> None:
 
 
 def register_commands(app: Flask) -> None:
-    from intake import commands
+    from intake.ops import commands
 
     for command in commands.COMMANDS:
         app.cli.add_command(command)

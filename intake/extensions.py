@@ -43,7 +43,7 @@ def client_key() -> str:
     limiter's store (Redis) never holds a raw address and one IPv6 customer is one client."""
     from flask import current_app
 
-    from intake.phi import client_pseudonym
+    from intake.crypto.phi import client_pseudonym
 
     keyring = current_app.extensions["intake.keyring"]
     return client_pseudonym(keyring, get_remote_address()) or "unknown"

@@ -82,11 +82,11 @@ class Request(db.Model):  # type: ignore[name-defined]
     # First name and last initial, sealed apart so the queue never opens the whole document.
     display_name: Mapped[bytes | None] = mapped_column("display_name_encrypted", LargeBinary)
 
-    # Blind indexes for exact-match search (HMAC, see intake.phi).
+    # Blind indexes for exact-match search (HMAC, see intake.crypto.phi).
     phone_index: Mapped[str | None] = mapped_column(String(64), index=True)
     email_index: Mapped[str | None] = mapped_column(String(64), index=True)
     name_dob_index: Mapped[str | None] = mapped_column(String(64), index=True)
-    # HMAC of the one-time key the patient's form carried (see intake.submissions): unique, so
+    # HMAC of the one-time key the patient's form carried (see intake.requests.submit): unique, so
     # a form sent twice, even by two requests at the same instant, stores one request.
     submission_key_index: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)
 
@@ -162,7 +162,7 @@ class OutboxMessage(db.Model):  # type: ignore[name-defined]
 
 
 class AuditEvent(db.Model):  # type: ignore[name-defined]
-    """One link of the append-only, hash-chained audit trail (see intake.audit)."""
+    """One link of the append-only, hash-chained audit trail (see intake.audit.chain)."""
 
     __tablename__ = "audit_events"
 

@@ -146,7 +146,7 @@ def refuse_cross_site_writes() -> ResponseReturnValue | None:
     Referer at all and ``Origin: null``. Fetch metadata replaces it: every current browser says
     in ``Sec-Fetch-Site`` whether a request came from our own pages, and ``Origin`` where it is
     sent must be ours. Behind a proxy ``request.host_url`` is the public one only when the
-    proxy is trusted (intake.proxies), so a wrong ``INTAKE_TRUSTED_PROXIES`` shows up as
+    proxy is trusted (intake.ops.proxies), so a wrong ``INTAKE_TRUSTED_PROXIES`` shows up as
     refused forms, never as accepted forged ones.
     """
     if request.method in SAFE_METHODS:

@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 
 from config import Settings
 from intake import create_app
-from intake.phi import Keyring
+from intake.crypto.phi import Keyring
 
 POSTGRES_URL = os.environ.get(
     "INTAKE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

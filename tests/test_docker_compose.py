@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from intake.phi import Keyring
+from intake.crypto.phi import Keyring
 from tests.conftest import valid_refill
 from tests.workers.conftest import RedisServer, free_port, wait_until
 
@@ -88,7 +88,7 @@ def test_the_proxy_runs_the_repository_template_with_every_placeholder_set():
     assert nginx["environment"]["NGINX_UPSTREAM"] == "web:8000"
     assert option("web", "--bind") == "0.0.0.0:8000"
     assert nginx["depends_on"]["web"]["condition"] == "service_healthy"
-    # What Intake relies on (intake.proxies): one hop that overwrites the client address.
+    # What Intake relies on (intake.ops.proxies): one hop that overwrites the client address.
     for line in (
         "proxy_set_header X-Forwarded-For $remote_addr;",
         "proxy_set_header X-Forwarded-Proto https;",

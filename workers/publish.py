@@ -8,7 +8,7 @@ import time
 from flask import Flask
 from kombu.exceptions import OperationalError
 
-from intake import outbox
+from intake.requests import outbox
 
 TASK_PREFIX = "workers.tasks."
 # After a failed publish, stop trying for this long: each attempt on a dead broker costs the

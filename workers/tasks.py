@@ -9,10 +9,10 @@ from celery import shared_task
 from flask import current_app
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from intake import casework, outbox, routing
 from intake.clock import now, utcnow
 from intake.extensions import db
-from intake.notifications import RetryLater, send_account_alert, send_outbox_notice
+from intake.requests import casework, outbox, routing
+from intake.requests.notifications import RetryLater, send_account_alert, send_outbox_notice
 
 log = structlog.get_logger(__name__)
 
@@ -136,8 +136,8 @@ def notify_account_alert(self: Any, user_id: str, outbox_id: int | None = None) 
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
 def purge_login_throttles() -> int:
     """Forget login failure counts that lock nothing and have been quiet for the window."""
-    from intake.accounts import LoginPolicy
-    from intake.accounts import purge_login_throttles as purge
+    from intake.accounts.services import LoginPolicy
+    from intake.accounts.services import purge_login_throttles as purge
 
     policy = LoginPolicy.from_settings(current_app.extensions["intake.settings"])
     return purge(db.session, now(), policy)
@@ -173,7 +173,7 @@ def notify_break_glass(self: Any, request_id: str, outbox_id: int | None = None)
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
 def rewrap_data_keys() -> int:
     """After a key rotation, rewrap a batch of data keys under the new primary KEK."""
-    from intake.keys import rewrap_data_keys as rewrap
+    from intake.crypto.rotation import rewrap_data_keys as rewrap
 
     return rewrap(db.session, current_app.extensions["intake.keyring"])
 
@@ -181,7 +181,7 @@ def rewrap_data_keys() -> int:
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
 def purge_expired() -> int:
     """Crypto-shred requests closed longer than the retention period."""
-    from intake.retention import purge_expired as purge
+    from intake.requests.retention import purge_expired as purge
 
     days = current_app.extensions["intake.settings"].retention_days
     return len(purge(db.session, now(), days))
@@ -190,7 +190,7 @@ def purge_expired() -> int:
 @shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
 def sign_audit_checkpoint() -> int | None:
     """Sign the audit chain's head into the checkpoints file, unless nothing happened since."""
-    from intake.checkpoints import write_checkpoint
+    from intake.audit.checkpoints import write_checkpoint
 
     signed = write_checkpoint(
         db.session,

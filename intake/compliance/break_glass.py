@@ -23,10 +23,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from intake.casework import Actor, CaseworkError, check_reason
 from intake.compliance.reports import actor_is_user, seq_in_range
 from intake.extensions import DbSession
 from intake.models import AuditEvent, BreakGlassReview, User
+from intake.requests.casework import Actor, CaseworkError, check_reason
 
 MIN_COMMENT = 5
 MAX_COMMENT = 1000

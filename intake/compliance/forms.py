@@ -9,11 +9,11 @@ from flask_wtf import FlaskForm
 from wtforms import Field, Form, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
-from intake.audit import ACTIONS
+from intake.audit.chain import ACTIONS
 from intake.compliance.break_glass import MAX_COMMENT, MIN_COMMENT
 from intake.compliance.reports import AuditFilter
 from intake.patient.forms import options
-from intake.references import normalize_reference
+from intake.requests.references import normalize_reference
 
 TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?Z?$")
 TIME_HINT = "Use YYYY-MM-DD or YYYY-MM-DD HH:MM (UTC)."

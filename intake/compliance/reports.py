@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import aliased
 
-from intake.anomalies import HourCount
+from intake.audit.anomalies import HourCount
 from intake.extensions import DbSession
 from intake.models import OPEN_STATUSES, AuditEvent, Request, User
 

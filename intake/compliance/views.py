@@ -26,15 +26,15 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 from sqlalchemy import select
 
-from intake import anomalies
+from intake.accounts.login import login_manager, refuse_cross_site_views
+from intake.audit import anomalies
+from intake.audit.verify import run_verification
 from intake.clock import now
 from intake.compliance import break_glass, charts, dashboard, reports
 from intake.compliance.forms import AccessLookupForm, AuditFilterForm, ReviewForm, VerifyForm
-from intake.compliance.verification import run_verification
 from intake.extensions import db
 from intake.models import User
-from intake.references import normalize_reference
-from intake.staff.auth import login_manager, refuse_cross_site_views
+from intake.requests.references import normalize_reference
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("compliance", __name__, url_prefix="/compliance", template_folder="templates")

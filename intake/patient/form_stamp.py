@@ -7,7 +7,7 @@ moved to the other form; and it is carried unchanged through every re-render of 
 errors, a too-fast or expired-token answer, a language switch), so the fill time counts from the
 first time the patient saw the form, and a correction sent a second later is not taken for a
 bot. The key inside it lets the database recognise a repeated POST of that form
-(see :mod:`intake.submissions`). A stamp is only as old as its first render: past the form's
+(see :mod:`intake.requests.submit`). A stamp is only as old as its first render: past the form's
 maximum age it is replaced by a new one (with a new key). It assumes the secret key is secret;
 a bot can still fetch a real form and wait, which the rate limit and the honeypot cover.
 """

@@ -18,7 +18,7 @@ from wtforms import BooleanField, HiddenField, RadioField, SelectField, StringFi
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import ValidationError
 
-from intake.routing_data import interpreter_choices, location_choices
+from intake.requests.locations import interpreter_choices, location_choices
 
 REQUIRED = _l("This field is required.")
 FIRST_NAME_NEEDED = _l("Enter your first name.")
@@ -383,7 +383,7 @@ class StatusForm(FlaskForm):
         self.today = today or date.today()
 
     def validate_reference(self, field: Any) -> None:
-        from intake.references import normalize_reference
+        from intake.requests.references import normalize_reference
 
         normalized = normalize_reference(_required(field))
         if normalized is None:

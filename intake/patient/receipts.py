@@ -20,7 +20,7 @@ from flask_babel import gettext, ngettext
 from flask_babel import lazy_gettext as _l
 
 from intake.pharmacy import local_date, local_datetime, local_day, local_time
-from intake.routing import SLA_RE, needed_language
+from intake.requests.routing import SLA_RE, needed_language
 
 CONTACT_BY = {
     "phone": _l("by phone"),

@@ -12,17 +12,17 @@ from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError, validate_csrf
 from wtforms.validators import ValidationError
 
-from intake import outbox
 from intake.clock import now
-from intake.consents import accepted_consents, form_consents
+from intake.crypto.phi import client_pseudonym, ip_pseudonym
 from intake.extensions import csrf, db, limiter
 from intake.i18n import current_language, format_moment, language_switch_requested
 from intake.patient import receipts
 from intake.patient.form_stamp import FormStamp, new_stamp, read_stamp
 from intake.patient.forms import TOPICS, ContactForm, PatientForm, RefillForm
-from intake.phi import client_pseudonym, ip_pseudonym
-from intake.references import REFERENCE_RE, new_reference
-from intake.submissions import Submission, find_submission, same_as_first, submit_request
+from intake.requests import outbox
+from intake.requests.consents import accepted_consents, form_consents
+from intake.requests.references import REFERENCE_RE, new_reference
+from intake.requests.submit import Submission, find_submission, same_as_first, submit_request
 
 log = structlog.get_logger(__name__)
 bp = Blueprint("patient", __name__, template_folder="templates")
@@ -320,7 +320,7 @@ def thanks(reference: str) -> ResponseReturnValue:
     # reference exists.
     if not REFERENCE_RE.match(reference):
         abort(404)
-    from intake.routing_data import location_choices
+    from intake.requests.locations import location_choices
 
     return render_template(
         "patient/thanks.html",
@@ -335,7 +335,7 @@ def thanks(reference: str) -> ResponseReturnValue:
 @bp.get("/legal/<document>/<version>")
 def legal(document: str, version: str | None = None) -> ResponseReturnValue:
     """A consent document on its own page, in the page's language (any published version)."""
-    from intake.consents import DOCUMENTS, library
+    from intake.requests.consents import DOCUMENTS, library
 
     texts = library()
     if document not in DOCUMENTS:
@@ -402,7 +402,7 @@ STATUS_NOT_FOUND = _l(
 @limiter.limit(_submit_limit, methods=["POST"])
 def status() -> ResponseReturnValue:
     from intake.patient.forms import TOPICS, StatusForm
-    from intake.status_lookup import Throttled, look_up_status
+    from intake.requests.status_lookup import Throttled, look_up_status
 
     if request.method == "GET":
         return render_template("patient/status.html", form=StatusForm(), first_error=None)

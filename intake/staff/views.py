@@ -20,14 +20,8 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required, login_user, logout_user
 
-from intake import accounts, casework, outbox
-from intake.casework import CaseworkError
-from intake.clock import now
-from intake.extensions import db, limiter
-from intake.models import KINDS, OPEN_STATUSES, STATUSES
-from intake.patient.forms import clean_phone, options
-from intake.references import normalize_reference
-from intake.staff.auth import (
+from intake.accounts import services as accounts
+from intake.accounts.login import (
     client_ip_hmac,
     client_network_hmac,
     known_device,
@@ -36,6 +30,13 @@ from intake.staff.auth import (
     roles_required,
     safe_next,
 )
+from intake.clock import now
+from intake.extensions import db, limiter
+from intake.models import KINDS, OPEN_STATUSES, STATUSES
+from intake.patient.forms import clean_phone, options
+from intake.requests import casework, outbox
+from intake.requests.casework import CaseworkError
+from intake.requests.references import normalize_reference
 from intake.staff.forms import (
     BreakGlassForm,
     LoginForm,
@@ -118,7 +119,7 @@ def login() -> ResponseReturnValue:
             return page, status, {"Retry-After": str(result.retry_after)}
         return render_template("staff/login.html", form=form, error=LOGIN_FAILED), 400
     session.clear()  # a fresh session cookie: nothing from before the login survives it
-    from intake.staff.auth import StaffPrincipal
+    from intake.accounts.login import StaffPrincipal
 
     assert result.user is not None
     login_user(StaffPrincipal(result.token, result.user))

@@ -15,9 +15,10 @@ import pyotp
 import pytest
 from flask import Flask
 
-from intake import accounts, casework
+from intake.accounts import services as accounts
 from intake.clock import utcnow
 from intake.extensions import db
+from intake.requests import casework
 from tests.browser.test_patient_forms import run_axe
 from tests.conftest import Patient
 from tests.intake.compliance.conftest import Staff, submit_routed

@@ -167,9 +167,9 @@ def fail_submission_from_keyboard(page: Any) -> Any:
 
 
 def open_request_phi(app: Flask, reference: str) -> tuple[Any, dict[str, Any], list[Any]]:
+    from intake.crypto.phi import SealedPHI, WrappedKey, open_phi
     from intake.extensions import db
     from intake.models import ConsentAcceptance, Request
-    from intake.phi import SealedPHI, WrappedKey, open_phi
 
     with app.app_context():
         row = db.session.execute(db.select(Request).filter_by(reference=reference)).scalar_one()

@@ -13,9 +13,9 @@ from typing import Any
 import pyotp
 import pytest
 
-from intake import casework
 from intake.clock import utcnow
 from intake.extensions import db
+from intake.requests import casework
 from tests.browser.test_patient_forms import run_axe
 from tests.intake.staff.conftest import (
     StaffUser,

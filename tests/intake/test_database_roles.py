@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import yaml
 
 from config import Settings
-from intake.audit import verify_chain
+from intake.audit.chain import verify_chain
 from intake.extensions import db
 from intake.models import Request
 from tests.conftest import IN_CI, POSTGRES_URL, Patient, _migrate, reference_from

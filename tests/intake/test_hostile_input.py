@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.exc import DataError
 
-from intake.audit import record_event
+from intake.audit.chain import record_event
 from intake.extensions import db
 from intake.models import PRIORITY_RANK, AuditEvent, BreakGlassReview, Request
 from tests.conftest import Patient

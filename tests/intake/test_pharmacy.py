@@ -12,8 +12,8 @@ from flask_babel import force_locale
 
 from config.settings import DEFAULT_CONSENTS_DIR, DEFAULT_PHARMACY_FILE
 from intake import create_app
-from intake.consents import ConsentError
 from intake.pharmacy import PharmacyError, local_datetime, parse_pharmacy
+from intake.requests.consents import ConsentError
 
 
 @pytest.fixture(params=["sqlite"])

@@ -13,7 +13,7 @@ import pytest
 
 from config import Settings, SettingsError
 from intake import create_app
-from intake.phi import Keyring
+from intake.crypto.phi import Keyring
 from tests.conftest import Patient, reference_from
 
 
@@ -132,7 +132,7 @@ def test_data_folder_database_wal_and_logs_are_private_after_start(tmp_path):
             upgrade()
         app.config["TESTING"] = True
         reference_from(Patient(app.test_client()).refill())
-        from intake import checkpoints
+        from intake.audit import checkpoints
 
         with app.app_context():
             from intake.extensions import db

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from intake import create_app
-from intake.routing import RoutingError, load_routing
+from intake.requests.routing import RoutingError, load_routing
 from tests.workers.conftest import SAMPLE_ROUTING
 
 SAMPLE = SAMPLE_ROUTING.read_text()

@@ -8,7 +8,7 @@ import pytest
 
 from config import Settings, SettingsError
 from intake import create_app
-from intake.phi import Keyring
+from intake.crypto.phi import Keyring
 
 
 @pytest.fixture(params=["sqlite"])

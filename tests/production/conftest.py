@@ -46,7 +46,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from intake.phi import Keyring, ip_pseudonym
+from intake.crypto.phi import Keyring, ip_pseudonym
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, OUTPUT_ROOT
 from tests.conftest import HIDDEN_RE, IN_CI, POSTGRES_URL, _admin_engine, _with_database
 from tests.workers.conftest import Mailbox, RedisServer, email_routing_file, free_port, wait_until

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from config import Settings
-from intake.accounts import FREE_FAILURES
+from intake.accounts.services import FREE_FAILURES
 from intake.patient.views import PATIENT_FORM_MAX_BYTES
 from tests.conftest import HIDDEN_RE
 from tests.production.conftest import Contexts, Door, ProductionStack

@@ -18,7 +18,9 @@ import time
 import pytest
 
 from config import Settings
-from intake.accounts import FREE_FAILURES  # the attempt after these failures finds the lock
+from intake.accounts.services import (
+    FREE_FAILURES,  # the attempt after these failures finds the lock
+)
 from tests.conftest import HIDDEN_RE, valid_contact
 from tests.production.conftest import ProductionStack, Response, WebClient
 from tests.production.test_https_browser import MIN_FILL_SECONDS, team_email

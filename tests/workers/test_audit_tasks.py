@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from intake.audit import record_event
-from intake.checkpoints import checkpoints_path, verify_trail
+from intake.audit.chain import record_event
+from intake.audit.checkpoints import checkpoints_path, verify_trail
 from intake.extensions import db
 from intake.models import AuditEvent
 

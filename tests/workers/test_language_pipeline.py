@@ -8,7 +8,7 @@ import time
 import pytest
 
 from intake.extensions import db
-from tests.intake.test_phi_canary import CONTACT_CANARIES, leaked
+from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, leaked
 from tests.workers.conftest import wait_until
 from tests.workers.test_language_routing import (
     SUPERVISORS_EMAIL,

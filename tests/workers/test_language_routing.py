@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from intake import accounts, casework
+from intake.accounts import services as accounts
 from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import TOPICS, AuditEvent, OutboxMessage, Request, User
-from intake.routing import LANGUAGE_NOTICE_TASK
+from intake.requests import casework
+from intake.requests.routing import LANGUAGE_NOTICE_TASK
 from tests.conftest import reference_from
+from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
 from tests.intake.staff.conftest import PASSWORD, create_teams
-from tests.intake.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
 from tests.workers.conftest import email_routing_file
 
 SUPERVISORS_EMAIL = "supervisors@pharmacy.test"

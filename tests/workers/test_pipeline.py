@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from intake.extensions import db
 from intake.models import AuditEvent, OutboxMessage, Request
 from tests.conftest import reference_from
-from tests.intake.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
+from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
 from tests.workers.conftest import email_routing_file, wait_until
 
 # One request per rule of config/routing.toml: (form, fields, language, team, priority, sla)

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from intake.extensions import db
 from intake.models import AuditEvent, OutboxMessage, Request
-from intake.notifications import Notice, NotificationError, send_email
+from intake.requests.notifications import Notice, NotificationError, send_email
 from tests.conftest import Patient, reference_from
 from tests.workers.conftest import (
     RedisServer,

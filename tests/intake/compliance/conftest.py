@@ -13,10 +13,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from intake import accounts, casework, routing
+from intake.accounts import services as accounts
 from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import Request, User
+from intake.requests import casework, routing
 from tests.conftest import Patient, hidden_fields, reference_from
 
 

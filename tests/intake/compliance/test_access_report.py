@@ -7,10 +7,10 @@ from html.parser import HTMLParser
 
 from sqlalchemy import select
 
-from intake import casework
 from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import AuditEvent
+from intake.requests import casework
 from tests.conftest import hidden_fields
 from tests.intake.compliance.conftest import submit_routed
 

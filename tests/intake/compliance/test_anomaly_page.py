@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from intake import audit, casework
+from intake.audit import chain as audit
 from intake.clock import utcnow
 from intake.extensions import db
+from intake.requests import casework
 from tests.intake.compliance.conftest import submit_routed
 from tests.intake.compliance.test_access_report import table_rows
 

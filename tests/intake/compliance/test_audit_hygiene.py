@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from intake.extensions import db
 from tests.conftest import hidden_fields, reference_from
-from tests.intake.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
+from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
 
 ADDRESSES = ("203.0.113.77", "198.51.100.23", "192.0.2.55", "127.0.0.1")
 HEX32 = re.compile(r"^[0-9a-f]{32}$")

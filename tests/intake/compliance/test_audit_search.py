@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from intake import audit
-from intake.audit import record_event
+from intake.audit import chain as audit
+from intake.audit.chain import record_event
 from intake.compliance import reports
 from intake.compliance.forms import parse_utc
 from intake.compliance.reports import AUDIT_COLUMNS

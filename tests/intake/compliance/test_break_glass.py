@@ -6,10 +6,10 @@ import json
 
 from sqlalchemy import select
 
-from intake import casework
 from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import AuditEvent, BreakGlassReview
+from intake.requests import casework
 from tests.conftest import hidden_fields
 from tests.intake.compliance.conftest import submit_routed
 from tests.intake.compliance.test_access_report import table_rows

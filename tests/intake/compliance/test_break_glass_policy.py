@@ -14,7 +14,7 @@ from config.settings import SettingsError
 from intake.compliance.reports import access_report
 from intake.extensions import db
 from intake.models import AuditEvent, BreakGlassReview, OutboxMessage, Request
-from intake.routing import load_routing
+from intake.requests.routing import load_routing
 from tests.conftest import hidden_fields
 from tests.intake.compliance.conftest import submit_routed
 from tests.intake.compliance.test_break_glass import REASON, break_glass, review

@@ -8,11 +8,11 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from intake import casework
 from intake.clock import utcnow
 from intake.compliance import charts
 from intake.extensions import db
 from intake.models import Request
+from intake.requests import casework
 from tests.conftest import reference_from
 from tests.intake.compliance.conftest import submit_routed
 from tests.intake.compliance.test_access_report import table_rows

@@ -9,7 +9,7 @@ from html import escape
 import sqlalchemy as sa
 from sqlalchemy import select
 
-from intake import audit
+from intake.audit import chain as audit
 from intake.extensions import db
 from intake.models import AuditEvent
 from tests.conftest import hidden_fields

@@ -186,7 +186,7 @@ def test_refill_good_values_are_accepted(app, patient, field, value):
 
 
 def test_values_are_normalized_before_sealing(app, patient):
-    from intake.phi import SealedPHI, WrappedKey, open_phi
+    from intake.crypto.phi import SealedPHI, WrappedKey, open_phi
 
     reference = reference_from(
         patient.refill(
@@ -309,7 +309,7 @@ def test_hostile_input_never_causes_a_500(app, patient, payload):
 
 
 def test_control_characters_a_patient_pasted_are_dropped_not_stored(app, patient):
-    from intake.phi import SealedPHI, WrappedKey, open_phi
+    from intake.crypto.phi import SealedPHI, WrappedKey, open_phi
 
     reference = reference_from(
         patient.refill(first_name="Ma\x00ria", notes="line one\r\nline\x1b two\ttabbed")

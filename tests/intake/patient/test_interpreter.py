@@ -11,7 +11,7 @@ import pytest
 from flask_babel import force_locale
 from sqlalchemy import select
 
-from intake import phi
+from intake.crypto import phi
 from intake.extensions import db
 from intake.models import AuditEvent, Request
 from intake.patient import forms as F

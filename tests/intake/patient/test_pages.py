@@ -461,7 +461,7 @@ def test_favicon_is_served(client):
     ],
 )
 def test_each_legal_text_has_its_own_page_in_both_languages(client, document, en_title, es_title):
-    from intake.consents import current_consent
+    from intake.requests.consents import current_consent
 
     for lang, title in (("en", en_title), ("es", es_title)):
         response = client.get(f"/legal/{document}?lang={lang}")
@@ -529,7 +529,7 @@ def test_the_privacy_box_accepts_terms_privacy_policy_and_npp_with_links(
 def test_each_stored_digest_is_the_digest_of_the_file_patients_read(app):
     import hashlib
 
-    from intake.consents import library
+    from intake.requests.consents import library
 
     with app.app_context():
         texts = library()

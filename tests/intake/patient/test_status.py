@@ -14,7 +14,7 @@ from sqlalchemy import select
 from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import AuditEvent, Request
-from intake.routing import route_request
+from intake.requests.routing import route_request
 from tests.conftest import hidden_fields, reference_from
 
 
@@ -171,7 +171,7 @@ def test_being_stopped_says_nothing_about_whether_a_reference_exists(app, patien
 
 
 def test_many_clients_together_hit_the_per_reference_ceiling_then_it_clears(app, patient):
-    from intake.status_lookup import FAILURES_PER_CLIENT, FAILURES_PER_REFERENCE
+    from intake.requests.status_lookup import FAILURES_PER_CLIENT, FAILURES_PER_REFERENCE
     from tests.intake.staff.conftest import install_clock
 
     clock = install_clock(app)
@@ -244,8 +244,8 @@ def received_at(app, reference: str, moment) -> None:
 
 def change_status(app, reference: str, *statuses: str) -> None:
     """Move the request through ``statuses`` as a supervisor would, audited."""
-    from intake import casework
     from intake.clock import now
+    from intake.requests import casework
     from tests.intake.staff.conftest import create_staff_user, create_teams
 
     create_teams(app)

@@ -1,7 +1,7 @@
 """Staff fixtures: teams, users with TOTP, logging in through the real form, routed requests.
 
 Requests are made the way they are in production: a patient fills the real form, then
-``intake.routing.route_request`` routes it (at a time the test chooses, which sets its due
+``intake.requests.routing.route_request`` routes it (at a time the test chooses, which sets its due
 time). Staff log in through ``/staff/login`` with a code computed from their TOTP secret at the
 app's clock, which the ``clock`` fixture replaces with one the test moves by hand.
 
@@ -26,10 +26,11 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
-from intake import accounts, routing
+from intake.accounts import services as accounts
 from intake.clock import now, utcnow
 from intake.extensions import db
 from intake.models import AuditEvent, Request, Team
+from intake.requests import routing
 from tests.conftest import Patient, hidden_fields, reference_from
 
 PASSWORD = "Cedar-Lantern-4417-harbor"

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from intake import casework
 from intake.extensions import db
 from intake.models import OutboxMessage
+from intake.requests import casework
 from tests.intake.staff.conftest import events_since, last_seq, request_state
 
 

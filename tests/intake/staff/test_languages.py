@@ -8,7 +8,7 @@ import re
 import pytest
 import sqlalchemy as sa
 
-from intake import accounts
+from intake.accounts import services as accounts
 from intake.extensions import db
 from intake.models import User
 from tests.intake.staff.conftest import (

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from intake import accounts
+from intake.accounts import services as accounts
 from intake.extensions import db
 from intake.models import OutboxMessage
-from intake.notifications import send_account_alert
-from intake.routing import load_routing
+from intake.requests.notifications import send_account_alert
+from intake.requests.routing import load_routing
 from intake.staff.views import BUSY, LOGIN_FAILED
 from tests.intake.staff.conftest import (
     PASSWORD,

@@ -7,12 +7,12 @@ import re
 
 import sqlalchemy as sa
 
-from intake import casework
-from intake.audit import verify_chain
+from intake.audit.chain import verify_chain
 from intake.clock import utcnow
 from intake.compliance.break_glass import review_break_glass
 from intake.extensions import db
 from intake.models import Note, OutboxMessage
+from intake.requests import casework
 from tests.intake.staff.conftest import events_since, last_seq, request_state
 
 CLAIMED = "Claimed by ana — ask them or a supervisor"

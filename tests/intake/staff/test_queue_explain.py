@@ -2,7 +2,7 @@
 
 200,000 requests are generated in one INSERT ... SELECT generate_series: most are completed or
 cancelled, the open ones are mostly from the last week, teams differ in size and priorities
-are mostly normal. After ANALYZE, the SQL that ``intake.casework.queue_query`` builds is
+are mostly normal. After ANALYZE, the SQL that ``intake.requests.casework.queue_query`` builds is
 EXPLAINed for a staff member's default queue, its second page (keyset) and a supervisor's
 queue: each must walk a queue index and never read the whole table.
 """
@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from intake.casework import Actor, queue_query
 from intake.extensions import db
+from intake.requests.casework import Actor, queue_query
 
 pytestmark = [
     pytest.mark.postgres,

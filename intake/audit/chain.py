@@ -1,0 +1,497 @@
+"""The tamper-evident audit trail: append events to a hash chain, and verify it.
+
+Why: a compliance officer must be able to show who read or changed a patient's request, and an
+auditor must be able to trust that nobody (an insider with database access included) removed or
+edited an event afterwards. Each event's hash covers the previous event's hash and the event's own
+canonical form, so changing, deleting or reordering any event breaks every later link. The
+database refuses UPDATE and DELETE on the table (triggers made by the migrations), and signed
+checkpoints kept outside the database catch a chain recomputed from scratch.
+
+Events are written in the caller's transaction: if the action rolls back so does its event, and
+if the event cannot be written the action does not happen. Writers are serialized (an advisory
+transaction lock on PostgreSQL; SQLite transactions begin IMMEDIATE) so the chain never forks.
+
+Verification streams the stored rows straight from the driver (no ORM objects: it must keep up
+with millions of events), recomputes every link, holds the chain against the signed checkpoints
+of intake.audit.checkpoints when given them, and names the first bad seq and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from json.encoder import encode_basestring_ascii as _json_string
+from typing import Any
+
+from sqlalchemy import ColumnElement, String, and_, case, func, literal, select, text, type_coerce
+
+from intake.clock import utcnow
+from intake.extensions import DbSession
+from intake.models import AuditEvent
+
+GENESIS_HASH = "0" * 64
+# Arbitrary constant naming the PostgreSQL advisory lock that serializes chain writers.
+CHAIN_LOCK_KEY = 0x1A7D17
+CHECKPOINT_ACTION = "audit.checkpointed"
+# Rows fetched per round trip while verifying: large enough to amortize, small enough for memory.
+VERIFY_BATCH = 10_000
+NON_CANONICAL_TIME = "not-a-canonical-time"
+
+ACTIONS = (
+    "request.submitted",
+    "request.routed",
+    "request.claimed",
+    "request.released",
+    "request.status_changed",
+    "request.transferred",
+    "request.searched",
+    "request.escalated",
+    "note.added",
+    "phi.viewed",
+    "phi.break_glass",
+    "status.looked_up",
+    "notification.sent",
+    "notification.failed",
+    "user.login",
+    "user.login_failed",
+    "user.locked",
+    "user.logout",
+    "user.created",
+    "user.changed",
+    "team.created",
+    "audit.exported",
+    "audit.verified",
+    "audit.checkpointed",
+    "break_glass.reviewed",
+    "key.rotated",
+    "retention.purged",
+)
+
+Scalar = str | int | float | bool | None
+
+
+def _check_details(details: Mapping[str, Any]) -> dict[str, Any]:
+    clean: dict[str, Any] = {}
+    for key, value in details.items():
+        if isinstance(value, list | tuple):
+            if not all(isinstance(v, Scalar) for v in value):  # type: ignore[arg-type]
+                raise TypeError(f"audit detail {key!r} must hold plain values")
+            clean[key] = list(value)
+        elif isinstance(value, Scalar):  # type: ignore[arg-type]
+            clean[key] = value
+        else:
+            raise TypeError(f"audit detail {key!r} must be a plain value")
+    return clean
+
+
+def format_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _canonical(
+    seq: int,
+    created_at: str,
+    actor: str,
+    actor_role: str | None,
+    action: str,
+    reference: str | None,
+    outcome: str,
+    details: str,
+    ip_hmac: str | None,
+) -> str:
+    # Byte for byte what ``json.dumps(body, sort_keys=True, separators=(",", ":"),
+    # ensure_ascii=True)`` gives for the event, built by hand because verification runs this
+    # hundreds of thousands of times a second. ``details`` goes in as stored: record_event writes
+    # it in exactly that canonical form, and hashing the stored text means any edit of it, even a
+    # reformatting, breaks the link. Every other text is JSON-escaped, so no column can borrow
+    # characters from its neighbour and two different events never share a canonical form.
+    return (
+        f'{{"action":{_json_string(action)},"actor":{_json_string(actor)},'
+        f'"actor_role":{"null" if actor_role is None else _json_string(actor_role)},'
+        f'"created_at":{_json_string(created_at)},"details":{details},'
+        f'"ip_hmac":{"null" if ip_hmac is None else _json_string(ip_hmac)},'
+        f'"outcome":{_json_string(outcome)},'
+        f'"reference":{"null" if reference is None else _json_string(reference)},"seq":{seq}}}'
+    )
+
+
+def canonical_event(event: AuditEvent) -> bytes:
+    """The bytes an event's hash covers: every column but the hashes, in a fixed form."""
+    return _canonical(
+        event.seq,
+        format_time(event.created_at),
+        event.actor,
+        event.actor_role,
+        event.action,
+        event.reference,
+        event.outcome,
+        event.details,
+        event.ip_hmac,
+    ).encode()
+
+
+def event_hash(prev_hash: str, event: AuditEvent) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical_event(event)).hexdigest()
+
+
+def _lock_chain(session: DbSession) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+
+
+def record_event(
+    session: DbSession,
+    *,
+    actor: str,
+    action: str,
+    reference: str | None = None,
+    outcome: str = "success",
+    details: Mapping[str, Any] | None = None,
+    actor_role: str | None = None,
+    ip_hmac: str | None = None,
+) -> AuditEvent:
+    """Append an event to the chain inside the caller's transaction.
+
+    ``details`` must never hold PHI: ids, counts, status names, reasons typed by staff.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}")
+    _lock_chain(session)
+    session.flush()
+    last = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+    event = AuditEvent(
+        seq=seq,
+        created_at=utcnow(),
+        actor=actor,
+        actor_role=actor_role,
+        action=action,
+        reference=reference,
+        outcome=outcome,
+        details=json.dumps(_check_details(details or {}), sort_keys=True, separators=(",", ":")),
+        ip_hmac=ip_hmac,
+        prev_hash=prev_hash,
+    )
+    event.hash = event_hash(prev_hash, event)
+    session.add(event)
+    session.flush()
+    return event
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The last event of the chain (seq 0 and the genesis hash when it is empty)."""
+
+    seq: int
+    hash: str
+    action: str | None
+
+
+def chain_head(session: DbSession) -> ChainHead:
+    """Take the writers' lock for this transaction and return the chain's last event."""
+    _lock_chain(session)
+    last = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash, AuditEvent.action)
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
+    ).first()
+    return ChainHead(*last) if last else ChainHead(0, GENESIS_HASH, None)
+
+
+@dataclass(frozen=True)
+class CheckpointClaim:
+    """What one line of the checkpoints file says about the chain (see intake.audit.checkpoints).
+
+    ``number`` is the line's position in the file (1 = first checkpoint). ``problem`` is set when
+    the line cannot be trusted: unreadable, or its signature does not verify.
+    """
+
+    number: int
+    seq: int | None
+    hash: str | None
+    count: int | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    events: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    last_seq: int = 0
+    last_hash: str = GENESIS_HASH
+    # How many signed checkpoints were found in the chain with the hash they sign.
+    checkpoints: int = 0
+
+
+# What verification reads of each event, in this order; ``created_at`` already canonical.
+Row = tuple[int, str, str, str | None, str, str | None, str, str, str | None, str, str]
+_Finding = tuple[int | None, str]
+
+
+def _claims_in_order(
+    claims: Sequence[CheckpointClaim],
+) -> tuple[list[CheckpointClaim], _Finding | None]:
+    """Split the trustworthy claims from the first bad line of the checkpoints file."""
+    trusted: list[CheckpointClaim] = []
+    for claim in claims:
+        if claim.problem is not None:
+            return trusted, (claim.seq, claim.problem)
+        assert claim.seq is not None
+        if trusted and claim.seq <= trusted[-1].seq:  # type: ignore[operator]
+            # Checkpoints only move forward: a line that goes back (or repeats) was replayed,
+            # for instance to make a truncated chain look covered.
+            return trusted, (
+                claim.seq,
+                f"replayed checkpoint {claim.number}: it signs seq {claim.seq}, "
+                f"after checkpoint {trusted[-1].number} signed seq {trusted[-1].seq}",
+            )
+        trusted.append(claim)
+    return trusted, None
+
+
+def _diagnose(row: Row, expected_seq: int, prev_hash: str, rest: Iterator[Row]) -> _Finding:
+    """Name what is wrong with ``row``, the first event that does not follow ``prev_hash``."""
+    seq, *fields, row_prev, row_hash = row
+    if not isinstance(seq, int):
+        return expected_seq, "event changed (its seq is not a number)"
+    if seq > expected_seq:
+        return expected_seq, "missing event"
+    if seq < expected_seq:
+        return seq, "repeated event"
+    if row_prev == prev_hash:
+        return seq, "event changed"
+    # The event that belongs here (the one linking to ``prev_hash``) sits further on.
+    if any(later[9] == prev_hash for later in rest):
+        return seq, "reordered"
+    if seq > 1 and _row_hash(row_prev, seq, *fields) == row_hash:
+        # This event is intact but links to another version of the one before it: that one
+        # was changed and its own hash recomputed to hide it.
+        return seq - 1, "event changed (its hash was recomputed)"
+    return seq, "event changed"
+
+
+def _row_hash(prev_hash: str, *fields: Any) -> str:
+    return hashlib.sha256(f"{prev_hash}\n{_canonical(*fields)}".encode()).hexdigest()
+
+
+def _verify_rows(
+    rows: Iterator[Row],
+    claims: Sequence[CheckpointClaim] | None,
+    start: tuple[int, str] = (0, GENESIS_HASH),
+) -> ChainReport:
+    """Recompute the chain over ``rows`` and hold it against every trustworthy checkpoint."""
+    trusted, file_finding = _claims_in_order(claims or ())
+    marks = iter(trusted)
+    mark = next(marks, None)
+    mark_seq = mark.seq if mark else -1
+    prev_seq, prev_hash = start
+    count = matched = 0
+    named: list[tuple[int, str]] = []  # audit.checkpointed events: (event seq, details)
+    chain_finding: _Finding | None = None
+    sha256, canonical = hashlib.sha256, _canonical
+    try:
+        for row in rows:
+            seq, at, actor, role, action, ref, outcome, details, ip, row_prev, row_hash = row
+            count += 1
+            if seq != prev_seq + 1 or row_prev != prev_hash:
+                chain_finding = _diagnose(row, prev_seq + 1, prev_hash, rows)
+                break
+            text = canonical(seq, at, actor, role, action, ref, outcome, details, ip)
+            if sha256(f"{prev_hash}\n{text}".encode()).hexdigest() != row_hash:
+                chain_finding = _diagnose(row, prev_seq + 1, prev_hash, rows)
+                break
+            if seq == mark_seq:
+                assert mark is not None
+                if row_hash != mark.hash:
+                    since = matched and trusted[matched - 1].seq
+                    chain_finding = (
+                        seq,
+                        f"chain does not match checkpoint {mark.number}: an event after seq "
+                        f"{since} was changed and the chain recomputed",
+                    )
+                    break
+                if mark.count != start[0] + count:
+                    chain_finding = (
+                        seq,
+                        f"chain does not match checkpoint {mark.number}: it counts "
+                        f"{mark.count} events up to seq {seq}",
+                    )
+                    break
+                matched += 1
+                mark = next(marks, None)
+                mark_seq = mark.seq if mark else -1
+            if action == CHECKPOINT_ACTION:
+                named.append((seq, details))
+            prev_seq, prev_hash = seq, row_hash
+    except (TypeError, AttributeError):
+        # A column holding a value of the wrong type (SQLite stores what it is given).
+        chain_finding = (prev_seq + 1, "event changed (a column holds a value of the wrong type)")
+    findings: list[_Finding] = []
+    if file_finding:
+        findings.append(file_finding)
+    if chain_finding:
+        findings.append(chain_finding)
+    elif mark is not None:
+        assert mark.seq is not None
+        findings.append(
+            (
+                prev_seq + 1,
+                f"truncated after checkpoint {mark.number}: it signs seq {mark.seq}, "
+                f"the chain ends at seq {prev_seq}",
+            )
+        )
+    if claims is not None:
+        findings.extend(_unfiled_checkpoints(named, trusted))
+    if not findings:
+        return ChainReport(True, count, None, None, prev_seq, prev_hash, matched)
+    # Report the earliest damage; a line that names no seq only when nothing else is wrong.
+    first_seq, problem = min(findings, key=lambda f: float("inf") if f[0] is None else f[0])
+    return ChainReport(False, count, first_seq, problem, prev_seq, prev_hash, matched)
+
+
+def _unfiled_checkpoints(
+    named: list[tuple[int, str]], trusted: list[CheckpointClaim]
+) -> list[_Finding]:
+    """Find checkpoints the chain says were written but the file lacks (a file cut short)."""
+    filed = {(claim.seq, claim.hash) for claim in trusted}
+    findings: list[_Finding] = []
+    for event_seq, details in named:
+        try:
+            signed = json.loads(details)
+            key = (signed["checkpoint_seq"], signed["checkpoint_hash"])
+        except (ValueError, TypeError, KeyError):
+            continue  # an event changed this way breaks its hash, reported on its own
+        if key not in filed:
+            findings.append(
+                (key[0], f"checkpoint missing from the file (event {event_seq} records it)")
+            )
+    return findings
+
+
+def _event_rows(events: Iterable[AuditEvent]) -> Iterator[Row]:
+    for e in events:
+        yield (
+            e.seq,
+            format_time(e.created_at),
+            e.actor,
+            e.actor_role,
+            e.action,
+            e.reference,
+            e.outcome,
+            e.details,
+            e.ip_hmac,
+            e.prev_hash,
+            e.hash,
+        )
+
+
+def verify_events(
+    events: Iterable[AuditEvent], checkpoints: Sequence[CheckpointClaim] | None = None
+) -> ChainReport:
+    """Recompute the chain over ``events`` (in ``seq`` order) and name the first broken link."""
+    return _verify_rows(_event_rows(events), checkpoints)
+
+
+def _created_at_column(session: DbSession) -> ColumnElement[str]:
+    """``created_at`` as the canonical text, formatted by the database (no datetime objects)."""
+    column = AuditEvent.__table__.c.created_at
+    text_time: ColumnElement[Any]
+    if session.get_bind().dialect.name == "postgresql":
+        text_time = func.to_char(func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+    else:
+        # SQLite stores the text SQLAlchemy wrote, always "YYYY-MM-DD HH:MM:SS.ffffff". Text in
+        # any other form was not written by record_event (and may read back as another time),
+        # so it becomes a value no event was ever hashed with: the event shows as changed.
+        text_time = case(
+            (
+                and_(
+                    func.typeof(column) == "text",
+                    func.length(column) == 26,
+                    func.substr(column, 11, 1) == " ",
+                ),
+                func.substr(column, 1, 10) + literal("T") + func.substr(column, 12) + "Z",
+            ),
+            else_=literal(NON_CANONICAL_TIME),
+        )
+    return type_coerce(text_time, String())
+
+
+def _stored_rows(session: DbSession, after_seq: int) -> Generator[Row, None, None]:
+    """Stream the chain's raw rows after ``after_seq`` (a server-side cursor on PostgreSQL)."""
+    c = AuditEvent.__table__.c
+    statement = (
+        select(
+            c.seq,
+            _created_at_column(session),
+            c.actor,
+            c.actor_role,
+            c.action,
+            c.reference,
+            c.outcome,
+            c.details,
+            c.ip_hmac,
+            c.prev_hash,
+            c.hash,
+        )
+        .where(c.seq > after_seq)
+        .order_by(c.seq)
+    )
+    connection = session.connection()
+    compiled = statement.compile(dialect=connection.dialect)
+    params = compiled.construct_params()
+    args = [params[name] for name in compiled.positiontup or ()] if compiled.positional else params
+    driver = connection.connection.dbapi_connection
+    assert driver is not None
+    # Rows straight from the driver, in the session's transaction: building SQLAlchemy rows
+    # would cost more than hashing them. On PostgreSQL a named (server-side) cursor keeps the
+    # memory flat however long the chain is.
+    if connection.dialect.name == "postgresql":
+        cursor = driver.cursor(name=f"intake_audit_verify_{after_seq}")
+    else:
+        cursor = driver.cursor()
+    try:
+        cursor.execute(str(compiled), args)
+        while batch := cursor.fetchmany(VERIFY_BATCH):
+            yield from batch
+    finally:
+        cursor.close()
+
+
+def verify_chain(
+    session: DbSession,
+    checkpoints: Sequence[CheckpointClaim] | None = None,
+    *,
+    after: tuple[int, str] | None = None,
+) -> ChainReport:
+    """Verify the chain stored in the database, against ``checkpoints`` when given.
+
+    ``after`` is a (seq, hash) already proven, for instance by the last checkpoint: only the
+    events after it are read, once the event at that seq is found to still carry that hash.
+    """
+    start = (0, GENESIS_HASH) if after is None else after
+    if start[0]:
+        stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == start[0]))
+        if stored != start[1]:
+            problem = "missing event" if stored is None else "chain does not match the checkpoint"
+            return ChainReport(False, 0, start[0], problem)
+    rows = _stored_rows(session, start[0])
+    try:
+        return _verify_rows(rows, checkpoints, start)
+    finally:
+        rows.close()
+
+
+def verify_all(session: DbSession) -> ChainReport:
+    """Verify the chain and the app's signed checkpoints file (see intake.audit.checkpoints)."""
+    from flask import current_app
+
+    from intake.audit.checkpoints import verify_trail
+
+    return verify_trail(session, current_app.extensions["intake.settings"]).chain

@@ -1,0 +1,126 @@
+"""``intake serve``: web, worker and beat for one machine, stopped together on Ctrl-C.
+
+The web app runs in this process under waitress; the Celery worker and beat run as child
+processes (``celery -A workers worker`` / ``beat``) with the same environment, so what runs
+here is exactly what runs on separate machines in production.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import structlog
+from flask import Flask
+
+log = structlog.get_logger(__name__)
+
+
+def _celery(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "--quiet", "-A", "workers", *args]
+
+
+MAX_RESTARTS = 20
+
+
+def child_environment(app: Flask) -> dict[str, str]:
+    return {**os.environ, "INTAKE_DATA_DIR": str(app.extensions["intake.settings"].data_dir)}
+
+
+def start_children(app: Flask) -> list[subprocess.Popen[bytes]]:
+    env = child_environment(app)
+    worker = subprocess.Popen(  # noqa: S603 - fixed argv
+        _celery(
+            "worker", "--loglevel", "INFO", "--concurrency", "2", "--hostname", "intake-worker@%h"
+        ),
+        env=env,
+    )
+    beat = subprocess.Popen(  # noqa: S603 - fixed argv
+        _celery("beat", "--loglevel", "INFO"),
+        env=env,
+    )
+    return [worker, beat]
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def make_server(app: Flask, host: str, port: int) -> Any:
+    """The waitress server of ``intake serve``."""
+    from waitress.server import create_server
+
+    # waitress would drop X-Forwarded-* itself; Intake's own middleware (intake.ops.proxies)
+    # believes them from INTAKE_TRUSTED_PROXIES only, the same rule as under gunicorn.
+    return create_server(
+        app, host=host, port=port, threads=8, ident="intake", clear_untrusted_proxy_headers=False
+    )
+
+
+def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
+    settings = app.extensions["intake.settings"]
+    children = start_children(app) if with_workers else []
+    child_env = child_environment(app)
+    server = make_server(app, host, port)
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            print("\nStopping Intake (web, worker, beat)...", flush=True)
+            server.close()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def watch() -> None:
+        """Start a worker or beat again if it dies (a broker outage can end a Celery worker);
+        the outbox sweep then catches up on anything it missed."""
+        restarts = 0
+        while not stopping.wait(1):
+            for index, child in enumerate(children):
+                if child.poll() is None or stopping.is_set():
+                    continue
+                log.error("child_process_exited", argv=str(child.args), code=child.returncode)
+                if restarts >= MAX_RESTARTS:
+                    stop(signal.SIGTERM, None)
+                    return
+                restarts += 1
+                time.sleep(min(2**restarts, 30))
+                if not stopping.is_set():
+                    children[index] = subprocess.Popen(child.args, env=child_env)  # noqa: S603
+
+    threading.Thread(target=watch, daemon=True).start()
+    if children:
+        time.sleep(2)  # let the worker and beat say hello before the banner
+    broker = "Redis" if settings.redis_url else "embedded broker in " + str(settings.data_dir)
+    print(
+        f"\n  Intake is running on the {settings.profile} profile ({broker}).\n"
+        f"  Open http://{host}:{port}/ for the patient forms,\n"
+        f"       http://{host}:{port}/staff/login for staff.\n"
+        "  Press Ctrl-C to stop.\n",
+        flush=True,
+    )
+    try:
+        server.run()
+    except OSError:
+        if not stopping.is_set():
+            raise
+    finally:
+        stop_children(children)
+        print("Intake stopped.", flush=True)
