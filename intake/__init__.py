@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         _warn_about_samples(settings, consents.samples)
 
     register_extensions(app)
+    register_task_queue(app)
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
@@ -135,7 +136,6 @@ def register_extensions(app: Flask) -> None:
     from intake import i18n, pharmacy
     from intake.accounts.login import login_manager
     from intake.extensions import babel, csrf, db, limiter, migrate
-    from intake.requests import outbox
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(__file__).with_name("migrations")))
@@ -144,9 +144,16 @@ def register_extensions(app: Flask) -> None:
     limiter.init_app(app)
     i18n.init_app(app)
     pharmacy.init_app(app)
-    outbox.init_app(app)
     login_manager.init_app(app)
     app.add_template_filter(format_duration, "duration")
+
+
+def register_task_queue(app: Flask) -> None:
+    """Hand the outbox its publisher: the one place intake/ reaches into workers/."""
+    from intake.requests import outbox
+    from workers.publish import init_publisher
+
+    outbox.init_app(app, init_publisher(app))
 
 
 def register_blueprints(app: Flask) -> None:

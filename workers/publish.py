@@ -1,4 +1,8 @@
-"""The one door from the domain to the task queue: publish an outbox row's task by name."""
+"""The one door from the domain to the task queue: publish an outbox row's task by name.
+
+``create_app`` builds the publisher and hands it to :mod:`intake.requests.outbox`; the domain
+never imports this package.
+"""
 
 from __future__ import annotations
 

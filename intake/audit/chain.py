@@ -486,12 +486,3 @@ def verify_chain(
         return _verify_rows(rows, checkpoints, start)
     finally:
         rows.close()
-
-
-def verify_all(session: DbSession) -> ChainReport:
-    """Verify the chain and the app's signed checkpoints file (see intake.audit.checkpoints)."""
-    from flask import current_app
-
-    from intake.audit.checkpoints import verify_trail
-
-    return verify_trail(session, current_app.extensions["intake.settings"]).chain

@@ -308,3 +308,10 @@ def verify_trail(session: DbSession, settings: Settings, path: Path | None = Non
     report = verify_chain(session, claims)
     seqs = [claim.seq for claim in claims if claim.seq is not None]
     return TrailReport(report, path, len(claims), max(seqs) if seqs else None)
+
+
+def verify_all(session: DbSession) -> ChainReport:
+    """Verify the chain and the app's signed checkpoints file."""
+    from flask import current_app
+
+    return verify_trail(session, current_app.extensions["intake.settings"]).chain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -18,11 +19,15 @@ from intake.audit.checkpoints import (
 )
 from intake.extensions import db
 
+CLI_ACTOR = "system:cli"
 
-def _actor() -> str:
-    from intake.ops.commands import _actor as cli_actor
 
-    return cli_actor()
+def cli_actor() -> str:
+    """The audit actor of a command run by hand: ``system:cli:<os user>``."""
+    try:
+        return f"{CLI_ACTOR}:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return CLI_ACTOR
 
 
 @click.group("audit")
@@ -53,7 +58,7 @@ def verify(as_json: bool, checkpoints_file: Path | None) -> None:
     # Recorded after the check, so the event is never part of what it vouches for.
     record_event(
         db.session,
-        actor=_actor(),
+        actor=cli_actor(),
         action="audit.verified",
         outcome="success" if report.ok else "failure",
         details={
@@ -96,7 +101,7 @@ def checkpoint() -> None:
     """Sign the chain's head into the checkpoints file (and record audit.checkpointed)."""
     settings = current_app.extensions["intake.settings"]
     try:
-        signed = write_checkpoint(db.session, settings, actor=_actor())
+        signed = write_checkpoint(db.session, settings, actor=cli_actor())
     except CheckpointError as error:
         raise click.ClickException(str(error)) from None
     if signed is None:

@@ -13,17 +13,9 @@ from flask_migrate.cli import db as migrate_db
 
 from intake.accounts import services as accounts
 from intake.audit.commands import audit
+from intake.audit.commands import cli_actor as _actor
 from intake.clock import now
 from intake.extensions import db
-
-CLI_ACTOR = "system:cli"
-
-
-def _actor() -> str:
-    try:
-        return f"{CLI_ACTOR}:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return CLI_ACTOR
 
 
 @click.command("serve")

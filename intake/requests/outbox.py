@@ -6,8 +6,8 @@ is down in between. The outbox row is written in the same transaction as the req
 after commit, and a periodic sweep republishes any row still pending, so a request may be
 delayed by a broker outage but never lost. Consumers are idempotent, so publishing twice is safe.
 
-This module is the one narrow door from the domain to the task queue: the worker package
-registers a publisher (``init_app``); nothing else here imports Celery.
+This module is the one narrow door from the domain to the task queue, and it knows nothing of
+Celery or of ``workers/``: the shell (``create_app``) hands it a publisher (``init_app``).
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ ACCOUNT_ALERT_TASK = "notify_account_alert"
 # again: the broker may have lost it (a Redis restart without persistence) or no worker took it.
 
 
-def init_app(app: Flask) -> None:
-    """Connect the outbox to the task queue (the only place the domain reaches workers/)."""
-    from workers.publish import init_publisher
-
-    app.extensions["intake.publisher"] = init_publisher(app)
+def init_app(app: Flask, publisher: Publisher | None) -> None:
+    """Connect the outbox to the task queue through ``publisher`` (None: rows stay pending)."""
+    app.extensions["intake.publisher"] = publisher
 
 
 def get_publisher() -> Publisher | None:

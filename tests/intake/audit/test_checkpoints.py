@@ -25,10 +25,15 @@ from intake.audit.chain import (
     event_hash,
     format_time,
     record_event,
-    verify_all,
     verify_chain,
 )
-from intake.audit.checkpoints import Checkpoint, CheckpointError, verify_trail, write_checkpoint
+from intake.audit.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    verify_all,
+    verify_trail,
+    write_checkpoint,
+)
 from intake.extensions import db
 from intake.models import AuditEvent
 
