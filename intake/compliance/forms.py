@@ -12,7 +12,7 @@ from wtforms.validators import DataRequired, Length, Optional, ValidationError
 from intake.audit.chain import ACTIONS
 from intake.compliance.break_glass import MAX_COMMENT, MIN_COMMENT
 from intake.compliance.reports import AuditFilter
-from intake.patient.forms import options
+from intake.forms import options
 from intake.requests.references import normalize_reference
 
 TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?Z?$")

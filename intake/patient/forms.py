@@ -10,14 +10,14 @@ import re
 from datetime import date, timedelta
 from typing import Any
 
-import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, HiddenField, RadioField, SelectField, StringField, TextAreaField
-from wtforms.fields.choices import SelectChoice
 from wtforms.validators import ValidationError
 
+from intake.forms import PHONE_INVALID as PHONE_INVALID  # re-exported: a patient form message
+from intake.forms import clean_phone, options
 from intake.requests.locations import interpreter_choices, location_choices
 
 REQUIRED = _l("This field is required.")
@@ -33,7 +33,6 @@ NAME_TOO_LONG = _l("Use at most 60 characters.")
 DATE_INVALID = _l("Enter a real date as YYYY-MM-DD.")
 DOB_FUTURE = _l("The date of birth must be in the past.")
 DOB_TOO_OLD = _l("The date of birth cannot be more than 120 years ago.")
-PHONE_INVALID = _l("Enter a valid phone number, for example 555-123-4567.")
 EMAIL_INVALID = _l("Enter a valid e-mail address, for example name@example.com.")
 EMAIL_NEEDED = _l("Enter an e-mail address so we can contact you by e-mail.")
 RX_NONE = _l("Enter at least one prescription number.")
@@ -56,10 +55,6 @@ RX_RE = re.compile(r"^[0-9][0-9-]{4,10}[0-9]$")
 MAX_AGE_YEARS = 120
 # No field of a patient form needs more (the longest, the message, allows 4,000).
 MAX_CHARS = 5000
-
-
-def options(pairs: Any) -> list[SelectChoice]:
-    return [SelectChoice(value, label) for value, label in pairs]
 
 
 # C0 control characters other than tab and newline: never meant by a patient, and a NUL cannot
@@ -116,16 +111,6 @@ def clean_dob(text: str, today: date) -> str:
     if born < oldest:
         raise ValidationError(DOB_TOO_OLD)
     return born.isoformat()
-
-
-def clean_phone(text: str) -> str:
-    try:
-        number = phonenumbers.parse(text, "US")
-    except phonenumbers.NumberParseException:
-        raise ValidationError(PHONE_INVALID) from None
-    if not phonenumbers.is_valid_number(number):
-        raise ValidationError(PHONE_INVALID)
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def clean_email(text: str) -> str:

@@ -6,8 +6,8 @@ from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
+from intake.forms import options
 from intake.models import STATUSES
-from intake.patient.forms import options
 
 
 class LoginForm(FlaskForm):

@@ -32,8 +32,8 @@ from intake.accounts.login import (
 )
 from intake.clock import now
 from intake.extensions import db, limiter
+from intake.forms import clean_phone, options
 from intake.models import KINDS, OPEN_STATUSES, STATUSES
-from intake.patient.forms import clean_phone, options
 from intake.requests import casework, outbox
 from intake.requests.casework import CaseworkError
 from intake.requests.references import normalize_reference
