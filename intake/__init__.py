@@ -8,10 +8,9 @@ from pathlib import Path
 from flask import Flask
 
 from config import Settings
-from intake import transport
 from intake.clock import utcnow
 from intake.crypto.phi import Keyring
-from intake.ops import embedded, private_files
+from intake.ops import embedded, private_files, transport
 from intake.ops.proxies import TrustedProxies
 from intake.pharmacy import load_pharmacy
 from intake.requests.consents import load_consents

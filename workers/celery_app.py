@@ -14,7 +14,7 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask
 
-from intake.transport import redis_ssl_options
+from intake.ops.transport import redis_ssl_options
 
 
 def broker_settings(flask_app: Flask) -> dict[str, Any]:

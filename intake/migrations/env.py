@@ -12,11 +12,11 @@ def grant_app_role_after_upgrade(connection) -> None:
     """Re-derive the app role's grants from the new schema, in the migration's transaction.
 
     With INTAKE_DATABASE_APP_ROLE set, every upgrade (run as the owner) leaves the app role
-    with exactly its privileges on every table, new ones included; see intake.database_roles.
+    with exactly its privileges on every table, new ones included; see intake.ops.database_roles.
     """
     role = current_app.extensions["intake.settings"].database_app_role
     if role and connection.dialect.name == "postgresql":
-        from intake.database_roles import grant_app_role
+        from intake.ops.database_roles import grant_app_role
 
         grant_app_role(connection, role)
 

@@ -365,7 +365,7 @@ def db_grant_app(role: str) -> None:
     ROLE may then SELECT and INSERT on audit_events, use the other tables' rows, and nothing
     more: no UPDATE, DELETE or TRUNCATE of audit events, no ALTER or DROP of any table.
     """
-    from intake.database_roles import DatabaseRoleError, grant_app_role
+    from intake.ops.database_roles import DatabaseRoleError, grant_app_role
 
     try:
         with db.engine.begin() as connection:

@@ -25,8 +25,8 @@ import structlog
 from sqlalchemy import select
 
 from intake.extensions import DbSession
+from intake.ops.transport import tls_client_context
 from intake.requests.routing import LANGUAGE_NOTICE_TASK, RoutingTable, Team
-from intake.transport import tls_client_context
 
 log = structlog.get_logger(__name__)
 
