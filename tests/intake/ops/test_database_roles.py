@@ -26,7 +26,7 @@ from intake.models import Request
 from tests.conftest import IN_CI, POSTGRES_URL, Patient, _migrate, reference_from
 from tests.intake.patient.test_status import look_up
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 INIT_SCRIPT = ROOT / "deploy" / "postgres" / "10-intake-app-role.sh"
 # What an app role's permission failures look like, as opposed to the triggers' own refusal.
 REFUSED_BY_PRIVILEGES = ("permission denied", "must be owner")
