@@ -370,13 +370,13 @@ class StatusForm(FlaskForm):
     def validate_reference(self, field: Any) -> None:
         from intake.requests.references import normalize_reference
 
-        normalized = normalize_reference(_required(field))
+        normalized = normalize_reference(_required(field, REFERENCE_INVALID))
         if normalized is None:
             raise ValidationError(REFERENCE_INVALID)
         field.data = normalized
 
     def validate_date_of_birth(self, field: Any) -> None:
-        field.data = clean_dob(_required(field), self.today)
+        field.data = clean_dob(_required(field, DOB_NEEDED), self.today)
 
 
 REFERENCE_INVALID = _l("Enter the reference number we gave you, like R-7K3M-Q9P2.")

@@ -6,6 +6,7 @@ pharmacy's time zone, and what to do next; only a completed request looks like s
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -346,3 +347,22 @@ def test_only_a_completed_request_looks_like_success(app, client, patient):
     change_status(app, reference, "in_progress", "completed")
     done = answer_of(look_up(client, reference, "1980-03-15").get_data(as_text=True))
     assert done["status"] == "completed" and "panel--success" in done["class"]
+
+
+@pytest.mark.parametrize("lang", ["en", "es"])
+def test_an_empty_status_form_says_what_to_enter_in_the_pages_language(client, lang):
+    from flask_babel import force_locale
+
+    from intake.patient import forms as F
+
+    page = client.get(f"/status?lang={lang}")
+    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page.get_data(as_text=True))
+    response = client.post("/status", data={"csrf_token": token.group(1)})
+    html = response.get_data(as_text=True).replace("&#39;", "'")
+    assert response.status_code == 400
+    with client.application.test_request_context(), force_locale(lang):
+        expected = [str(F.REFERENCE_INVALID), str(F.DOB_NEEDED)]
+        generic = str(F.REQUIRED)
+    for message in expected:
+        assert message in html
+    assert generic not in html
