@@ -385,8 +385,13 @@ class LoginResult:
 
 
 def _matching_step(secret: str, code: str, now: datetime) -> int | None:
-    """The TOTP time step ``code`` belongs to (one step of drift either way), or None."""
-    if not (code.isdigit() and len(code) == 6):
+    """The TOTP time step ``code`` belongs to (one step of drift either way), or None.
+
+    ASCII digits only: ``str.isdigit`` also accepts other scripts' digits, which
+    ``hmac.compare_digest`` refuses with an error, and an error only after the right password
+    would tell a guesser it was right.
+    """
+    if not (len(code) == 6 and code.isascii() and code.isdigit()):
         return None
     totp = pyotp.TOTP(secret)
     step = int(now.timestamp()) // totp.interval

@@ -15,7 +15,7 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired(), Length(max=256)])
     otp = StringField(
         "Authenticator code",
-        validators=[DataRequired(), Regexp(r"^\s*\d{6}\s*$", message="Enter the 6-digit code.")],
+        validators=[DataRequired(), Regexp(r"^\s*[0-9]{6}\s*$", message="Enter the 6-digit code.")],
     )
     next = HiddenField()
 

@@ -470,3 +470,38 @@ def test_beat_forgets_quiet_counts_and_keeps_the_locks_in_force(make_app, settin
     assert spray(app, "ines", ["198.51.100.8"], per_address=1) == [429]
     clock.advance(seconds=61)
     login(app.test_client(), ines, clock, **from_address("198.51.100.8"))
+
+
+# Six Arabic-Indic digits: the form's \d and str.isdigit() accept them, hmac.compare_digest
+# cannot compare them with an ASCII code.
+NON_ASCII_CODE = "\u0661\u0662\u0663\u0664\u0665\u0666"
+
+
+def test_a_non_ascii_code_after_the_right_password_reads_like_any_wrong_one(app, clock, lena):
+    """A code of non-ASCII digits must not tell the guesser the password was right (an error
+    page only for the right password, rolled back uncounted)."""
+    wrong = attempt(app, "lena", WRONG, NON_ASCII_CODE, "198.51.100.1")
+    right = attempt(app, "lena", PASSWORD, NON_ASCII_CODE, "198.51.100.2")
+
+    assert wrong.status_code == right.status_code == 400
+    for answer in (wrong, right):
+        assert "Enter the 6-digit code." in answer.get_data(as_text=True)
+    # Past the form, the service itself reads such a code as a wrong one.
+    assert accounts._matching_step("JBSWY3DPEHPK3PXP", NON_ASCII_CODE, clock()) is None
+
+
+@pytest.mark.parametrize("typed", ["Lena", "LENA", " lena ", "lena\t"])
+def test_spellings_of_one_name_spend_one_budget(app, clock, lena, typed):
+    spray(app, "lena", [f"198.51.100.{n}" for n in range(1, 5)], per_address=BUDGET // 4)
+    answer = attempt(app, typed, PASSWORD, lena.code(clock()), "203.0.113.9")
+    assert answer.status_code == 429
+
+
+def test_a_lookalike_name_is_another_unknown_name(app, clock, lena):
+    """Full-width letters (NFKC would fold them into "lena") neither log in as her nor share
+    her budget."""
+    lookalike = "\uff4c\uff45\uff4e\uff41"
+    answer = attempt(app, lookalike, PASSWORD, lena.code(clock()), "198.51.100.1")
+    assert answer.status_code == 400
+    assert LOGIN_FAILED in answer.get_data(as_text=True)
+    login(app.test_client(), lena, clock, **from_address("198.51.100.2"))
