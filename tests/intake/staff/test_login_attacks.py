@@ -505,3 +505,29 @@ def test_a_lookalike_name_is_another_unknown_name(app, clock, lena):
     assert answer.status_code == 400
     assert LOGIN_FAILED in answer.get_data(as_text=True)
     login(app.test_client(), lena, clock, **from_address("198.51.100.2"))
+
+
+def test_wrong_codes_without_the_password_never_freeze_the_second_factor(app, clock, lena):
+    """Only someone who has the password can freeze her second factor: wrong codes typed
+    with a wrong password are ordinary wrong passwords."""
+    for n in range(8):
+        attempt(app, "lena", WRONG, f"{n:06d}", f"198.51.100.{n + 1}")
+    with app.app_context():
+        user = db.session.execute(sa.select(accounts.User).where(accounts.User.username == "lena"))
+        row = user.scalar_one()
+        assert (row.otp_failures, row.otp_frozen_at) == (0, None)
+    assert alerts(app) == []
+    login(app.test_client(), lena, clock, **from_address("10.20.0.15"))
+
+
+def test_a_password_longer_than_the_login_form_takes_is_refused_when_set():
+    """The login form refuses passwords over its limit before any check (no argon2 on a huge
+    body); a password set longer than that could never be typed in."""
+    from intake.staff.forms import LoginForm
+
+    limit = next(v.max for v in LoginForm.password.kwargs["validators"] if hasattr(v, "max"))
+    assert limit == accounts.MAX_PASSWORD_LENGTH
+    too_long = "Correct horse battery staple, " * 10  # 300 characters, very strong
+    with pytest.raises(accounts.AccountError, match="at most"):
+        accounts.check_password_policy("lena", too_long[: limit + 1])
+    accounts.check_password_policy("lena", too_long[:limit])
