@@ -531,3 +531,22 @@ def test_a_password_longer_than_the_login_form_takes_is_refused_when_set():
     with pytest.raises(accounts.AccountError, match="at most"):
         accounts.check_password_policy("lena", too_long[: limit + 1])
     accounts.check_password_policy("lena", too_long[:limit])
+
+
+def test_a_forged_or_borrowed_device_cookie_buys_no_fresh_budget(app, clock, lena, make_user):
+    """A device cookie signed with another key, or a real one that names someone else, is a
+    browser like any other: the spent budget refuses it."""
+    from itsdangerous import URLSafeTimedSerializer
+
+    mallory = make_user("mallory", teams=("refills-main",))
+    attacker = app.test_client()
+    login(attacker, mallory, clock, **from_address("203.0.113.7"))  # her own, real cookie
+    own = attacker.get_cookie("intake_device", path="/staff/login")
+    assert own is not None
+    spray(app, "lena", [f"198.51.100.{n}" for n in range(1, 5)], per_address=BUDGET // 4)
+
+    forged = URLSafeTimedSerializer("not-the-secret-key", salt="intake.known-device")
+    for value in (forged.dumps({"lena": "made-up"}), own.value):
+        attacker.set_cookie("intake_device", value, path="/staff/login")
+        answer = post_login(attacker, "lena", PASSWORD, lena.code(clock()))
+        assert answer.status_code == 429
