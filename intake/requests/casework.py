@@ -83,8 +83,8 @@ def check_reason(
     numbers, dates and e-mail addresses are refused; names cannot be detected, so the form says
     not to type them. Digits are counted, not matched as runs: a phone, MRN or date can be
     typed in pairs or with spaces ("20 25 55 01 43", "3 15 80"), so more than
-    ``MAX_REASON_DIGITS`` digits anywhere, a day and month ("3/5") or a month name beside a
-    number ("March 15", "15 Mar") is refused. Spelled-out numbers pass.
+    ``MAX_REASON_DIGITS`` digits anywhere (a time of day aside), a day and month ("3/5") or a
+    month name beside a number ("March 15", "15 Mar") is refused. Spelled-out numbers pass.
     """
     reason = " ".join(text.split())
     visible = sum(1 for c in reason if c.isalnum())
@@ -92,7 +92,7 @@ def check_reason(
         raise CaseworkError(too_short or f"give a reason of {minimum} to {maximum} characters")
     if (
         "@" in reason
-        or sum(1 for c in reason if c.isdigit()) > MAX_REASON_DIGITS
+        or sum(1 for c in _TIME_OF_DAY.sub("", reason) if c.isdigit()) > MAX_REASON_DIGITS
         or _DAY_AND_MONTH.search(reason)
     ):
         raise CaseworkError(REASON_LOOKS_LIKE_PHI)
@@ -101,6 +101,8 @@ def check_reason(
 
 # More digits than "team 2, shift 3" needs: the start of a phone, MRN, date or year.
 MAX_REASON_DIGITS = 2
+# A time of day ("called at 10:30") is not counted: after-hours reasons name one.
+_TIME_OF_DAY = re.compile(r"(?<![\d:])(?:[01]?\d|2[0-3]):[0-5]\d(?![\d:])")
 _MONTHS = (
     "january|february|march|april|may|june|july|august|september|october|november|december"
     "|jan|feb|mar|apr|jun|jul|aug|sept|sep|oct|nov|dec"

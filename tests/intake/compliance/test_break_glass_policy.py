@@ -275,6 +275,8 @@ def test_the_policy_is_read_from_the_environment():
         "Born March 15th, the roster agrees",  # month and day in words
         "Her birthday is 15 Mar, roster agrees",  # day before the month
         "Full-width digits \uff12\uff10\uff12 \uff15\uff15\uff15",  # other scripts' digits
+        "Called at 10:30 on 20 25 55 01 43",  # a time does not hide a phone
+        "Ref 12:30:45 checked",  # nor does a run that only looks like a time
     ],
 )
 def test_patient_details_in_other_shapes_are_refused(comment):
@@ -291,6 +293,7 @@ def test_patient_details_in_other_shapes_are_refused(comment):
         "Called back twenty five minutes later, all fine",  # spelled-out numbers
         "Covering team 2 on shift 3 this week",  # a couple of small numbers
         "We may need a second look at this one",  # a month name that is a word
+        "After-hours call at 10:30 pm, justified",  # a time of day
     ],
 )
 def test_comments_without_patient_details_still_pass(comment):
