@@ -550,3 +550,21 @@ def test_a_forged_or_borrowed_device_cookie_buys_no_fresh_budget(app, clock, len
         attacker.set_cookie("intake_device", value, path="/staff/login")
         answer = post_login(attacker, "lena", PASSWORD, lena.code(clock()))
         assert answer.status_code == 429
+
+
+def test_posts_that_carry_no_checkable_password_never_reach_argon2(app, clock, lena, hasher):
+    """No CSRF token, an empty password, a 200 KB one, a body over the app's limit: each is
+    refused by the form (or the body limit) before any password check, so none costs argon2
+    and none can answer a guess."""
+    client = app.test_client()
+    no_token = client.post(
+        "/staff/login", data={"username": "lena", "password": PASSWORD, "otp": "123456"}
+    )
+    empty = post_login(client, "lena", "", "123456")
+    huge = post_login(client, "lena", "x" * 200_000, "123456")
+    over_limit = client.post("/staff/login", data={"password": "x" * (2 << 20)})
+
+    assert [r.status_code for r in (no_token, empty, huge)] == [400, 400, 400]
+    assert over_limit.status_code == 413
+    assert hasher.verified == 0
+    login(app.test_client(), lena, clock)
