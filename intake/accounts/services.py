@@ -38,6 +38,8 @@ from intake.models import ROLES, LoginThrottle, StaffSession, Team, User, UserTe
 from intake.requests import outbox
 
 MIN_PASSWORD_LENGTH = 12
+# What the login form accepts: a longer password could be set but never typed in.
+MAX_PASSWORD_LENGTH = 256
 ABSOLUTE_SESSION_LIFETIME = timedelta(hours=12)
 TOTP_ISSUER = "Intake"
 # After this many failures in a row, each further failure locks the account for a delay that
@@ -51,9 +53,10 @@ HASH_SLOT_WAIT_SECONDS = 0.25
 # zxcvbn's score: 3 is "safely unguessable: moderate protection from offline slow-hash
 # scenarios" (about 10**8 guesses or more), far beyond what the login delays let through.
 MIN_PASSWORD_SCORE = 3
-# Only the first characters are estimated (zxcvbn's time grows fast with length); a longer
-# password is at least as strong as its first 100 characters.
-ESTIMATED_CHARACTERS = 100
+# Only the first characters are estimated (zxcvbn's time grows fast with length, and it
+# raises ValueError past its max_length of 72); a longer password is at least as strong as
+# its first 72 characters.
+ESTIMATED_CHARACTERS = 72
 # Words every guesser of this system tries first.
 SITE_WORDS = ("intake", "pharmacy", "pharmacist", "refill", "specialty", "staff", "infusion")
 
@@ -78,6 +81,8 @@ def check_password_policy(username: str, password: str) -> None:
     """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise AccountError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise AccountError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
     if username.lower() in password.lower():
         raise AccountError("the password must not contain the username")
     user_inputs = [username, *username.replace("_", ".").replace("-", ".").split("."), *SITE_WORDS]
@@ -385,8 +390,13 @@ class LoginResult:
 
 
 def _matching_step(secret: str, code: str, now: datetime) -> int | None:
-    """The TOTP time step ``code`` belongs to (one step of drift either way), or None."""
-    if not (code.isdigit() and len(code) == 6):
+    """The TOTP time step ``code`` belongs to (one step of drift either way), or None.
+
+    ASCII digits only: ``str.isdigit`` also accepts other scripts' digits, which
+    ``hmac.compare_digest`` refuses with an error, and an error only after the right password
+    would tell a guesser it was right.
+    """
+    if not (len(code) == 6 and code.isascii() and code.isdigit()):
         return None
     totp = pyotp.TOTP(secret)
     step = int(now.timestamp()) // totp.interval

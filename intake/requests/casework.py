@@ -15,6 +15,7 @@ went idle) may be worked by anyone on its team, as before: the claim is how staf
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -80,17 +81,36 @@ def check_reason(
 
     Reasons go into the audit trail in the clear, forever (the trail is append-only), so
     numbers, dates and e-mail addresses are refused; names cannot be detected, so the form says
-    not to type them.
+    not to type them. Digits are counted, not matched as runs: a phone, MRN or date can be
+    typed in pairs or with spaces ("20 25 55 01 43", "3 15 80"), so more than
+    ``MAX_REASON_DIGITS`` digits anywhere (a time of day aside), a day and month ("3/5") or a
+    month name beside a number ("March 15", "15 Mar") is refused. Spelled-out numbers pass.
     """
-    import re
-
     reason = " ".join(text.split())
     visible = sum(1 for c in reason if c.isalnum())
     if visible < minimum or len(reason) > maximum:
         raise CaseworkError(too_short or f"give a reason of {minimum} to {maximum} characters")
-    if re.search(r"\d{3}|@|\d{1,4}\s*[/.-]\s*\d{1,2}\s*[/.-]\s*\d{1,4}", reason):
+    if (
+        "@" in reason
+        or sum(1 for c in _TIME_OF_DAY.sub("", reason) if c.isdigit()) > MAX_REASON_DIGITS
+        or _DAY_AND_MONTH.search(reason)
+    ):
         raise CaseworkError(REASON_LOOKS_LIKE_PHI)
     return reason
+
+
+# More digits than "team 2, shift 3" needs: the start of a phone, MRN, date or year.
+MAX_REASON_DIGITS = 2
+# A time of day ("called at 10:30") is not counted: after-hours reasons name one.
+_TIME_OF_DAY = re.compile(r"(?<![\d:])(?:[01]?\d|2[0-3]):[0-5]\d(?![\d:])")
+_MONTHS = (
+    "january|february|march|april|may|june|july|august|september|october|november|december"
+    "|jan|feb|mar|apr|jun|jul|aug|sept|sep|oct|nov|dec"
+)
+_DAY_AND_MONTH = re.compile(
+    rf"\d\s*/\s*\d|\b(?:{_MONTHS})\.?\s*\d|\d(?:st|nd|rd|th)?\s*(?:of\s+)?(?:{_MONTHS})\b",
+    re.IGNORECASE,
+)
 
 
 class CaseworkError(Exception):

@@ -6,16 +6,19 @@ from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
+from intake.accounts.services import MAX_PASSWORD_LENGTH
 from intake.forms import options
 from intake.models import STATUSES
 
 
 class LoginForm(FlaskForm):
     username = StringField("Username", validators=[DataRequired(), Length(max=64)])
-    password = PasswordField("Password", validators=[DataRequired(), Length(max=256)])
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)]
+    )
     otp = StringField(
         "Authenticator code",
-        validators=[DataRequired(), Regexp(r"^\s*\d{6}\s*$", message="Enter the 6-digit code.")],
+        validators=[DataRequired(), Regexp(r"^\s*[0-9]{6}\s*$", message="Enter the 6-digit code.")],
     )
     next = HiddenField()
 

@@ -261,3 +261,42 @@ def test_the_policy_is_read_from_the_environment():
     ):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "Called her back on 20 25 55 01 43, all fine",  # a phone in pairs
+        "Rang back on 202.555.0143 after the shift",  # a phone with dots
+        "Her MRN 4417 29 matched the label",  # an MRN-like number
+        "Confirmed birth date 3 15 80 with her",  # a date with spaces
+        "Seen 3/5 at the counter, she agreed",  # day and month only
+        "Born March 15 1980, on-call roster agrees",  # a date in words
+        "Born March 15th, the roster agrees",  # month and day in words
+        "Her birthday is 15 Mar, roster agrees",  # day before the month
+        "Full-width digits \uff12\uff10\uff12 \uff15\uff15\uff15",  # other scripts' digits
+        "Called at 10:30 on 20 25 55 01 43",  # a time does not hide a phone
+        "Ref 12:30:45 checked",  # nor does a run that only looks like a time
+    ],
+)
+def test_patient_details_in_other_shapes_are_refused(comment):
+    from intake.compliance.break_glass import ReviewError, check_comment
+
+    with pytest.raises(ReviewError, match="no numbers, dates or e-mail addresses"):
+        check_comment(comment)
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "Checked with the on-call roster",
+        "Called back twenty five minutes later, all fine",  # spelled-out numbers
+        "Covering team 2 on shift 3 this week",  # a couple of small numbers
+        "We may need a second look at this one",  # a month name that is a word
+        "After-hours call at 10:30 pm, justified",  # a time of day
+    ],
+)
+def test_comments_without_patient_details_still_pass(comment):
+    from intake.compliance.break_glass import check_comment
+
+    assert check_comment(comment) == comment

@@ -90,3 +90,37 @@ def test_a_csrf_failed_post_is_shown_again_without_running_the_validators(app, c
     fresh = hidden_fields(html)
     assert "csrf_token" in fresh
     reference_from(client.post("/refill", data={**valid_refill(), **fresh}))
+
+
+def test_sixty_thousand_tiny_fields_are_refused_unparsed(app, client):
+    """Many ``rx_numbers=`` parameters in one urlencoded body: the body limit refuses them
+    before Werkzeug builds a 60,000-entry MultiDict."""
+    before = counts(app)
+    hidden = hidden_fields(client.get("/refill").get_data(as_text=True))
+    body = "&".join(f"{k}={v}" for k, v in hidden.items()) + "&rx_numbers=" * 60_000
+    response = client.post("/refill", data=body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 413
+    assert counts(app) == before
+
+
+def test_many_tiny_fields_under_the_body_limit_are_just_a_bad_form(app, client):
+    """Under 64 KiB, 20,000 empty parameters are one form that fails validation: WTForms reads
+    the first value of each of its fields, and the rest is never looked at."""
+    before = counts(app)
+    hidden = hidden_fields(client.get("/refill").get_data(as_text=True))
+    body = "&".join(f"{k}={v}" for k, v in hidden.items()) + "&r=" * 20_000
+    assert len(body) < PATIENT_FORM_MAX_BYTES
+    response = client.post("/refill", data=body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    assert counts(app) == before
+
+
+def test_a_large_multipart_upload_is_refused(app, client):
+    import io
+
+    before = counts(app)
+    hidden = hidden_fields(client.get("/refill").get_data(as_text=True))
+    data = {**valid_refill(), **hidden, "attachment": (io.BytesIO(b"x" * (1 << 20)), "scan.pdf")}
+    response = client.post("/refill", data=data, content_type="multipart/form-data")
+    assert response.status_code == 413
+    assert counts(app) == before

@@ -470,3 +470,101 @@ def test_beat_forgets_quiet_counts_and_keeps_the_locks_in_force(make_app, settin
     assert spray(app, "ines", ["198.51.100.8"], per_address=1) == [429]
     clock.advance(seconds=61)
     login(app.test_client(), ines, clock, **from_address("198.51.100.8"))
+
+
+# Six Arabic-Indic digits: the form's \d and str.isdigit() accept them, hmac.compare_digest
+# cannot compare them with an ASCII code.
+NON_ASCII_CODE = "\u0661\u0662\u0663\u0664\u0665\u0666"
+
+
+def test_a_non_ascii_code_after_the_right_password_reads_like_any_wrong_one(app, clock, lena):
+    """A code of non-ASCII digits must not tell the guesser the password was right (an error
+    page only for the right password, rolled back uncounted)."""
+    wrong = attempt(app, "lena", WRONG, NON_ASCII_CODE, "198.51.100.1")
+    right = attempt(app, "lena", PASSWORD, NON_ASCII_CODE, "198.51.100.2")
+
+    assert wrong.status_code == right.status_code == 400
+    for answer in (wrong, right):
+        assert "Enter the 6-digit code." in answer.get_data(as_text=True)
+    # Past the form, the service itself reads such a code as a wrong one.
+    assert accounts._matching_step("JBSWY3DPEHPK3PXP", NON_ASCII_CODE, clock()) is None
+
+
+@pytest.mark.parametrize("typed", ["Lena", "LENA", " lena ", "lena\t"])
+def test_spellings_of_one_name_spend_one_budget(app, clock, lena, typed):
+    spray(app, "lena", [f"198.51.100.{n}" for n in range(1, 5)], per_address=BUDGET // 4)
+    answer = attempt(app, typed, PASSWORD, lena.code(clock()), "203.0.113.9")
+    assert answer.status_code == 429
+
+
+def test_a_lookalike_name_is_another_unknown_name(app, clock, lena):
+    """Full-width letters (NFKC would fold them into "lena") neither log in as her nor share
+    her budget."""
+    lookalike = "\uff4c\uff45\uff4e\uff41"
+    answer = attempt(app, lookalike, PASSWORD, lena.code(clock()), "198.51.100.1")
+    assert answer.status_code == 400
+    assert LOGIN_FAILED in answer.get_data(as_text=True)
+    login(app.test_client(), lena, clock, **from_address("198.51.100.2"))
+
+
+def test_wrong_codes_without_the_password_never_freeze_the_second_factor(app, clock, lena):
+    """Only someone who has the password can freeze her second factor: wrong codes typed
+    with a wrong password are ordinary wrong passwords."""
+    for n in range(8):
+        attempt(app, "lena", WRONG, f"{n:06d}", f"198.51.100.{n + 1}")
+    with app.app_context():
+        user = db.session.execute(sa.select(accounts.User).where(accounts.User.username == "lena"))
+        row = user.scalar_one()
+        assert (row.otp_failures, row.otp_frozen_at) == (0, None)
+    assert alerts(app) == []
+    login(app.test_client(), lena, clock, **from_address("10.20.0.15"))
+
+
+def test_a_password_longer_than_the_login_form_takes_is_refused_when_set():
+    """The login form refuses passwords over its limit before any check (no argon2 on a huge
+    body); a password set longer than that could never be typed in."""
+    from intake.staff.forms import LoginForm
+
+    limit = next(v.max for v in LoginForm.password.kwargs["validators"] if hasattr(v, "max"))
+    assert limit == accounts.MAX_PASSWORD_LENGTH
+    too_long = "Correct horse battery staple, " * 10  # 300 characters, very strong
+    with pytest.raises(accounts.AccountError, match="at most"):
+        accounts.check_password_policy("lena", too_long[: limit + 1])
+    accounts.check_password_policy("lena", too_long[:limit])
+
+
+def test_a_forged_or_borrowed_device_cookie_buys_no_fresh_budget(app, clock, lena, make_user):
+    """A device cookie signed with another key, or a real one that names someone else, is a
+    browser like any other: the spent budget refuses it."""
+    from itsdangerous import URLSafeTimedSerializer
+
+    mallory = make_user("mallory", teams=("refills-main",))
+    attacker = app.test_client()
+    login(attacker, mallory, clock, **from_address("203.0.113.7"))  # her own, real cookie
+    own = attacker.get_cookie("intake_device", path="/staff/login")
+    assert own is not None
+    spray(app, "lena", [f"198.51.100.{n}" for n in range(1, 5)], per_address=BUDGET // 4)
+
+    forged = URLSafeTimedSerializer("not-the-secret-key", salt="intake.known-device")
+    for value in (forged.dumps({"lena": "made-up"}), own.value):
+        attacker.set_cookie("intake_device", value, path="/staff/login")
+        answer = post_login(attacker, "lena", PASSWORD, lena.code(clock()))
+        assert answer.status_code == 429
+
+
+def test_posts_that_carry_no_checkable_password_never_reach_argon2(app, clock, lena, hasher):
+    """No CSRF token, an empty password, a 200 KB one, a body over the app's limit: each is
+    refused by the form (or the body limit) before any password check, so none costs argon2
+    and none can answer a guess."""
+    client = app.test_client()
+    no_token = client.post(
+        "/staff/login", data={"username": "lena", "password": PASSWORD, "otp": "123456"}
+    )
+    empty = post_login(client, "lena", "", "123456")
+    huge = post_login(client, "lena", "x" * 200_000, "123456")
+    over_limit = client.post("/staff/login", data={"password": "x" * (2 << 20)})
+
+    assert [r.status_code for r in (no_token, empty, huge)] == [400, 400, 400]
+    assert over_limit.status_code == 413
+    assert hasher.verified == 0
+    login(app.test_client(), lena, clock)

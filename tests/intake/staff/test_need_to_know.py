@@ -230,3 +230,32 @@ def test_the_staff_timeline_is_workflow_in_words_without_compliance_details(
     whys = [entry.why for entry in report.entries]
     assert GLASS_REASON in whys and REVIEW_COMMENT in whys
     assert any(e.what.startswith("Refused attempt: changed the status") for e in report.entries)
+
+
+def test_a_claim_taken_after_the_page_loaded_still_refuses_the_post(
+    app, route, make_user, staff_login, clock
+):
+    """boris opens an unclaimed request (its forms are on his page), ana claims it, then
+    boris sends the forms he already has: each is refused, as is a claim of his own."""
+    reference = route("refill", location="main")
+    ana_user = make_user("ana", teams=("refills-main",))
+    boris_user = make_user("boris", teams=("refills-main",))
+    ana, boris = staff_login(ana_user), staff_login(boris_user)
+    page = boris.get(f"/staff/requests/{reference}").get_data(as_text=True)
+    assert f"/staff/requests/{reference}/note" in page
+    assert ana.act(reference, "claim").status_code == 303
+
+    assert boris.act(reference, "note", text="Done on the phone").status_code == 409
+    assert boris.act(reference, "status", status="in_progress").status_code == 409
+    moved = boris.act(reference, "transfer", team="refills-north", reason="Closer to her")
+    assert moved.status_code == 409
+    assert boris.act(reference, "claim").status_code == 409
+    assert boris.act(reference, "release").status_code == 409
+    assert request_state(app, reference)["assignee_id"] == ana_user.id
+
+    # The claim's edge: a second before CLAIM_IDLE it still holds, at CLAIM_IDLE it is gone.
+    clock.advance(seconds=casework.CLAIM_IDLE.total_seconds() - 1)
+    boris = staff_login(boris_user)
+    assert boris.act(reference, "note", text="Anyone on this?").status_code == 409
+    clock.advance(seconds=1)
+    assert boris.act(reference, "note", text="Picking this up").status_code == 303
