@@ -496,7 +496,11 @@ def test_a_refill_on_a_phone_sized_screen_by_keyboard_only(
     assert page.is_checked("#fulfillment-0")  # pick-up: no address asked for
     press_tab_to(page, "#needed_by", passing=("#address",))
     press_tab_to(page, "#notes")
-    press_tab_to(page, "#consent_privacy", passing=("details.consent__text > summary",))
+    press_tab_to(
+        page,
+        "#consent_privacy",
+        passing=("#interpreter", "#interpreter_language", "details.consent__text > summary"),
+    )
     page.keyboard.press("Space")
     press_tab_to(page, "#consent_contact", passing=("details.consent__text > summary",))
     page.keyboard.press("Space")
