@@ -21,6 +21,18 @@ TRANSIENT = (OperationalError, InterfaceError)
 NOTIFY_MAX_RETRIES = 6
 
 
+# Every notification task: redelivered if a worker dies mid-send, retried with growing delays
+# while the channel fails (the outbox row records the outcome once), bound for its retry count.
+notify_task = shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    max_retries=20,
+)
+
+
 @shared_task(
     acks_late=True,
     reject_on_worker_lost=True,
@@ -66,14 +78,7 @@ def _notify(task: Any, name: str, request_id: str, outbox_id: int | None) -> Non
         raise task.retry(exc=later.error, countdown=later.countdown) from None
 
 
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    max_retries=20,
-)
+@notify_task
 def notify_team(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Tell the request's team it is waiting; a failed channel retries, then is recorded."""
     _notify(self, routing.NOTIFY_TASK, request_id, outbox_id)
@@ -95,27 +100,13 @@ def escalate_overdue() -> int:
     return len(escalated)
 
 
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    max_retries=20,
-)
+@notify_task
 def notify_supervisors(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Tell the supervisors' channel that a request is overdue; reference and link only."""
     _notify(self, "notify_supervisors", request_id, outbox_id)
 
 
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    max_retries=20,
-)
+@notify_task
 def notify_account_alert(self: Any, user_id: str, outbox_id: int | None = None) -> None:
     """Tell the supervisors' channel about a staff account (e.g. a frozen second factor)."""
     if outbox_id is None:
@@ -143,28 +134,14 @@ def purge_login_throttles() -> int:
     return purge(db.session, now(), policy)
 
 
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    max_retries=20,
-)
+@notify_task
 def notify_language_need(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Tell the supervisors' channel that nobody who speaks a request's language could take
     it; reference, language and link only."""
     _notify(self, routing.LANGUAGE_NOTICE_TASK, request_id, outbox_id)
 
 
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    max_retries=20,
-)
+@notify_task
 def notify_break_glass(self: Any, request_id: str, outbox_id: int | None = None) -> None:
     """Alert the supervisors' channel to a break-glass access; who, reference and link only."""
     _notify(self, casework.BREAK_GLASS_ALERT_TASK, request_id, outbox_id)
