@@ -560,18 +560,7 @@ def authenticate(
             delay = _lock_delay(by_client.failures)
             if delay:
                 by_client.locked_until = now + delay
-                record_event(
-                    session,
-                    actor=actor,
-                    actor_role=role,
-                    action="user.locked",
-                    ip_hmac=ip_hmac,
-                    details={
-                        "scope": "client",
-                        "seconds": int(delay.total_seconds()),
-                        "failures": by_client.failures,
-                    },
-                )
+                _record_lock(session, actor, role, ip_hmac, "client", delay, by_client.failures)
             if known_device is None:
                 outbox_ids += _count_account_failure(
                     session, by_account, user, actor, role, policy, now, ip_hmac
@@ -597,6 +586,26 @@ def authenticate(
     return LoginResult(user, token=token)
 
 
+def _record_lock(
+    session: DbSession,
+    actor: str,
+    role: str | None,
+    ip_hmac: str | None,
+    scope: str,
+    delay: timedelta,
+    failures: int,
+) -> None:
+    """Audit a lock of one throttle (``client``: typed name at one address; ``account``)."""
+    record_event(
+        session,
+        actor=actor,
+        actor_role=role,
+        action="user.locked",
+        ip_hmac=ip_hmac,
+        details={"scope": scope, "seconds": int(delay.total_seconds()), "failures": failures},
+    )
+
+
 def _count_account_failure(
     session: DbSession,
     row: LoginThrottle,
@@ -619,18 +628,7 @@ def _count_account_failure(
     if not delay:
         return []
     row.locked_until = now + delay
-    record_event(
-        session,
-        actor=actor,
-        actor_role=role,
-        action="user.locked",
-        ip_hmac=ip_hmac,
-        details={
-            "scope": "account",
-            "seconds": int(delay.total_seconds()),
-            "failures": row.failures,
-        },
-    )
+    _record_lock(session, actor, role, ip_hmac, "account", delay, row.failures)
     if user is None or row.failures != policy.account_budget:
         return []
     message = outbox.enqueue_account_alert(session, user.id, "account_locked")
