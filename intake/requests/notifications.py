@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from intake.extensions import DbSession
 from intake.ops.transport import tls_client_context
+from intake.requests.outbox import NOTIFY_TIMEOUT_SECONDS
 from intake.requests.routing import LANGUAGE_NOTICE_TASK, RoutingTable, Team
 
 log = structlog.get_logger(__name__)
@@ -198,8 +199,24 @@ Deliverable = Notice | AccountNotice
 SMTP_DEFAULT_PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
 
 
+def message_id(sender: str, outbox_id: int) -> str:
+    """The e-mail's Message-ID, the same every time its outbox row is sent.
+
+    A send the worker could not record (it died after the server took the message) is sent
+    again; with the same Message-ID, mail clients and servers that de-duplicate show it once.
+    """
+    domain = sender.rpartition("@")[2] or "intake.invalid"
+    return f"<intake.outbox.{outbox_id}@{domain}>"
+
+
 def send_email(
-    smtp_url: str, sender: str, recipient: str, notice: Deliverable, *, ca_file: Path | None = None
+    smtp_url: str,
+    sender: str,
+    recipient: str,
+    notice: Deliverable,
+    *,
+    ca_file: Path | None = None,
+    message_id: str | None = None,
 ) -> None:
     """Send ``notice`` by e-mail: ``smtp+starttls://`` or ``smtps://`` verify the server.
 
@@ -212,14 +229,18 @@ def send_email(
         raise NotificationError("INTAKE_SMTP_URL must look like smtp+starttls://host:587")
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = sender, recipient, notice.subject()
+    if message_id:
+        message["Message-ID"] = message_id
     message.set_content(notice.body())
     host, port = parts.hostname, parts.port or SMTP_DEFAULT_PORTS[parts.scheme]
     try:
         client: smtplib.SMTP
         if parts.scheme == "smtps":
-            client = smtplib.SMTP_SSL(host, port, timeout=10, context=tls_client_context(ca_file))
+            client = smtplib.SMTP_SSL(
+                host, port, timeout=NOTIFY_TIMEOUT_SECONDS, context=tls_client_context(ca_file)
+            )
         else:
-            client = smtplib.SMTP(host, port, timeout=10)
+            client = smtplib.SMTP(host, port, timeout=NOTIFY_TIMEOUT_SECONDS)
         with client:
             if parts.scheme == "smtp+starttls":
                 client.starttls(context=tls_client_context(ca_file))
@@ -238,7 +259,7 @@ def send_webhook(url: str, notice: Deliverable) -> None:
         url, data=data, method="POST", headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT_SECONDS) as response:  # noqa: S310
             if response.status >= 300:
                 raise NotificationError(f"webhook answered {response.status}")
     except OSError as error:
@@ -252,13 +273,21 @@ def deliver(
     sender: str,
     *,
     smtp_ca_file: Path | None = None,
+    message_id: str | None = None,
 ) -> list[str]:
     """Send ``notice`` on each of the team's channels; return the channels used."""
     used: list[str] = []
     for channel in team.notify:
         if channel == "email" and team.email:
             if smtp_url:
-                send_email(smtp_url, sender, team.email, notice, ca_file=smtp_ca_file)
+                send_email(
+                    smtp_url,
+                    sender,
+                    team.email,
+                    notice,
+                    ca_file=smtp_ca_file,
+                    message_id=message_id,
+                )
                 used.append("email")
                 continue
             channel = "log"  # embedded profile: no SMTP server configured
@@ -310,12 +339,14 @@ def send_outbox_notice(
     pending = select(OutboxMessage.id).where(
         OutboxMessage.request_id == request_id,
         OutboxMessage.task == task,
-        OutboxMessage.status == "pending",
+        OutboxMessage.status.in_(outbox.OPEN),
     )
     if outbox_id is not None:
         pending = pending.where(OutboxMessage.id == outbox_id)
-    if session.execute(pending).first() is None:
+    row_id = session.scalar(pending.order_by(OutboxMessage.id).limit(1))
+    if row_id is None:
         return "skipped"
+    outbox_id = int(row_id)
     request = session.get(Request, request_id)
     overdue = task == "notify_supervisors"
     language_need = task == LANGUAGE_NOTICE_TASK
@@ -379,6 +410,8 @@ def send_outbox_notice(
         queue_team_name=queue_team.name if queue_team else request.team,
     )
     session.rollback()  # hold no lock while talking to the outside world
+    if not outbox.claim(session, outbox_id):
+        return "skipped"  # sent already, or another worker is sending it right now
     actor = f"system:{task}"
     try:
         channels = deliver(
@@ -387,9 +420,11 @@ def send_outbox_notice(
             settings.smtp_url,
             settings.smtp_from,
             smtp_ca_file=settings.smtp_ca_file,
+            message_id=message_id(settings.smtp_from, outbox_id),
         )
     except NotificationError as error:
         if attempt < max_retries:
+            outbox.release(session, outbox_id)
             log.warning(
                 "notify_retry",
                 reference=notice.reference,
@@ -435,9 +470,10 @@ def send_account_alert(
     at most once, and record the outcome; like :func:`send_outbox_notice` otherwise."""
     from intake.audit.chain import record_event
     from intake.models import OutboxMessage, User
+    from intake.requests import outbox
 
     row = session.get(OutboxMessage, outbox_id)
-    if row is None or row.status != "pending" or row.user_id is None:
+    if row is None or row.status not in outbox.OPEN or row.user_id is None:
         return "skipped"
     user = session.get(User, row.user_id)
     team = table.supervisors
@@ -452,6 +488,8 @@ def send_account_alert(
         link=f"{settings.public_url}/compliance/audit?actor=user:{user.id}",
     )
     session.rollback()  # hold no lock while talking to the outside world
+    if not outbox.claim(session, outbox_id):
+        return "skipped"
     actor = "system:notify_account_alert"
     details = {"team": team.id, "alert": notice.alert, "user_id": user.id}
     try:
@@ -461,9 +499,11 @@ def send_account_alert(
             settings.smtp_url,
             settings.smtp_from,
             smtp_ca_file=settings.smtp_ca_file,
+            message_id=message_id(settings.smtp_from, outbox_id),
         )
     except NotificationError as error:
         if attempt < max_retries:
+            outbox.release(session, outbox_id)
             log.warning("account_alert_retry", alert=notice.alert, attempt=attempt + 1)
             raise RetryLater(error, countdown=min(2**attempt * 5, 600)) from None
         record_event(
@@ -493,6 +533,6 @@ def _mark_alert(session: DbSession, outbox_id: int, status: str) -> None:
 
     session.execute(
         update(OutboxMessage)
-        .where(OutboxMessage.id == outbox_id, OutboxMessage.status == "pending")
+        .where(OutboxMessage.id == outbox_id, OutboxMessage.status.in_(("pending", "sending")))
         .values(status=status, done_at=utcnow())
     )

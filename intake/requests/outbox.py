@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import structlog
 from flask import Flask, current_app, has_app_context
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 
 from intake.clock import utcnow
 from intake.extensions import DbSession
@@ -33,6 +33,52 @@ ACCOUNT_ALERT_TASK = "notify_account_alert"
 
 # A message published but not marked done after INTAKE_OUTBOX_REPUBLISH_SECONDS is published
 # again: the broker may have lost it (a Redis restart without persistence) or no worker took it.
+# So one row can be in the queue twice, and two workers can hold it at once: a consumer that talks
+# to the outside world (an e-mail cannot be taken back) first claims the row (status "sending").
+# Only the claim's holder sends; a claim older than the lease belongs to a sender that died, and
+# the row is taken again (the sweep republishes it). The lease outlasts the slowest send: each of
+# a notification's network steps times out after NOTIFY_TIMEOUT_SECONDS.
+NOTIFY_TIMEOUT_SECONDS = 10
+OPEN = ("pending", "sending")
+
+
+def claim_lease() -> timedelta:
+    """How long a claim holds before its row may be taken again."""
+    republish = current_app.extensions["intake.settings"].outbox_republish_seconds
+    return timedelta(seconds=max(republish, 3 * NOTIFY_TIMEOUT_SECONDS))
+
+
+def claim(session: DbSession, outbox_id: int, lease: timedelta | None = None) -> bool:
+    """Take a row to send it, and commit; False when it is done or another worker holds it.
+
+    One UPDATE decides: PostgreSQL re-checks its condition once a concurrent claimer's row lock
+    is released, and SQLite runs writers one at a time, so two claimers never both win.
+    """
+    moment = utcnow()
+    expired = moment - (lease if lease is not None else claim_lease())
+    result = session.execute(
+        update(OutboxMessage)
+        .where(
+            OutboxMessage.id == outbox_id,
+            or_(
+                OutboxMessage.status == "pending",
+                and_(OutboxMessage.status == "sending", OutboxMessage.claimed_at < expired),
+            ),
+        )
+        .values(status="sending", claimed_at=moment)
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release(session: DbSession, outbox_id: int) -> None:
+    """Give a claimed row back (the send failed and will be retried); commit."""
+    session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id == outbox_id, OutboxMessage.status == "sending")
+        .values(status="pending", claimed_at=None)
+    )
+    session.commit()
 
 
 def init_app(app: Flask, publisher: Publisher | None) -> None:
@@ -71,7 +117,7 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
     rows = session.execute(
         select(
             OutboxMessage.id, OutboxMessage.task, OutboxMessage.request_id, OutboxMessage.user_id
-        ).where(OutboxMessage.id.in_(message_ids), OutboxMessage.status == "pending")
+        ).where(OutboxMessage.id.in_(message_ids), OutboxMessage.status.in_(OPEN))
     ).all()
     published: list[int] = []
     for row in rows:
@@ -94,16 +140,28 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
 
 
 def sweep(session: DbSession, limit: int = 500, republish_after: float | None = None) -> int:
-    """Publish pending rows never published, or published too long ago without being done."""
+    """Publish pending rows never published, or published too long ago without being done, and
+    rows whose sender's claim expired."""
     if republish_after is None:
         republish_after = current_app.extensions["intake.settings"].outbox_republish_seconds
-    stale = utcnow() - timedelta(seconds=republish_after)
+    moment = utcnow()
+    stale = moment - timedelta(seconds=republish_after)
+    abandoned = moment - claim_lease()
     ids = list(
         session.execute(
             select(OutboxMessage.id)
             .where(
-                OutboxMessage.status == "pending",
-                or_(OutboxMessage.published_at.is_(None), OutboxMessage.published_at < stale),
+                or_(
+                    and_(
+                        OutboxMessage.status == "pending",
+                        or_(
+                            OutboxMessage.published_at.is_(None),
+                            OutboxMessage.published_at < stale,
+                        ),
+                    ),
+                    # Its sender died mid-send (its task may have been acknowledged already).
+                    and_(OutboxMessage.status == "sending", OutboxMessage.claimed_at < abandoned),
+                ),
             )
             .order_by(OutboxMessage.id)
             .limit(limit)
@@ -123,12 +181,12 @@ def mark_done(
     outbox_id: int | None = None,
     status: str = "done",
 ) -> int:
-    """Mark pending rows done (one row, or all of a request's rows for ``task``) in the
-    consumer's transaction; return how many were still pending."""
+    """Mark open rows done (one row, or all of a request's rows for ``task``) in the
+    consumer's transaction; return how many were still open (pending or being sent)."""
     condition = [
         OutboxMessage.request_id == request_id,
         OutboxMessage.task == task,
-        OutboxMessage.status == "pending",
+        OutboxMessage.status.in_(OPEN),
     ]
     if outbox_id is not None:
         condition.append(OutboxMessage.id == outbox_id)

@@ -3,6 +3,7 @@ SMTP server (aiosmtpd) that keeps what it receives."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -165,6 +166,32 @@ def smtp_server() -> Iterator[tuple[str, Mailbox]]:
     controller = Controller(mailbox, hostname="127.0.0.1", port=port)
     controller.start()
     yield f"smtp://127.0.0.1:{port}", mailbox
+    controller.stop()
+
+
+@dataclass
+class SlowMailbox(Mailbox):
+    """A mail server that takes ``delay`` seconds to accept each message."""
+
+    delay: float = 3.0
+    started: int = 0
+    url: str = ""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.started += 1
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def slow_smtp_server() -> Iterator[SlowMailbox]:
+    from aiosmtpd.controller import Controller
+
+    mailbox = SlowMailbox()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    mailbox.url = f"smtp://127.0.0.1:{controller.port}"
+    yield mailbox
     controller.stop()
 
 
