@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from intake_verify.encoding import b64decode, b64encode
 from intake_verify.merkle import HASH_SIZE
 
-_SIZE = re.compile(r"0|[1-9][0-9]*")
+_SIZE = re.compile(r"0|[1-9][0-9]{0,19}")
+MAX_SIZE = (1 << 64) - 1  # tree sizes are uint64 (c2sp.org/tlog-checkpoint)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -47,8 +48,9 @@ class Checkpoint:
         origin, size, root, *extensions = lines
         if not origin or not all(extensions):
             raise CheckpointError("a checkpoint has no empty lines")
-        if not _SIZE.fullmatch(size):
-            raise CheckpointError("the tree size is not a decimal number")
+        # Bounded before int(): Python refuses over 4300 digits with a plain ValueError.
+        if not _SIZE.fullmatch(size) or int(size) > MAX_SIZE:
+            raise CheckpointError("the tree size is not a decimal number below 2**64")
         try:
             root_hash = b64decode(root)
         except ValueError as exc:

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from intake_verify.checkpoint import Checkpoint, CheckpointError
+from intake_verify.checkpoint import MAX_SIZE, Checkpoint, CheckpointError
 from intake_verify.cosignature import cosign
 from intake_verify.encoding import b64decode, b64encode
 from intake_verify.merkle import EMPTY_ROOT, ProofError, verify_consistency
@@ -235,6 +235,8 @@ def parse_add_checkpoint_body(body: bytes) -> tuple[int, list[bytes], str]:
     size = lines[0][4:]
     if not size.isdigit() or not size.isascii() or (size != "0" and size.startswith("0")):
         raise BadRequest("the old size is a decimal number")
+    if len(size) > 20 or int(size) > MAX_SIZE:  # before int() can refuse 4300 digits itself
+        raise BadRequest("the old size is above 2**64")
     try:
         proof = [b64decode(line) for line in lines[1:]]
     except ValueError as exc:

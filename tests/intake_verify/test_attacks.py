@@ -1,0 +1,145 @@
+"""Attacks on the verifier by a malicious log, a proof file's author, and the network.
+
+Each test is an attack that once worked (or a guarantee worth pinning down); the comment says
+who attacks and what they would gain.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from intake_verify.checkpoint import Checkpoint, time_extension
+from intake_verify.leaf import leaf_data, leaf_record
+from intake_verify.merkle import MerkleTree, leaf_hash
+from intake_verify.note import (
+    ALG_COSIGNATURE_V1,
+    Signer,
+    Verifier,
+    generate_key,
+    sign_note,
+)
+from intake_verify.proof import make_proof, proof_event, verify_proof
+from intake_verify.witness import (
+    BadRequest,
+    Witness,
+    parse_add_checkpoint_body,
+)
+
+from .conftest import SIGNED_AT
+
+ORIGIN = "intake.example/audit"
+REF = "R-AAAA-BBBB"
+SCRIPT = str(Path(sys.executable).with_name("intake-verify"))
+
+
+def canonical(seq: int, **fields: Any) -> str:
+    body = {
+        "action": "phi.viewed",
+        "actor": "staff:17",
+        "actor_role": "pharmacist",
+        "created_at": "2026-11-24T10:39:14.541465Z",
+        "details": {},
+        "ip_hmac": None,
+        "outcome": "success",
+        "reference": REF,
+        "seq": seq,
+        **fields,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+class SmallLog:
+    """A malicious log: it signs whatever leaves it likes."""
+
+    def __init__(self) -> None:
+        self.skey, self.vkey = generate_key(ORIGIN)
+        self.signer = Signer.from_skey(self.skey)
+
+    def proof(
+        self,
+        records: list[dict[str, Any]],
+        prove: list[int],
+        openings: dict[int, tuple[str, str]] | None = None,
+        reference: str = REF,
+        origin: str = ORIGIN,
+    ) -> dict[str, Any]:
+        tree = MerkleTree(leaf_hash(leaf_data(r)) for r in records)
+        body = Checkpoint(origin, len(records), tree.root(), (time_extension(SIGNED_AT),)).body()
+        note = sign_note(body, self.signer)
+        events = [
+            proof_event(records[seq - 1], tree.inclusion_proof(seq - 1), (openings or {}).get(seq))
+            for seq in prove
+        ]
+        return make_proof(origin, reference, note, events, pending=0)
+
+
+def record(seq: int, chain_hash: str | None = None, **fields: Any) -> dict[str, Any]:
+    values = {
+        "created_at": "2026-11-24T10:39:14.541465Z",
+        "action": "phi.viewed",
+        "reference": REF,
+        "outcome": "success",
+        "actor_role": "pharmacist",
+        "team": "ivig-es",
+        **fields,
+    }
+    return leaf_record(seq, chain_hash=chain_hash or "ab" * 32, **values)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command's output as the terminal gets it (no newline translation hiding a CR)."""
+    result = subprocess.run([SCRIPT, *args], capture_output=True, timeout=60)
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+# --- The proof file and the CLI ---------------------------------------------------------------
+
+
+def test_a_huge_tree_size_is_a_failed_proof_not_a_crash() -> None:
+    """A malicious log signs a checkpoint whose size has 5000 digits: int() raises a plain
+    ValueError (Python's digit limit) that escaped verify_proof as a traceback."""
+    log = SmallLog()
+    proof = log.proof([record(1)], [1])
+    body = f"{ORIGIN}\n{'9' * 5000}\n{'A' * 43}=\n"
+    proof["checkpoint"] = sign_note(body, log.signer)
+    report = verify_proof(proof, [log.vkey])
+    assert not report.ok and "size" in str(report.problem)
+    # C2SP tree sizes are uint64.
+    body = f"{ORIGIN}\n{2**64}\n{'A' * 43}=\n"
+    assert not verify_proof({**proof, "checkpoint": sign_note(body, log.signer)}, [log.vkey]).ok
+
+
+@pytest.fixture
+def keys() -> dict[str, str]:
+    log_skey, log_vkey = generate_key(ORIGIN)
+    skey, vkey = generate_key("witness.example/w1", ALG_COSIGNATURE_V1)
+    return {"log_skey": log_skey, "log_vkey": log_vkey, "skey": skey, "vkey": vkey}
+
+
+def tree_note(log_skey: str, size: int) -> tuple[MerkleTree, str]:
+    tree = MerkleTree(leaf_hash(i.to_bytes(4, "big")) for i in range(max(size, 1)))
+    root = tree.root(size)
+    return tree, sign_note(Checkpoint(ORIGIN, size, root).body(), Signer.from_skey(log_skey))
+
+
+def witness(path: Path, keys: dict[str, str], clock: Any = time.time) -> Witness:
+    return Witness(
+        path, Signer.from_skey(keys["skey"]), [Verifier.from_vkey(keys["log_vkey"])], clock
+    )
+
+
+def test_a_huge_old_size_is_a_bad_request() -> None:
+    """A network client sends ``old`` with 5000 digits: int() raised ValueError, the handler
+    died without an answer. Sizes are uint64."""
+    for size in ("9" * 5000, str(2**64)):
+        with pytest.raises(BadRequest):
+            parse_add_checkpoint_body(f"old {size}\n\nnote\n".encode())
