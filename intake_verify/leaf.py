@@ -60,8 +60,12 @@ def leaf_record(
 def leaf_data(record: dict[str, Any]) -> bytes:
     """The bytes the Merkle tree hashes as this leaf: a prefix and the record's canonical JSON."""
     _check_record(record)
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return LEAF_PREFIX + text.encode("ascii")
+    return LEAF_PREFIX + _canonical_json(record).encode("ascii")
+
+
+def _canonical_json(value: object) -> str:
+    """Sorted keys, no spaces, ASCII: the form of both the leaf and the chain's events."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def check_opening(record: dict[str, Any], prev_hash: str, canonical: str) -> None:
@@ -69,8 +73,9 @@ def check_opening(record: dict[str, Any], prev_hash: str, canonical: str) -> Non
     _check_record(record)
     if not isinstance(prev_hash, str) or not _HEX_HASH.fullmatch(prev_hash):
         raise ProofError("the opening's prev_hash is not a SHA-256 hex digest")
-    if not isinstance(canonical, str):
-        raise ProofError("the opening's canonical event is not text")
+    if not isinstance(canonical, str) or not canonical.isascii():
+        # The chain's canonical text is ASCII (ensure_ascii); this also keeps out lone surrogates.
+        raise ProofError("the opening's canonical event is not ASCII text")
     digest = hashlib.sha256(f"{prev_hash}\n{canonical}".encode()).hexdigest()
     if digest != record["chain_hash"]:
         raise ProofError(f"seq {record['seq']}: the opening does not hash to the chain hash")
@@ -80,6 +85,10 @@ def check_opening(record: dict[str, Any], prev_hash: str, canonical: str) -> Non
         raise ProofError(f"seq {record['seq']}: the opening is not JSON") from exc
     if not isinstance(event, dict):
         raise ProofError(f"seq {record['seq']}: the opening is not an event")
+    # Only the one canonical spelling: with a repeated key, Python keeps the last value and other
+    # parsers the first, so the same hashed text would show two different events.
+    if _canonical_json(event) != canonical:
+        raise ProofError(f"seq {record['seq']}: the opening is not the event's canonical JSON")
     for key in _SHARED_KEYS:
         # Compare types too: in JSON (and Python) 1 == 1.0 == true, but they are not the same.
         if key not in event or (type(event[key]), event[key]) != (type(record[key]), record[key]):

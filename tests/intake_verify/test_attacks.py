@@ -6,6 +6,7 @@ who attacks and what they would gain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -116,6 +117,37 @@ def test_a_huge_tree_size_is_a_failed_proof_not_a_crash() -> None:
     # C2SP tree sizes are uint64.
     body = f"{ORIGIN}\n{2**64}\n{'A' * 43}=\n"
     assert not verify_proof({**proof, "checkpoint": sign_note(body, log.signer)}, [log.vkey]).ok
+
+
+def test_an_opening_that_is_not_text_a_hash_can_cover_is_a_report() -> None:
+    """A proof's author puts a lone surrogate in the opening: encoding it raised."""
+    log = SmallLog()
+    proof = log.proof([record(1)], [1], {1: ("00" * 32, canonical(1))})
+    proof["events"][0]["opening"]["canonical"] = "\ud800"
+    report = verify_proof(proof, [log.vkey])
+    assert not report.ok and "opening" in str(report.problem)
+
+
+def test_an_opening_must_be_the_canonical_text() -> None:
+    """A malicious log hashes a non-canonical event with a repeated key: Python's json keeps the
+    last value (which agrees with the leaf), other parsers the first (another actor, another
+    action). The chain's canonical form has one spelling, so anything else is refused."""
+    log = SmallLog()
+    prev = "00" * 32
+    text = '{"action":"request.routed","actor":"staff:99",' + canonical(1)[1:]
+    assert json.loads(text)["action"] == "phi.viewed"  # what the verifier compares
+    chain_hash = hashlib.sha256(f"{prev}\n{text}".encode()).hexdigest()
+    proof = log.proof([record(1, chain_hash)], [1], {1: (prev, text)})
+    report = verify_proof(proof, [log.vkey])
+    assert not report.ok and "canonical" in str(report.problem)
+    # Spaces or another key order are refused too; the canonical text itself verifies.
+    for other in (canonical(1).replace(",", ", "), json.dumps(json.loads(canonical(1)))):
+        chain_hash = hashlib.sha256(f"{prev}\n{other}".encode()).hexdigest()
+        proof = log.proof([record(1, chain_hash)], [1], {1: (prev, other)})
+        assert not verify_proof(proof, [log.vkey]).ok
+    good = canonical(1)
+    chain_hash = hashlib.sha256(f"{prev}\n{good}".encode()).hexdigest()
+    assert verify_proof(log.proof([record(1, chain_hash)], [1], {1: (prev, good)}), [log.vkey]).ok
 
 
 @pytest.fixture
