@@ -214,7 +214,9 @@ def split_note(note: str) -> tuple[str, list[NoteSignature]]:
     cut = note.rfind("\n\n")
     if cut < 0:
         raise NoteError("a note needs a blank line before its signatures")
-    text, lines = note[: cut + 1], note[cut + 2 :].splitlines()
+    # Split on "\n" only, as Go's note does: str.splitlines also splits on U+2028, U+0085...
+    text, block = note[: cut + 1], note[cut + 2 :]
+    lines = block[:-1].split("\n") if block else []
     if not lines:
         raise NoteError("a note has no signatures")
     if len(lines) > MAX_SIGNATURES:

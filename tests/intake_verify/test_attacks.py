@@ -21,9 +21,11 @@ from intake_verify.leaf import leaf_data, leaf_record
 from intake_verify.merkle import MerkleTree, leaf_hash
 from intake_verify.note import (
     ALG_COSIGNATURE_V1,
+    NoteError,
     Signer,
     Verifier,
     generate_key,
+    open_note,
     sign_note,
 )
 from intake_verify.proof import make_proof, proof_event, verify_proof
@@ -148,6 +150,22 @@ def test_an_opening_must_be_the_canonical_text() -> None:
     good = canonical(1)
     chain_hash = hashlib.sha256(f"{prev}\n{good}".encode()).hexdigest()
     assert verify_proof(log.proof([record(1, chain_hash)], [1], {1: (prev, good)}), [log.vkey]).ok
+
+
+def test_signature_lines_are_split_on_newlines_only() -> None:
+    """A note whose signature lines are joined by U+2028 verified here (str.splitlines splits
+    on it) but not in Go's note package: two tools must not disagree on a signed note."""
+    skey, vkey = generate_key(ORIGIN)
+    note = sign_note(f"{ORIGIN}\n1\n{'A' * 43}=\n", Signer.from_skey(skey))
+    _, other = generate_key("other.example/w")
+    line = f"\u2014 other.example/w {'A' * 92}\n"
+    for sep in ("\u2028", "\x85", "\u2029"):
+        joined = note[:-1] + sep + line
+        with pytest.raises(NoteError):
+            open_note(joined, [Verifier.from_vkey(vkey)])
+
+
+# --- The witness ---------------------------------------------------------------------------
 
 
 @pytest.fixture
