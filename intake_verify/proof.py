@@ -30,7 +30,7 @@ from intake_verify.cosignature import verify_cosignature
 from intake_verify.encoding import b64decode, b64encode
 from intake_verify.leaf import check_opening, leaf_data
 from intake_verify.merkle import ProofError, leaf_hash, verify_inclusion
-from intake_verify.note import NoteError, Verifier, open_note
+from intake_verify.note import ALG_ED25519, NoteError, Verifier, open_note
 
 FORMAT = "intake-audit-proof/v1"
 _TOP_KEYS = {"format", "origin", "reference", "checkpoint", "events", "pending"}
@@ -97,6 +97,10 @@ def verify_proof(
     witnesses = [_verifier(key) for key in witness_vkeys]
     if not logs:
         raise NoteError("verifying a proof needs the log's public key")
+    for log in logs:
+        # A witness's key would let its cosignature stand in for the log's own signature.
+        if log.alg != ALG_ED25519:
+            raise NoteError(f"{log.name} is a cosigner (witness) key, not a log's key")
     try:
         return _verify(_load(data), logs, witnesses)
     except (ProofError, NoteError, CheckpointError) as exc:
@@ -149,6 +153,10 @@ def _verify(
     checkpoint = Checkpoint.parse(opened.text)
     if checkpoint.origin != origin:
         raise ProofError(f"the checkpoint is from {checkpoint.origin!r}, not {origin!r}")
+    # A log's key name is its origin (as the witness requires): a key reused for another log
+    # (staging) must not make that log's checkpoints pass for this one's.
+    if not any(opened.verified_by(log) for log in logs if log.name == origin):
+        raise ProofError(f"the checkpoint of {origin!r} is not signed by a key of that name")
     cosigned_by = []
     for witness in witnesses:
         verify_cosignature(note, witness)

@@ -152,6 +152,25 @@ def test_an_opening_must_be_the_canonical_text() -> None:
     assert verify_proof(log.proof([record(1, chain_hash)], [1], {1: (prev, good)}), [log.vkey]).ok
 
 
+def test_a_checkpoint_of_another_log_signed_with_the_same_key_is_refused() -> None:
+    """An operator reuses its key for a staging log: a staging checkpoint (and its events)
+    passed as one of the audit log. A log's key name is its origin, as the witness requires."""
+    log = SmallLog()
+    staging = "intake.example/staging"
+    proof = log.proof([record(1)], [1], origin=staging)
+    report = verify_proof(proof, [log.vkey])
+    assert not report.ok and staging in str(report.problem)
+
+
+def test_a_witness_key_is_not_a_log_key() -> None:
+    """An auditor pastes a witness's key as --key: a cosignature (type 0x04) then counted as
+    the log's own signature, so the log's signature was no longer required at all."""
+    log = SmallLog()
+    _, witness_vkey = generate_key(ORIGIN, ALG_COSIGNATURE_V1)
+    with pytest.raises(NoteError, match="cosigner"):
+        verify_proof(log.proof([record(1)], [1]), [witness_vkey])
+
+
 def test_signature_lines_are_split_on_newlines_only() -> None:
     """A note whose signature lines are joined by U+2028 verified here (str.splitlines splits
     on it) but not in Go's note package: two tools must not disagree on a signed note."""
