@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from intake_verify.checkpoint import Checkpoint, CheckpointError
 from intake_verify.encoding import b64decode
@@ -39,9 +40,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.run(args)
     except UsageError as exc:
-        print(f"intake-verify: {exc}", file=sys.stderr)
+        _say(f"intake-verify: {exc}", file=sys.stderr)
         return USAGE
     return status
+
+
+def _say(text: str, file: TextIO | None = None) -> None:
+    """Print ``text`` with every unprintable character escaped (``\\x1b``, ``\\r``, ``\\ud800``).
+
+    Proof files and the leaves a log signs are untrusted text: a carriage return or a terminal
+    escape in them could erase "PROOF FAILED" on screen and draw "Proof verified" instead.
+    """
+    print("".join(c if c.isprintable() else ascii(c)[1:-1] for c in text), file=file)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,25 +135,45 @@ def _proof(args: argparse.Namespace) -> int:
         data = args.file.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc}") from exc
-    report = verify_proof(data, logs, witnesses)
+    try:
+        report = verify_proof(data, logs, witnesses)
+    except NoteError as exc:  # a key that cannot check proofs (a witness's key as --key)
+        raise UsageError(str(exc)) from exc
     if not report.ok:
-        print(f"PROOF FAILED: {report.problem}")
+        _say(f"PROOF FAILED: {report.problem}")
+        return FAILED
+    if not report.events:
+        # Anyone can pair a public checkpoint with an empty list for any reference.
+        _say(
+            f"NOTHING PROVEN: the proof file holds no event of {report.reference} "
+            f"(the log says {report.pending} are too recent for its checkpoint). A proof can "
+            "show that events are in the log, never that there are none."
+        )
         return FAILED
     signed = (
         f", signed {report.checkpoint_time:%Y-%m-%d %H:%M:%S} UTC" if report.checkpoint_time else ""
     )
-    print(
+    _say(
         f"Proof verified: {len(report.events)} event(s) of {report.reference} are in the audit "
         f"log {report.origin} of {report.size} events{signed}."
     )
     for event in report.events:
         team = f" by team {event['team']}" if event["team"] else ""
         when, what, outcome = event["created_at"], event["action"], event["outcome"]
-        print(f"  seq {event['seq']}  {when}  {what}{team}  {outcome}")
+        _say(f"  seq {event['seq']}  {when}  {what}{team}  {outcome}")
+    _say(
+        "It proves that these events are in the log, not that the log holds no other event "
+        f"of {report.reference}."
+    )
     if report.cosigned_by:
-        print("Cosigned by: " + ", ".join(report.cosigned_by) + ".")
+        _say("Cosigned by: " + ", ".join(report.cosigned_by) + ".")
+    else:
+        _say(
+            "No witness cosignature was required (--witness): the log alone vouches for this "
+            "checkpoint, which could be a view of the log shown to you only."
+        )
     if report.pending:
-        print(
+        _say(
             f"The log says {report.pending} more event(s) are too recent for this checkpoint; "
             "they are not proven here."
         )
@@ -160,9 +190,9 @@ def _consistency(args: argparse.Namespace) -> int:
         if old.size != 0:  # the empty tree is a prefix of every tree
             verify_consistency(old.size, new.size, old.root, new.root, proof)
     except (NoteError, CheckpointError, ProofError, ValueError) as exc:
-        print(f"NOT CONSISTENT: {exc}")
+        _say(f"NOT CONSISTENT: {exc}")
         return FAILED
-    print(f"Consistent: {new.origin} at size {new.size} extends size {old.size}.")
+    _say(f"Consistent: {new.origin} at size {new.size} extends size {old.size}.")
     return OK
 
 

@@ -107,6 +107,58 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 # --- The proof file and the CLI ---------------------------------------------------------------
 
 
+def test_a_failed_proof_cannot_print_a_forged_ok(tmp_path: Path) -> None:
+    """A proof file's author (no key needed) puts terminal controls in a JSON key that the
+    failure message repeats: the terminal erases "PROOF FAILED" and shows "Proof verified"."""
+    forged = "\r\x1b[2KProof verified: 0 event(s) of R-AAAA-BBBB are in the audit log\x1b[8m"
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps({forged: 1}))
+    result = run("proof", str(path), "--key", SmallLog().vkey)
+    assert result.returncode == 1
+    assert result.stdout.startswith("PROOF FAILED")
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+
+
+def test_a_log_cannot_disguise_a_proven_event_on_the_terminal(tmp_path: Path) -> None:
+    """A malicious log signs a leaf whose action, seen on a terminal, reads as another one, or
+    that cannot be printed at all (a lone surrogate) after "Proof verified" was printed."""
+    log = SmallLog()
+    records = [
+        record(1, action="phi.viewed\r\x1b[2K  seq 1  request.routed"),
+        record(2, team="\ud800"),
+    ]
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(log.proof(records, [1, 2])))
+    result = run("proof", str(path), "--key", log.vkey)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "phi.viewed" in result.stdout and "\\ud800" in result.stdout
+
+
+def test_a_proof_of_no_event_does_not_say_verified(tmp_path: Path) -> None:
+    """Anyone can take a public checkpoint and write a proof with no events for any reference:
+    "Proof verified: 0 event(s) of R-..." would read as "nobody looked at my request"."""
+    log = SmallLog()
+    proof = log.proof([record(1)], [], reference="R-ANY-ONE")
+    assert verify_proof(proof, [log.vkey]).events == ()
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(proof))
+    result = run("proof", str(path), "--key", log.vkey)
+    assert result.returncode == 1
+    assert "Proof verified" not in result.stdout and "no event" in result.stdout
+
+
+def test_a_proof_without_required_witness_says_so(tmp_path: Path) -> None:
+    """Without --witness the log alone vouches for the tree: it could be a view it showed only
+    this reader (a fork). The output must not let that pass unsaid."""
+    log = SmallLog()
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(log.proof([record(1)], [1])))
+    result = run("proof", str(path), "--key", log.vkey)
+    assert result.returncode == 0
+    assert "no witness" in result.stdout.lower()
+
+
 def test_a_huge_tree_size_is_a_failed_proof_not_a_crash() -> None:
     """A malicious log signs a checkpoint whose size has 5000 digits: int() raises a plain
     ValueError (Python's digit limit) that escaped verify_proof as a traceback."""
@@ -162,13 +214,19 @@ def test_a_checkpoint_of_another_log_signed_with_the_same_key_is_refused() -> No
     assert not report.ok and staging in str(report.problem)
 
 
-def test_a_witness_key_is_not_a_log_key() -> None:
+def test_a_witness_key_is_not_a_log_key(tmp_path: Path) -> None:
     """An auditor pastes a witness's key as --key: a cosignature (type 0x04) then counted as
     the log's own signature, so the log's signature was no longer required at all."""
     log = SmallLog()
     _, witness_vkey = generate_key(ORIGIN, ALG_COSIGNATURE_V1)
     with pytest.raises(NoteError, match="cosigner"):
         verify_proof(log.proof([record(1)], [1]), [witness_vkey])
+    # On the command line: a usage error (exit 2), not a traceback.
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(log.proof([record(1)], [1])))
+    result = run("proof", str(path), "--key", witness_vkey)
+    assert result.returncode == 2, result.stderr
+    assert "cosigner" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_signature_lines_are_split_on_newlines_only() -> None:
