@@ -158,8 +158,10 @@ class Witness:
     ) -> str | None:
         if checkpoint.size == 0 and checkpoint.root != EMPTY_ROOT:
             return "a tree of size 0 has the empty root"
-        if held is None:
-            return "a first checkpoint needs no consistency proof" if proof else None
+        if held is None or held["size"] == 0:
+            # Nothing to prove from no tree or the empty tree, a prefix of every tree (and
+            # verify_consistency refuses size 0, which made this log's next checkpoint a "fork").
+            return "a checkpoint after the empty tree needs no consistency proof" if proof else None
         held_root = b64decode(held["root"])
         if checkpoint.size == held["size"] and checkpoint.root != held_root:
             return f"fork: size {checkpoint.size} was cosigned with another root"

@@ -18,7 +18,7 @@ import pytest
 
 from intake_verify.checkpoint import Checkpoint, time_extension
 from intake_verify.leaf import leaf_data, leaf_record
-from intake_verify.merkle import MerkleTree, leaf_hash
+from intake_verify.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from intake_verify.note import (
     ALG_COSIGNATURE_V1,
     NoteError,
@@ -32,6 +32,7 @@ from intake_verify.proof import make_proof, proof_event, verify_proof
 from intake_verify.witness import (
     BadRequest,
     Witness,
+    WitnessError,
     parse_add_checkpoint_body,
 )
 
@@ -262,6 +263,28 @@ def witness(path: Path, keys: dict[str, str], clock: Any = time.time) -> Witness
     return Witness(
         path, Signer.from_skey(keys["skey"]), [Verifier.from_vkey(keys["log_vkey"])], clock
     )
+
+
+def test_a_witness_that_saw_the_empty_tree_cosigns_its_extensions(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """A log's first checkpoint is of size 0 (a fresh install): the next one, old size 0, was
+    refused as a fork (verify_consistency(0, n) proves nothing) and false evidence recorded, so
+    the witness could never cosign that log again."""
+    w = witness(tmp_path / "w.json", keys)
+    _, empty = tree_note(keys["log_skey"], 0)
+    assert Checkpoint.parse(empty.split("\n\n")[0] + "\n").root == EMPTY_ROOT
+    w.add_checkpoint(0, [], empty)
+    tree, note = tree_note(keys["log_skey"], 5)
+    w.add_checkpoint(0, [], note)
+    assert w.held(ORIGIN)["size"] == 5  # type: ignore[index]
+    assert not w.evidence_path.exists()
+    # From the empty tree there is nothing to prove: a proof sent anyway is refused.
+    other = tmp_path / "other.json"
+    w = witness(other, keys)
+    w.add_checkpoint(0, [], empty)
+    with pytest.raises(WitnessError):
+        w.add_checkpoint(0, [bytes(32)], note)
 
 
 def test_a_huge_old_size_is_a_bad_request() -> None:
