@@ -7,12 +7,14 @@ the same size with another root, or one the proof cannot connect) is refused and
 kept as evidence. Readers who require the witness's cosignature can then no longer be shown a
 history the witness did not see.
 
-What it assumes: the state file is the witness's own (the log cannot write it), and one witness
-process serves one state file (a lock serializes requests inside the process).
+What it assumes: the state file is the witness's own (the log cannot write it). Requests are
+serialized by a lock in the process and, on POSIX, by ``flock`` on ``<state>.lock``, so that two
+witness processes on one state file cannot each extend the same size with a different tree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,11 +23,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: run one witness process per state file
+    fcntl = None  # type: ignore[assignment]
 
 from intake_verify.checkpoint import MAX_SIZE, Checkpoint, CheckpointError
 from intake_verify.cosignature import cosign
@@ -93,6 +100,7 @@ class Witness:
             raise NoteError("a witness signs with a cosignature (type 0x04) key")
         self.state_path = Path(state_path)
         self.evidence_path = self.state_path.with_name(self.state_path.name + ".evidence.jsonl")
+        self.lock_path = self.state_path.with_name(self.state_path.name + ".lock")
         self.signer = signer
         self._logs: dict[str, list[Verifier]] = {}
         for verifier in log_verifiers:
@@ -133,7 +141,7 @@ class Witness:
             raise BadRequest(f"old size {old_size} is not within the checkpoint's size")
         if len(consistency_proof) > MAX_PROOF_LINES:
             raise BadRequest("too many consistency proof lines")
-        with self._lock:
+        with self._lock, self._state_lock():
             state = self._read_state()
             held = state["logs"].get(checkpoint.origin)
             held_size = held["size"] if held else 0
@@ -170,6 +178,19 @@ class Witness:
         except ProofError as exc:
             return f"not an extension of size {held['size']}: {exc}"
         return None
+
+    @contextlib.contextmanager
+    def _state_lock(self) -> Iterator[None]:
+        """Hold the state from read to write against other processes (threads use _lock)."""
+        if fcntl is None:
+            yield
+            return
+        with self.lock_path.open("a") as file:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
     def _read_state(self) -> dict[str, Any]:
         try:

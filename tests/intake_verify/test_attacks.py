@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,49 @@ def test_a_witness_that_saw_the_empty_tree_cosigns_its_extensions(
     w.add_checkpoint(0, [], empty)
     with pytest.raises(WitnessError):
         w.add_checkpoint(0, [bytes(32)], note)
+
+
+def test_two_witness_processes_on_one_state_cannot_cosign_a_fork(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """Two witness instances on one state file (a restart that overlaps, a second port): each
+    read size 10, and one cosigned an extension to 20 while the other cosigned a different
+    tree of 20, so the witness vouched for two histories."""
+    release, inside = threading.Event(), threading.Event()
+
+    def slow_clock() -> float:
+        inside.set()
+        release.wait(5)
+        return time.time()
+
+    first = witness(tmp_path / "w.json", keys, clock=slow_clock)
+    second = witness(tmp_path / "w.json", keys)
+    _, note10 = tree_note(keys["log_skey"], 10)
+    second.add_checkpoint(0, [], note10)
+    shared = [leaf_hash(i.to_bytes(4, "big")) for i in range(20)]
+    honest = MerkleTree(shared)
+    forked = MerkleTree(shared[:10] + [leaf_hash(b"rewritten" + h) for h in shared[10:]])
+    signer = Signer.from_skey(keys["log_skey"])
+    results: dict[str, Any] = {}
+
+    def add(name: str, w: Witness, tree: MerkleTree) -> None:
+        note = sign_note(Checkpoint(ORIGIN, 20, tree.root()).body(), signer)
+        try:
+            results[name] = w.add_checkpoint(10, tree.consistency_proof(10), note)
+        except Exception as exc:  # noqa: BLE001 (the outcome is what the test compares)
+            results[name] = exc
+
+    a = threading.Thread(target=add, args=("honest", first, honest))
+    a.start()
+    assert inside.wait(5)
+    b = threading.Thread(target=add, args=("forked", second, forked))
+    b.start()
+    b.join(1)
+    release.set()
+    a.join(5)
+    b.join(5)
+    cosigned = [name for name, result in results.items() if isinstance(result, str)]
+    assert len(cosigned) == 1, results
 
 
 def test_a_huge_old_size_is_a_bad_request() -> None:
