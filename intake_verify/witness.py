@@ -313,9 +313,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: the witness's record is its state and evidence files, not stderr."""
 
 
-def make_server(witness: Witness, host: str, port: int) -> ThreadingHTTPServer:
-    """An HTTP server for ``witness`` (port 0: any free port; see ``server_address``)."""
-    handler = type("WitnessHandler", (_Handler,), {"witness": witness})
+def make_server(witness: Witness, host: str, port: int, timeout: float = 30) -> ThreadingHTTPServer:
+    """An HTTP server for ``witness`` (port 0: any free port; see ``server_address``).
+
+    A connection that sends nothing for ``timeout`` seconds is closed: without a limit, slow
+    clients (slow-loris) each held a thread forever.
+    """
+    handler = type("WitnessHandler", (_Handler,), {"witness": witness, "timeout": timeout})
     return ThreadingHTTPServer((host, port), handler)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from intake_verify.witness import (
     BadRequest,
     Witness,
     WitnessError,
+    make_server,
     parse_add_checkpoint_body,
 )
 
@@ -329,6 +331,32 @@ def test_two_witness_processes_on_one_state_cannot_cosign_a_fork(
     b.join(5)
     cosigned = [name for name, result in results.items() if isinstance(result, str)]
     assert len(cosigned) == 1, results
+
+
+def test_a_slow_client_cannot_hold_a_connection_forever(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """Slow-loris: connections that send nothing (or less than Content-Length) each held a
+    thread with no time limit, until the witness ran out of threads or memory."""
+    server = make_server(witness(tmp_path / "w.json", keys), "127.0.0.1", 0, timeout=0.5)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        for request in (b"", b"POST /add-checkpoint HTTP/1.0\r\nContent-Length: 100\r\n\r\nold"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(request)
+                started = time.monotonic()
+                try:
+                    while conn.recv(1024):
+                        pass
+                except TimeoutError:
+                    pytest.fail("the witness kept a silent connection open")
+                assert time.monotonic() - started < 3
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_a_huge_old_size_is_a_bad_request() -> None:
