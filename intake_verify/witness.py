@@ -126,7 +126,7 @@ class Witness:
     def add_checkpoint(self, old_size: int, consistency_proof: Sequence[bytes], note: str) -> str:
         """Cosign ``note`` if it extends the checkpoint held; return the cosignature line."""
         try:
-            text, _ = split_note(note)
+            text, signatures = split_note(note)
             checkpoint = Checkpoint.parse(text)
         except (NoteError, CheckpointError) as exc:
             raise BadRequest(f"not a checkpoint: {exc}") from exc
@@ -153,10 +153,17 @@ class Witness:
                 raise Fork(problem)
             timestamp = int(self._clock())
             line = cosign(checkpoint.body(), self.signer, timestamp)
+            # Served to monitors: drop any line already under this witness's key (stale, or
+            # garbage that would make the served note fail to verify with the witness's key).
+            others = "".join(
+                f"\u2014 {sig.name} {b64encode(sig.key_id.to_bytes(4, 'big') + sig.signature)}\n"
+                for sig in signatures
+                if (sig.name, sig.key_id) != (self.signer.name, self.signer.key_id)
+            )
             state["logs"][checkpoint.origin] = {
                 "size": checkpoint.size,
                 "root": b64encode(checkpoint.root),
-                "note": note + line,
+                "note": text + "\n" + others + line,
             }
             self._write_state(state)  # persisted before the cosignature leaves
         return line

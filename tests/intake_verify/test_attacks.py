@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from intake_verify.checkpoint import Checkpoint, time_extension
+from intake_verify.encoding import b64encode
 from intake_verify.leaf import leaf_data, leaf_record
 from intake_verify.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from intake_verify.note import (
@@ -365,3 +366,20 @@ def test_a_huge_old_size_is_a_bad_request() -> None:
     for size in ("9" * 5000, str(2**64)):
         with pytest.raises(BadRequest):
             parse_add_checkpoint_body(f"old {size}\n\nnote\n".encode())
+
+
+def test_a_note_carrying_a_bad_line_for_the_witness_is_served_verifiable(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """The log (or anyone on its path) adds a garbage line under the witness's own name and key
+    id: the witness kept it next to its real cosignature, and the note it serves to monitors
+    then failed to verify with the witness's key."""
+    w = witness(tmp_path / "w.json", keys)
+    _, note = tree_note(keys["log_skey"], 3)
+    vw = Verifier.from_vkey(keys["vkey"])
+    bogus = f"\u2014 {vw.name} {b64encode(vw.key_id.to_bytes(4, 'big') + bytes(72))}\n"
+    w.add_checkpoint(0, [], note + bogus)
+    served = w.cosigned_note(hashlib.sha256(ORIGIN.encode()).hexdigest())
+    assert served is not None
+    opened = open_note(served, [vw])
+    assert opened.verified_by(vw) is not None and bogus not in served
