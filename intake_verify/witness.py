@@ -281,7 +281,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/add-checkpoint":
             self._reply(404, "not found\n")
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        header = self.headers.get("Content-Length") or ""
+        # Digits only: int() also takes "1_0", " +5", and raises (no answer at all) on "abc".
+        length = int(header) if header.isascii() and header.isdigit() and len(header) < 9 else 0
         if not 0 < length <= MAX_BODY:
             self._reply(400, "a body of at most 64 KiB is required\n")
             return

@@ -383,3 +383,22 @@ def test_a_note_carrying_a_bad_line_for_the_witness_is_served_verifiable(
     assert served is not None
     opened = open_note(served, [vw])
     assert opened.verified_by(vw) is not None and bogus not in served
+
+
+def test_a_malformed_content_length_gets_an_answer(tmp_path: Path, keys: dict[str, str]) -> None:
+    """``Content-Length: abc`` raised in the handler: the client got no answer, only a closed
+    connection, and the server printed a traceback; "1_0" was read as 10."""
+    server = make_server(witness(tmp_path / "w.json", keys), "127.0.0.1", 0, timeout=2)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        for length in ("abc", "1_0", "-5", "+5"):
+            with socket.create_connection(("127.0.0.1", server.server_address[1]), 5) as conn:
+                conn.sendall(
+                    f"POST /add-checkpoint HTTP/1.0\r\nContent-Length: {length}\r\n\r\n".encode()
+                )
+                assert conn.recv(64).startswith(b"HTTP/1.0 400"), length
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
