@@ -145,7 +145,7 @@ def _roles(
 MIN_SECRET_BYTES = 32
 # What the embedded profile writes into its data folder (intake.ops.embedded,
 # intake.audit.checkpoints).
-GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key")
+GENERATED_SECRET_FILES = ("secret_key", "keyring.json", "audit-signing-key", "signer/signing-key")
 # "xxxx", "aaaa...": one character repeated is a stand-in, whatever its length.
 PLACEHOLDER_RE = re.compile(
     r"change[-_ ]?me|replace[-_ ]?me|\.\.\.|^(.)\1*$|^secret$|^password$", re.I
@@ -241,6 +241,11 @@ class Settings:
     keyring: str | None = None
     audit_signing_key: str | None = None
     audit_checkpoints: Path | None = None
+    # Issue 12: public keys for verifying, the log's name, the anchor file, staleness.
+    audit_verify_keys: str | None = None
+    audit_origin: str | None = None
+    audit_anchor: Path | None = None
+    audit_max_unsigned_seconds: float | None = None
     smtp_url: str | None = None
     public_url: str = "http://127.0.0.1:8000"
     routing_file: Path = DEFAULT_ROUTING_FILE
@@ -291,6 +296,11 @@ class Settings:
         return self.profile == "embedded"
 
     @property
+    def max_unsigned_seconds(self) -> float:
+        """How old an event may get before a missing checkpoint over it fails verification."""
+        return self.audit_max_unsigned_seconds or 3 * self.audit_checkpoint_seconds
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -314,6 +324,11 @@ class Settings:
             audit_checkpoints=Path(env["INTAKE_AUDIT_CHECKPOINTS"])
             if env.get("INTAKE_AUDIT_CHECKPOINTS")
             else None,
+            audit_verify_keys=env.get("INTAKE_AUDIT_VERIFY_KEYS") or None,
+            audit_origin=(env.get("INTAKE_AUDIT_ORIGIN") or "").strip() or None,
+            audit_anchor=_path(env, "INTAKE_AUDIT_ANCHOR"),
+            audit_max_unsigned_seconds=_float(env, "INTAKE_AUDIT_MAX_UNSIGNED_SECONDS", 0.0)
+            or None,
             smtp_url=env.get("INTAKE_SMTP_URL") or None,
             public_url=(env.get("INTAKE_PUBLIC_URL") or cls.public_url).rstrip("/"),
             routing_file=Path(env.get("INTAKE_ROUTING_FILE") or DEFAULT_ROUTING_FILE),

@@ -8,6 +8,7 @@ from pathlib import Path
 from flask import Flask
 
 from config import Settings
+from intake.audit import anchor
 from intake.clock import utcnow
 from intake.crypto.phi import Keyring
 from intake.ops import embedded, private_files, transport
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # rediss://: the limiter's storage verifies Redis's certificate like the broker does.
     app.config["RATELIMIT_STORAGE_OPTIONS"] = transport.redis_ssl_options(settings)
     app.extensions["intake.settings"] = settings
+    anchor.install(app, settings)
     app.extensions["intake.keyring"] = _keyring(settings)
     app.extensions["intake.routing"] = load_routing(settings.routing_file)
     app.extensions["intake.clock"] = utcnow

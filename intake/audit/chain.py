@@ -4,8 +4,10 @@ Why: a compliance officer must be able to show who read or changed a patient's r
 auditor must be able to trust that nobody (an insider with database access included) removed or
 edited an event afterwards. Each event's hash covers the previous event's hash and the event's own
 canonical form, so changing, deleting or reordering any event breaks every later link. The
-database refuses UPDATE and DELETE on the table (triggers made by the migrations), and signed
-checkpoints kept outside the database catch a chain recomputed from scratch.
+database refuses UPDATE and DELETE on the table (triggers made by the migrations), signed
+checkpoints kept outside the database catch a chain recomputed from scratch, and the anchor
+(intake.audit.anchor) receives every event's (seq, hash) before its transaction commits, so
+even the events after the last checkpoint cannot be removed or rewritten unseen.
 
 Events are written in the caller's transaction: if the action rolls back so does its event, and
 if the event cannot be written the action does not happen. Writers are serialized (an advisory
@@ -28,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, case, func, literal, select, text, type_coerce
 
+from intake.audit import anchor
 from intake.clock import utcnow
 from intake.extensions import DbSession
 from intake.models import AuditEvent
@@ -180,6 +183,9 @@ def record_event(
     event.hash = event_hash(prev_hash, event)
     session.add(event)
     session.flush()
+    # Still under the writers' lock: the (seq, hash) is durable outside the database before
+    # this transaction can commit (intake.audit.anchor).
+    anchor.prepare_event(session, seq, event.hash, (seq - 1, prev_hash))
     return event
 
 

@@ -10,6 +10,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from intake.audit import keys
 from intake.audit.chain import record_event
 from intake.audit.checkpoints import (
     CheckpointError,
@@ -93,6 +94,24 @@ def verify(as_json: bool, checkpoints_file: Path | None) -> None:
             f"checkpoints matched before that ({trail.path})."
         )
     click.get_current_context().exit(0 if report.ok else 1)
+
+
+@audit.group("keys")
+def keys_group() -> None:
+    """Make the checkpoint signing key pair."""
+
+
+@keys_group.command("generate")
+@click.option("--name", default=None, help="The log's name (default: INTAKE_AUDIT_ORIGIN).")
+@with_appcontext
+def keys_generate(name: str | None) -> None:
+    """Print a new private key (for the signer's env only) and its public key (for everyone)."""
+    settings = current_app.extensions["intake.settings"]
+    skey, vkey = keys.generate_keys(name or keys.log_origin(settings))
+    click.echo("# The signer's env file only (never web, worker or beat):")
+    click.echo(f"INTAKE_AUDIT_SIGNING_KEY={skey}")
+    click.echo("# Everyone who verifies (web, worker, beat, signer, auditors); keep old ones too:")
+    click.echo(f"INTAKE_AUDIT_VERIFY_KEYS={vkey}")
 
 
 @audit.command("checkpoint")
