@@ -344,7 +344,8 @@ def test_the_signing_key_lives_in_a_private_file_not_the_database(app):
         )
         assert key not in everything
         line = json.loads(checkpoint_lines()[0])
-        assert set(line) == {"v", "seq", "hash", "count", "time", "key_id", "signature"}
+        assert set(line) == {"v", "seq", "hash", "count", "time", "key_id", "note", "range"}
+        assert line["v"] == 2 and key not in line["note"]
 
 
 def test_the_signing_key_and_file_come_from_settings(app, tmp_path):
