@@ -59,7 +59,7 @@ def proof_event(
     """One entry of ``events``: a leaf record, its inclusion proof, and optionally its opening."""
     event: dict[str, Any] = {
         "leaf_index": record["seq"] - 1,
-        "leaf": record,
+        "leaf": dict(record),
         "inclusion": [b64encode(h) for h in inclusion],
     }
     if opening is not None:
