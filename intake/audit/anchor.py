@@ -29,7 +29,7 @@ began, for a trail older than the anchor: events up to it rely on the checkpoint
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,7 +87,9 @@ class AnchorSink(Protocol):
 
     def commit(self, entries: Sequence[Entry]) -> None: ...
 
-    def scan(self, offset: int = 0) -> Iterator[AnchorEntry]: ...
+    def scan(self, offset: int = 0) -> Iterator[tuple[int, AnchorEntry]]:
+        """Each entry from ``offset`` on, with the offset just after it."""
+        ...
 
     def end(self) -> int: ...
 
@@ -129,19 +131,20 @@ class FileAnchor:
         except FileNotFoundError:
             return 0
 
-    def scan(self, offset: int = 0) -> Iterator[AnchorEntry]:
+    def scan(self, offset: int = 0) -> Iterator[tuple[int, AnchorEntry]]:
         try:
             handle = self.path.open("rb")
         except FileNotFoundError:
             return
         with handle:
             handle.seek(offset)
-            rest = b""
+            position, rest = offset, b""
             while chunk := handle.read(READ_CHUNK):
                 lines = (rest + chunk).split(b"\n")
                 rest = lines.pop()
                 for line in lines:
-                    yield _parse(line)
+                    position += len(line) + 1
+                    yield position, _parse(line)
             if rest:
                 # A line being written right now (or cut by a crash): not an entry yet.
                 return
@@ -230,8 +233,9 @@ class _Vouched:
     prepared: bytearray = field(default_factory=bytearray)
     # Seqs prepared more than once (rolled back, then written again): every hash they had.
     extra: dict[int, set[bytes]] = field(default_factory=dict)
+    # Seqs committed with two different hashes.
+    reused: set[int] = field(default_factory=set)
     baseline: Entry | None = None
-    last_committed: int = 0
     bad_line: str | None = None
     first_seq: int = 0
 
@@ -254,8 +258,12 @@ class _Vouched:
         digest = bytes.fromhex(entry.hash)
         if entry.kind == COMMITTED:
             index = self._slot(self.committed, entry.seq)
-            self.committed[index : index + 32] = digest
-            self.last_committed = max(self.last_committed, entry.seq)
+            before = bytes(self.committed[index : index + 32])
+            if before not in (bytes(32), digest):
+                # Committed twice: the first event was deleted and its seq written again.
+                self.reused.add(entry.seq)
+            else:
+                self.committed[index : index + 32] = digest
             return
         index = self._slot(self.prepared, entry.seq)
         before = bytes(self.prepared[index : index + 32])
@@ -271,6 +279,11 @@ class _Vouched:
     def problem(self, seq: int, digest: str) -> str | None:
         """Why the anchor does not vouch for event ``seq`` with ``digest`` (None if it does)."""
         wanted = bytes.fromhex(digest) if len(digest) == 64 else b""
+        if seq in self.reused:
+            return (
+                "event replaced: the anchor shows this seq committed twice with different "
+                "hashes (the first event was deleted from the database and its seq used again)"
+            )
         committed = self._get(self.committed, seq)
         if committed is not None:
             if committed == wanted:
@@ -317,7 +330,13 @@ def compare(
     already covered by a signed checkpoint.
     """
     where = anchor.describe()
+    # Order matters, as other processes keep writing: the anchor's end first, then the
+    # database's head, then the anchor itself. Every event in the database up to that head
+    # was prepared before it committed, so before the head was read: the scan sees it. Every
+    # committed entry before that end was committed before the head was read: the database
+    # must still hold it. Committed entries after that end may be newer than the head.
     end = anchor.end()
+    head = session.scalar(select(func.max(AuditEvent.seq))) or 0
     events = session.scalar(select(func.count()).select_from(AuditEvent)) or 0
     if not anchor.exists():
         if events:
@@ -332,8 +351,11 @@ def compare(
         return AnchorReport(True, 0, anchor=where)
     after = since.seq if since else 0
     vouched = _Vouched(first_seq=after + 1)
-    for entry in anchor.scan(since.offset if since else 0):
+    last_committed = 0
+    for position, entry in anchor.scan(since.offset if since else 0):
         vouched.add(entry)
+        if entry.kind == COMMITTED and position <= end:
+            last_committed = max(last_committed, entry.seq)
     if vouched.bad_line is not None:
         return AnchorReport(
             False, events, None, f"anchor damaged: unreadable line {vouched.bad_line!r}", where
@@ -351,36 +373,45 @@ def compare(
     start = max(after, base_seq)
     rows = session.execute(
         select(AuditEvent.seq, AuditEvent.hash)
-        .where(AuditEvent.seq > start)
+        .where(AuditEvent.seq > start, AuditEvent.seq <= head)
         .order_by(AuditEvent.seq)
         .execution_options(yield_per=10_000)
     )
-    last = start
-    for seq, digest in rows:
-        if not isinstance(seq, int) or not isinstance(digest, str):
-            return AnchorReport(False, events, last + 1, "event changed", where, base_seq, end)
-        if seq != last + 1:
-            # A gap: the events in between are gone (the chain check names it too).
-            gone = last + 1
-            return AnchorReport(
-                False, events, gone, _missing(gone, vouched), where, base_seq, end
-            )
-        unvouched = vouched.problem(seq, digest)
-        if unvouched is not None:
-            return AnchorReport(False, events, seq, unvouched, where, base_seq, end)
-        last = seq
-    if vouched.last_committed > last:
+    with rows:  # a server-side cursor on PostgreSQL: closed however the loop ends
+        found = _first_unvouched(rows, start, vouched)
+    if isinstance(found, tuple):
+        return AnchorReport(False, events, found[0], found[1], where, base_seq, end)
+    last = found
+    if last_committed > last:
         return AnchorReport(
             False,
             events,
             last + 1,
-            f"missing event: the anchor shows events up to seq {vouched.last_committed} "
-            f"committed, the database ends at seq {last} (deleted or truncated)",
+            f"missing event: the anchor shows events up to seq {last_committed} committed, "
+            f"the database ends at seq {last} (deleted or truncated)",
             where,
             base_seq,
             end,
         )
     return AnchorReport(True, events, None, None, where, base_seq, end)
+
+
+def _first_unvouched(
+    rows: Iterable[Any], start: int, vouched: _Vouched
+) -> int | tuple[int, str]:
+    """The last seq read when every event is vouched for, else (seq, problem) of the first not."""
+    last = start
+    for seq, digest in rows:
+        if not isinstance(seq, int) or not isinstance(digest, str):
+            return last + 1, "event changed"
+        if seq != last + 1:
+            # A gap: the events in between are gone (the chain check names it too).
+            return last + 1, _missing(last + 1, vouched)
+        unvouched = vouched.problem(seq, digest)
+        if unvouched is not None:
+            return seq, unvouched
+        last = seq
+    return last
 
 
 def _missing(seq: int, vouched: _Vouched) -> str:

@@ -32,15 +32,18 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import func, select
 
 from config import Settings
-from intake.audit import keys
+from intake.audit import anchor, keys
+from intake.audit.anchor import AnchorMark
 from intake.audit.chain import (
     CHECKPOINT_ACTION,
     ChainReport,
@@ -53,13 +56,12 @@ from intake.audit.chain import (
 from intake.audit.tree import CompactRange, extend_range, roots_at
 from intake.clock import now
 from intake.extensions import DbSession
-from intake.ops import embedded
+from intake.models import AuditEvent
 from intake_verify import checkpoint as tlog
 from intake_verify import note as notes
 
 log = structlog.get_logger(__name__)
 
-KEY_FILE = "audit-signing-key"
 CHECKPOINTS_FILE = "audit-checkpoints.jsonl"
 FORMAT_VERSION = 1
 NOTE_VERSION = 2  # a signed tree head (C2SP checkpoint note) beside the chain head
@@ -69,10 +71,6 @@ SIGNED_FIELDS = ("v", "seq", "hash", "count", "time", "key_id")
 # The last line is found by reading this much of the file's end; a line is about 300 bytes
 # (version 1) or 1 to 3 KiB (version 2: the note, its cosignatures and the compact range).
 TAIL_BYTES = 65536
-
-BAD_KEY = (
-    "INTAKE_AUDIT_SIGNING_KEY must hold a base64 raw 32-byte Ed25519 private key (or its path)"
-)
 
 
 class CheckpointError(RuntimeError):
@@ -158,6 +156,8 @@ def _open_tree_head(
             head = tlog.Checkpoint.parse(opened.text)
         except (notes.NoteError, tlog.CheckpointError) as error:
             why = str(error)
+            if "not signed by a trusted key" in why:  # intake_verify.note's words
+                why = _unknown_keys(text) or why
         else:
             if head.size == seq:
                 signed = SignedHead(number, head.origin, head.size, head.root, text, tuple(compact))
@@ -167,33 +167,21 @@ def _open_tree_head(
     return CheckpointClaim(number, seq, digest, count, problem), None
 
 
-def generate_signing_key() -> str:
-    return base64.b64encode(Ed25519PrivateKey.generate().private_bytes_raw()).decode()
+def signing_key(settings: Settings) -> Ed25519PrivateKey:
+    """The checkpoint signing key: for the signer only (intake.audit.keys.load_signer)."""
+    return load_signer(settings).private_key
 
 
-def signing_key(settings: Settings, *, create: bool = True) -> Ed25519PrivateKey | None:
-    """Load the checkpoint signing key: the setting, else the data folder's key file.
-
-    With ``create`` (writing checkpoints) a missing key file is generated, mode 0600; without it
-    (verifying) a missing key gives None.
-    """
-    if settings.audit_signing_key:
-        text = embedded.read_secret_setting(settings.audit_signing_key)
-    else:
-        path = Path(settings.data_dir) / KEY_FILE
-        if create:
-            text = embedded.ensure_secret_file(path, generate_signing_key, "audit signing key")
-        elif path.is_file():
-            text = path.read_text(encoding="utf-8").strip()
-        else:
-            return None
+def load_signer(settings: Settings) -> keys.AuditSigner:
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise CheckpointError(BAD_KEY) from None
-    if len(raw) != 32:
-        raise CheckpointError(BAD_KEY)
-    return Ed25519PrivateKey.from_private_bytes(raw)
+        return keys.load_signer(settings)
+    except keys.AuditKeyError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def public_keys(settings: Settings) -> dict[str, Ed25519PublicKey]:
+    """Every public key checkpoints may carry, by key id (old ones kept after a rotation)."""
+    return keys.verifiers_by_id(trusted_verifiers(settings))
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -205,6 +193,16 @@ def checkpoints_path(settings: Settings) -> Path:
     if settings.audit_checkpoints:
         return Path(settings.audit_checkpoints)
     return Path(settings.data_dir) / CHECKPOINTS_FILE
+
+
+def _unknown_keys(text: str) -> str | None:
+    """ "signed by unknown key NAME+HEX8" when no signature on the note is by a trusted key."""
+    try:
+        _body, signatures = notes.split_note(text)
+    except notes.NoteError:
+        return None
+    names = [f"{sig.name}+{sig.key_id:08x}" for sig in signatures]
+    return f"signed by unknown key {', '.join(names)}" if names else None
 
 
 def _read_line(
@@ -276,14 +274,11 @@ def read_checkpoints(path: Path, verifiers: list[keys.AuditVerifier]) -> list[Ch
 
 
 def trusted_verifiers(settings: Settings) -> list[keys.AuditVerifier]:
-    """The public keys checkpoints are checked with: the configured ones and the local key's."""
-    verifiers = list(keys.load_verifiers(settings))
-    key = signing_key(settings, create=False)
-    if key is not None:
-        own = keys.AuditVerifier(keys.log_origin(settings), key.public_key())
-        if all(v.raw != own.raw for v in verifiers):
-            verifiers.append(own)
-    return verifiers
+    """Every public key checkpoints may be signed with (old ones kept after a rotation)."""
+    try:
+        return keys.load_verifiers(settings)
+    except keys.AuditKeyError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def signed_heads(settings: Settings, path: Path | None = None) -> list[SignedHead]:
@@ -349,20 +344,29 @@ def write_checkpoint(
     actor: str,
     path: Path | None = None,
     skip_idle: bool = False,
+    cursor: AnchorCursor | None = None,
 ) -> Checkpoint | None:
     """Sign the chain's head into the checkpoints file, record ``audit.checkpointed``; commit.
 
     Returns None when there is nothing to sign: the chain is empty, its head is already signed,
     or (``skip_idle``, for the periodic job) nothing but the last checkpoint's own event
     happened since. Refuses (CheckpointError) to sign a chain that does not extend the last
-    checkpoint intact: signing it would vouch for the damage.
+    checkpoint intact, or that the anchor does not vouch for: signing it would vouch for the
+    damage. ``cursor`` (the signer's) remembers where in the anchor the last checkpoint was
+    made, so the next one reads only what is new. With ``INTAKE_AUDIT_WITNESSES`` set, the
+    witnesses' cosignatures go into the note before the line is written.
     """
-    key = signing_key(settings)
-    assert key is not None
-    signer = keys.AuditSigner(keys.log_origin(settings), key)
+    signer = load_signer(settings)
+    verifiers = trusted_verifiers(settings)
+    # A raw key (the format before issue 12) carries no name: sign notes under the name its
+    # published public key has, so that they verify with it.
+    named = next((v.name for v in verifiers if v.raw == signer.verifier.raw), signer.name)
+    signer = keys.AuditSigner(named, signer.private_key)
     path = path or checkpoints_path(settings)
+    cursor = cursor or AnchorCursor()
     try:
-        signed = _sign_head(session, signer, path, skip_idle)
+        check_anchor(session, settings, cursor)
+        signed = _sign_head(session, signer, path, skip_idle, verifiers)
         if signed is None:
             session.rollback()  # releases the writers' lock
             return None
@@ -386,12 +390,17 @@ def write_checkpoint(
     except BaseException:
         session.rollback()
         raise
+    cursor.advance(checkpoint.seq)
     log.info("audit_checkpoint_signed", seq=checkpoint.seq, key_id=checkpoint.key_id)
     return checkpoint
 
 
 def _sign_head(
-    session: DbSession, signer: keys.AuditSigner, path: Path, skip_idle: bool
+    session: DbSession,
+    signer: keys.AuditSigner,
+    path: Path,
+    skip_idle: bool,
+    old_keys: list[keys.AuditVerifier] | None = None,
 ) -> tuple[Checkpoint, SignedHead | None] | None:
     """Lock the chain, check it extends the file's last checkpoint, and sign its tree head.
 
@@ -400,7 +409,8 @@ def _sign_head(
     head = chain_head(session)  # holds the writers' lock until commit: the head cannot move
     if head.seq == 0:
         return None
-    found = _last_checkpoint(path, [signer.verifier])
+    # The last checkpoint may carry a key rotated out since: any listed public key will do.
+    found = _last_checkpoint(path, [*(old_keys or []), signer.verifier])
     last, last_head = found if found is not None else (None, None)
     if last is not None:
         assert last.seq is not None and last.hash is not None
@@ -499,6 +509,43 @@ def _witnessed(
     return replace(checkpoint, note=note)
 
 
+@dataclass
+class AnchorCursor:
+    """Where the signer's last anchor comparison ended, to read only what is new next time."""
+
+    mark: AnchorMark | None = None
+    pending: AnchorMark | None = None
+
+    def advance(self, signed_seq: int) -> None:
+        """A checkpoint at ``signed_seq`` was committed: later comparisons may start there."""
+        if self.pending is not None and self.pending.seq == signed_seq:
+            self.mark = self.pending
+
+
+def check_anchor(session: DbSession, settings: Settings, cursor: AnchorCursor) -> None:
+    """Take the writers' lock and refuse (CheckpointError) a chain the anchor does not vouch for.
+
+    Why: a checkpoint signed over events a database attacker deleted, changed or forged since
+    the last one would vouch for the damage. The lock (held until the transaction ends) keeps
+    the head still while the comparison runs; it is logged as ``audit_anchor_mismatch``.
+    """
+    head = chain_head(session)
+    report = anchor.compare(session, anchor.anchor_for(settings), since=cursor.mark)
+    if not report.ok:
+        log.error(
+            "audit_anchor_mismatch",
+            first_bad_seq=report.first_bad_seq,
+            problem=report.problem,
+            anchor=report.anchor,
+        )
+        cursor.mark = None  # compare everything again next time
+        raise CheckpointError(
+            f"refusing to sign: the chain disagrees with the audit anchor at seq "
+            f"{report.first_bad_seq}: {report.problem}; run `intake audit verify`"
+        )
+    cursor.pending = AnchorMark(head.seq, report.end)
+
+
 @dataclass(frozen=True)
 class TrailReport:
     """A chain report plus what was read of the checkpoints file."""
@@ -523,24 +570,36 @@ class TrailReport:
         }
 
 
-def verify_trail(session: DbSession, settings: Settings, path: Path | None = None) -> TrailReport:
-    """Verify the chain and every checkpoint in the file (the configured one by default)."""
+def verify_trail(
+    session: DbSession,
+    settings: Settings,
+    path: Path | None = None,
+    *,
+    with_anchor: bool = True,
+) -> TrailReport:
+    """Verify the chain, every checkpoint in the file (the configured one by default) and its
+    signed Merkle root, the anchor, and that no event waited too long for a checkpoint.
+    Public keys only."""
     path = path or checkpoints_path(settings)
     # The file first: every checkpoint in it signs events already committed, so the chain read
     # next holds them, even while another process appends a checkpoint.
     lines = read_lines(path, trusted_verifiers(settings))
     claims = [claim for claim, _head in lines]
     report = verify_chain(session, claims)
-    heads = [head for _claim, head in lines if head is not None]
-    report = _check_roots(session, report, heads)
+    report = _check_roots(session, report, [head for _claim, head in lines if head is not None])
     seqs = [claim.seq for claim in claims if claim.seq is not None]
+    last_seq = max(seqs) if seqs else None
+    if with_anchor:
+        report = _worst(report, _anchor_finding(session, settings))
+    if report.ok:
+        report = _worst(report, _freshness_finding(session, settings, path, last_seq))
     latest = lines[-1][1] if lines else None
     cosigned: tuple[str, ...] = ()
     if latest is not None:
         from intake.audit.witnesses import cosigned_by
 
         cosigned = tuple(cosigned_by(settings, latest.note))
-    return TrailReport(report, path, len(claims), max(seqs) if seqs else None, latest, cosigned)
+    return TrailReport(report, path, len(claims), last_seq, latest, cosigned)
 
 
 def _check_roots(session: DbSession, report: ChainReport, heads: list[SignedHead]) -> ChainReport:
@@ -563,6 +622,75 @@ def _check_roots(session: DbSession, report: ChainReport, heads: list[SignedHead
                 "is not the root of this chain",
             )
     return report
+
+
+def _worst(report: ChainReport, finding: tuple[int | None, str] | None) -> ChainReport:
+    """``report`` with ``finding`` as its problem, when that comes earlier in the chain."""
+    if finding is None:
+        return report
+    seq, problem = finding
+    if report.ok or (seq is not None and (report.first_bad_seq or 0) > seq):
+        return replace(report, ok=False, first_bad_seq=seq, problem=problem)
+    return report
+
+
+def _anchor_finding(session: DbSession, settings: Settings) -> tuple[int | None, str] | None:
+    found = anchor.compare(session, anchor.anchor_for(settings))
+    return None if found.ok else (found.first_bad_seq, str(found.problem))
+
+
+def _freshness_finding(
+    session: DbSession, settings: Settings, path: Path, last_seq: int | None
+) -> tuple[int | None, str] | None:
+    """Fail a trail whose checkpoints are missing, or whose events wait too long for one.
+
+    Why: an attacker who can stop the signer (or delete the checkpoints file) would otherwise
+    leave every new event protected by the anchor alone, and ``verify`` would still say intact.
+    An ``audit.checkpointed`` event is never covered by the checkpoint it records, so it does
+    not count as waiting.
+    """
+    waiting = session.execute(
+        select(func.min(AuditEvent.seq), func.min(AuditEvent.created_at)).where(
+            AuditEvent.seq > (last_seq or 0), AuditEvent.action != CHECKPOINT_ACTION
+        )
+    ).first()
+    first_seq, oldest = waiting if waiting else (None, None)
+    if last_seq is None:
+        total = session.scalar(select(func.count()).select_from(AuditEvent)) or 0
+        if total:
+            return (
+                1,
+                f"no signed checkpoints: {path} is missing or empty, yet the database holds "
+                f"{total} events (is the signer running?)",
+            )
+        return None
+    if first_seq is None or oldest is None:
+        return None
+    if oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    age = (now() - oldest).total_seconds()
+    if age <= settings.max_unsigned_seconds:
+        return None
+    since = _last_checkpoint_time(path) or "never"
+    return (
+        first_seq,
+        f"stale: event {first_seq} (written {format_time(oldest)}) and those after it have "
+        f"not been signed since {since}, over {int(settings.max_unsigned_seconds)} seconds "
+        "(is the signer running?)",
+    )
+
+
+def _last_checkpoint_time(path: Path) -> str | None:
+    """When the file's last checkpoint was signed, as it says."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - TAIL_BYTES))
+            last = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        found = json.loads(last).get("time")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def verify_all(session: DbSession) -> ChainReport:

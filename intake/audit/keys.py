@@ -22,11 +22,9 @@ import base64
 import binascii
 import hashlib
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
@@ -34,13 +32,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from config import Settings
 from config.settings import read_secret_setting
-
-if TYPE_CHECKING:
-    from intake_verify import note
+from intake_verify import note
 
 log = structlog.get_logger(__name__)
 
-ALG_ED25519 = 0x01
+ALG_ED25519 = note.ALG_ED25519
 SKEY_PREFIX = "PRIVATE+KEY+"
 ORIGIN_SUFFIX = "/intake-audit"
 # The embedded signer's folder and key file, and the public keys it publishes.
@@ -74,7 +70,7 @@ def log_origin(settings: Settings) -> str:
 
 
 def _key_hash(name: str, public_raw: bytes) -> bytes:
-    return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + public_raw).digest()[:4]
+    return note.key_id(name, ALG_ED25519, public_raw).to_bytes(4, "big")
 
 
 def _legacy_id(public_raw: bytes) -> str:
@@ -110,8 +106,6 @@ class AuditVerifier:
 
     def note_verifier(self) -> note.Verifier:
         """This key as an ``intake_verify.note.Verifier`` (for signed notes)."""
-        from intake_verify import note
-
         return note.Verifier.from_vkey(self.vkey)
 
 
@@ -139,8 +133,6 @@ class AuditSigner:
 
     def note_signer(self) -> note.Signer:
         """This key as an ``intake_verify.note.Signer`` (for signed notes)."""
-        from intake_verify import note
-
         return note.Signer.from_skey(self.skey)
 
     def __repr__(self) -> str:  # never print the key
@@ -155,14 +147,13 @@ def parse_skey(text: str, default_name: str) -> AuditSigner:
     """Read a private key: C2SP ``PRIVATE+KEY+name+hex8+base64`` or raw base64 (old format)."""
     text = text.strip()
     if text.startswith(SKEY_PREFIX):
-        parts = _c2sp_parts(text[len(SKEY_PREFIX) :])
-        if parts is None:
-            raise AuditKeyError(BAD_SKEY)
-        name, hex8, seed = parts
-        signer = AuditSigner(name, Ed25519PrivateKey.from_private_bytes(seed))
-        if signer.verifier.key_hash.hex() != hex8:
-            raise AuditKeyError(BAD_SKEY + " (its key id does not match the key)")
-        return signer
+        try:
+            signer = note.Signer.from_skey(text)
+        except note.NoteError as error:
+            raise AuditKeyError(f"{BAD_SKEY} ({error})") from None
+        if signer.alg != ALG_ED25519:
+            raise AuditKeyError(BAD_SKEY + " (not an Ed25519 log key)")
+        return AuditSigner(signer.name, signer.private_key)
     try:
         raw = _b64(text)
     except (ValueError, binascii.Error):
@@ -172,32 +163,19 @@ def parse_skey(text: str, default_name: str) -> AuditSigner:
     return AuditSigner(default_name, Ed25519PrivateKey.from_private_bytes(raw))
 
 
-def _c2sp_parts(text: str) -> tuple[str, str, bytes] | None:
-    """(name, hex8, key bytes) of a C2SP key text, or None if it is not one."""
-    parts = text.split("+", 2)  # a name never holds "+"; base64 may
-    if len(parts) != 3 or not parts[0] or not re.fullmatch(r"[0-9a-fA-F]{8}", parts[1]):
-        return None
-    try:
-        raw = _b64(parts[2])
-    except (ValueError, binascii.Error):
-        return None
-    if len(raw) != 33 or raw[0] != ALG_ED25519:
-        return None
-    return parts[0], parts[1].lower(), raw[1:]
-
-
 def parse_vkey(text: str, default_name: str) -> AuditVerifier:
     """Read a public key: C2SP ``name+hex8+base64`` or raw base64 (old format)."""
     text = text.strip()
     if text.startswith(SKEY_PREFIX):
         raise AuditKeyError("a private key was given where only public keys belong: " + BAD_VKEY)
-    parts = _c2sp_parts(text)
-    if parts is not None:
-        name, hex8, raw = parts
-        verifier = AuditVerifier(name, Ed25519PublicKey.from_public_bytes(raw))
-        if verifier.key_hash.hex() != hex8:
-            raise AuditKeyError(BAD_VKEY + f" (the key id of {name}+{hex8} does not match the key)")
-        return verifier
+    if "+" in text and len(text.split("+", 2)) == 3 and len(text.split("+", 2)[1]) == 8:
+        try:
+            verifier = note.Verifier.from_vkey(text)
+        except note.NoteError as error:
+            raise AuditKeyError(f"{BAD_VKEY} ({error})") from None
+        if verifier.alg != ALG_ED25519:
+            raise AuditKeyError(BAD_VKEY + f" ({verifier.name} is not an Ed25519 log key)")
+        return AuditVerifier(verifier.name, verifier.public_key)
     try:
         raw = _b64(text)
     except (ValueError, binascii.Error):
@@ -214,8 +192,10 @@ def _split_keys(text: str) -> list[str]:
 
 def generate_keys(name: str) -> tuple[str, str]:
     """A new key pair for the log ``name``: (private key for the signer, public key for all)."""
-    signer = AuditSigner(name, Ed25519PrivateKey.generate())
-    return signer.skey, signer.verifier.vkey
+    try:
+        return note.generate_key(name)
+    except note.NoteError as error:
+        raise AuditKeyError(f"cannot make a key named {name!r}: {error}") from None
 
 
 def signer_dir(settings: Settings) -> Path:

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select, text
 
-from intake.audit import checkpoints
+from intake.audit import checkpoints, keys
 from intake.audit.chain import (
     GENESIS_HASH,
     canonical_event,
@@ -63,7 +63,9 @@ def sign() -> Checkpoint:
 
 
 def verify():
-    report = verify_trail(db.session, settings()).chain
+    # The chain and the checkpoints alone: the anchor, which catches these attacks too, has
+    # its own suite (test_database_attacker.py).
+    report = verify_trail(db.session, settings(), with_anchor=False).chain
     db.session.rollback()
     return report
 
@@ -298,13 +300,18 @@ def test_no_checkpoint_is_signed_over_a_broken_chain(app):
         assert checkpoint_lines() == lines
 
 
-def test_no_checkpoint_extends_a_chain_rewritten_before_the_last_one(app):
+def test_no_checkpoint_extends_a_chain_rewritten_before_the_last_one(app, monkeypatch):
     with app.app_context():
         write_events(5)
         sign()
         write_events(2)
         attack("""UPDATE audit_events SET details = '{"n": 7,"team":"ivig"}' WHERE seq = 2""")
         recompute_chain()
+        # The anchor sees the first rewritten event...
+        with pytest.raises(CheckpointError, match="audit anchor at seq 2: event changed"):
+            sign()
+        # ... and without the anchor the last checkpoint still refuses the rewritten chain.
+        monkeypatch.setattr(checkpoints, "check_anchor", lambda *args: None)
         with pytest.raises(CheckpointError, match="seq 5: chain does not match"):
             sign()
 
@@ -329,49 +336,96 @@ def test_an_empty_trail_has_nothing_to_sign(app):
         assert verify().ok
 
 
-def test_the_signing_key_lives_in_a_private_file_not_the_database(app):
+def test_the_signing_key_lives_in_the_signers_folder_not_the_database(app):
     with app.app_context():
         write_events(2)
         signed = sign()
-        path = Path(settings().data_dir) / checkpoints.KEY_FILE
+        folder = keys.signer_dir(settings())
+        path = folder / keys.SIGNER_KEY_FILE
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        key = path.read_text().strip()
-        assert len(base64.b64decode(key)) == 32
-        public = Ed25519PrivateKey.from_private_bytes(base64.b64decode(key)).public_key()
-        assert signed.key_id == checkpoints.key_id(public)
+        skey = path.read_text().strip()
+        assert skey.startswith("PRIVATE+KEY+127.0.0.1/intake-audit+")
+        signer = keys.parse_skey(skey, "unused")
+        assert signed.key_id == checkpoints.key_id(signer.private_key.public_key())
+        seed = base64.b64encode(signer.private_key.private_bytes_raw()).decode()
         everything = " ".join(
             str(value) for row in db.session.execute(select(AuditEvent.__table__)) for value in row
         )
-        assert key not in everything
+        assert skey not in everything and seed not in everything
+        # Everyone else gets the public key, published next to the checkpoints.
+        published = keys.public_keys_path(settings()).read_text()
+        assert published == signer.verifier.vkey + "\n" and "PRIVATE" not in published
+        assert not (Path(settings().data_dir) / keys.LEGACY_KEY_FILE).exists()
         line = json.loads(checkpoint_lines()[0])
         assert set(line) == {"v", "seq", "hash", "count", "time", "key_id", "note", "range"}
-        assert line["v"] == 2 and key not in line["note"]
+        assert line["v"] == 2 and skey not in line["note"] and seed not in line["note"]
+
+
+def test_an_old_data_folder_key_moves_into_the_signers_folder(app):
+    old = Ed25519PrivateKey.generate()
+    with app.app_context():
+        legacy = Path(settings().data_dir) / keys.LEGACY_KEY_FILE
+        legacy.write_text(base64.b64encode(old.private_bytes_raw()).decode())
+        write_events(2)
+        signed = sign()
+        assert signed.key_id == checkpoints.key_id(old.public_key())
+        assert not legacy.exists()  # web and workers can no longer read it
+        assert verify().ok
 
 
 def test_the_signing_key_and_file_come_from_settings(app, tmp_path):
-    key = Ed25519PrivateKey.generate()
-    raw = base64.b64encode(key.private_bytes_raw()).decode()
+    skey, vkey = keys.generate_keys("pharmacy.example/intake-audit")
+    key = keys.parse_skey(skey, "unused").private_key
+    raw = base64.b64encode(key.private_bytes_raw()).decode()  # the format before issue 12
     key_file = tmp_path / "signing.key"
-    key_file.write_text(raw + "\n")
+    key_file.write_text(skey + "\n")
     shipped = tmp_path / "elsewhere" / "checkpoints.jsonl"
     with app.app_context():
         write_events(2)
-        for value in (raw, str(key_file)):
-            configured = settings().replace(audit_signing_key=value, audit_checkpoints=shipped)
+        for value in (skey, str(key_file), raw):
+            configured = settings().replace(
+                audit_signing_key=value, audit_checkpoints=shipped, audit_verify_keys=vkey
+            )
             signed = write_checkpoint(db.session, configured, actor="system:test")
             assert signed is not None
             assert signed.key_id == checkpoints.key_id(key.public_key())
-            assert verify_trail(db.session, configured).chain.ok
+            # Verifying needs the public key alone.
+            public_only = configured.replace(audit_signing_key=None)
+            assert verify_trail(db.session, public_only).chain.ok
             db.session.rollback()
-        assert len(shipped.read_text().splitlines()) == 2
-        assert not (Path(settings().data_dir) / checkpoints.KEY_FILE).exists()
+        assert len(shipped.read_text().splitlines()) == 3
+        assert not keys.signer_dir(settings()).exists()
         # Without the key that signed it, the same file proves nothing.
         assert not verify_trail(db.session, settings().replace(audit_checkpoints=shipped)).chain.ok
         db.session.rollback()
-        with pytest.raises(CheckpointError, match="base64 raw 32-byte"):
+        with pytest.raises(CheckpointError, match="INTAKE_AUDIT_SIGNING_KEY must hold"):
             write_checkpoint(
                 db.session, settings().replace(audit_signing_key="c2hvcnQ="), actor="system:test"
             )
+        with pytest.raises(CheckpointError, match="only public keys belong"):
+            verify_trail(db.session, settings().replace(audit_verify_keys=skey))
+
+
+def test_old_public_keys_still_verify_after_a_rotation(app, tmp_path):
+    old_skey, old_vkey = keys.generate_keys("pharmacy.example/intake-audit")
+    new_skey, new_vkey = keys.generate_keys("pharmacy.example/intake-audit")
+    keys_file = tmp_path / "verify-keys"
+    with app.app_context():
+        write_events(2)
+        old = settings().replace(audit_signing_key=old_skey, audit_verify_keys=old_vkey)
+        assert write_checkpoint(db.session, old, actor="system:test") is not None
+        write_events(2)
+        keys_file.write_text(f"{old_vkey}\n{new_vkey}  # rotated\n")
+        new = settings().replace(audit_signing_key=new_skey, audit_verify_keys=str(keys_file))
+        assert write_checkpoint(db.session, new, actor="system:test") is not None
+        report = verify_trail(db.session, new.replace(audit_signing_key=None)).chain
+        assert report.ok and report.checkpoints == 2
+        db.session.rollback()
+        # Drop the old key and its checkpoint no longer verifies.
+        dropped = new.replace(audit_signing_key=None, audit_verify_keys=new_vkey)
+        report = verify_trail(db.session, dropped).chain
+        assert not report.ok and "signed by unknown key" in report.problem
 
 
 def test_verify_all_checks_the_app_checkpoints(app):
@@ -412,6 +466,7 @@ def test_the_canonical_form_is_the_documented_json(app):
         }
         expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         assert canonical_event(event) == expected.encode()
+        sign()
         assert verify().ok
 
 
@@ -480,7 +535,12 @@ def test_cli_verify_against_a_shipped_copy(app, runner, tmp_path):
     out = json.loads(shipped.stdout)
     assert out["first_bad_seq"] == 4 and out["problem"].startswith("truncated after checkpoint 1")
     local = runner.invoke(args=["audit", "verify", "--json"])
-    assert local.exit_code == 0  # nothing left locally contradicts the cut chain
+    # Before issue 12 this passed (exit 0): nothing left locally contradicted the cut chain.
+    # Now the anchor, which saw seqs 4 to 6 commit, names the first one cut off (seq 4 was
+    # reused since, by the audit.verified event of the verify above).
+    assert local.exit_code == 1
+    out = json.loads(local.stdout)
+    assert out["first_bad_seq"] == 4 and "committed twice" in out["problem"]
 
 
 def test_cli_checkpoint_with_nothing_to_sign(app, runner):

@@ -33,6 +33,8 @@ def last_event(app):
 
 
 def test_an_intact_trail_is_reported_and_the_check_recorded(app, officer, officer_client):
+    with app.app_context():  # the signer's checkpoint: a trail never signed is not intact
+        checkpoints.write_checkpoint(db.session, app.extensions["intake.settings"], actor="x:t")
     before = last_event(app).seq
     result = press_verify(officer_client)
     html = result.get_data(as_text=True)
@@ -99,3 +101,8 @@ def test_the_page_reports_what_the_checkpoint_aware_verifier_found(
     assert calls and "Intact." in html and "checkpoints ok" in html
     details = json.loads(last_event(app).details)
     assert details["checkpoints"] == 4 and details["checkpoints_ok"] is True
+
+
+def test_a_trail_never_signed_is_not_reported_intact(app, officer_client):
+    html = press_verify(officer_client).get_data(as_text=True)
+    assert "Intact." not in html and escape("no signed checkpoints") in html
