@@ -15,9 +15,6 @@ to it again with a proof from the size it reports.
 
 from __future__ import annotations
 
-import base64
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,11 +23,11 @@ import structlog
 from config import Settings
 from intake_verify import cosignature, note
 from intake_verify.note import NoteError
+from intake_verify.witness import Conflict, WitnessError, request_cosignature
 
 log = structlog.get_logger(__name__)
 
 TIMEOUT_SECONDS = 5.0
-SIZE_CONTENT_TYPE = "text/x.tlog.size"
 ProofSource = Callable[[int], Sequence[bytes]]
 
 
@@ -58,38 +55,6 @@ def configured_witnesses(settings: Settings) -> list[Witness]:
     return [Witness(*entry.split(" ", 1)) for entry in settings.audit_witnesses]
 
 
-class _SizeConflict(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
-
-
-def _request_body(old_size: int, proof: Sequence[bytes], signed_note: str) -> bytes:
-    lines = [f"old {old_size}"] + [base64.b64encode(h).decode() for h in proof]
-    return ("\n".join(lines) + "\n\n" + signed_note).encode()
-
-
-def _submit(witness: Witness, old_size: int, proof: Sequence[bytes], signed_note: str) -> str:
-    """POST one add-checkpoint request; the cosignature line(s) it answers with."""
-    request = urllib.request.Request(  # noqa: S310 - http(s) only, checked by the settings
-        witness.endpoint,
-        data=_request_body(old_size, proof, signed_note),
-        method="POST",
-        headers={"Content-Type": "text/plain; charset=utf-8"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
-            return response.read().decode()
-    except urllib.error.HTTPError as error:
-        body = error.read().decode(errors="replace")
-        if error.code == 409 and error.headers.get_content_type() == SIZE_CONTENT_TYPE:
-            try:
-                raise _SizeConflict(int(body.strip().splitlines()[0])) from None
-            except (ValueError, IndexError):
-                pass
-        raise RuntimeError(f"HTTP {error.code}: {body.strip()[:200]}") from None
-
-
 def _cosignature_lines(answer: str, witness: Witness, signed_note: str) -> list[str]:
     """The answer's lines that are valid cosignatures of ``signed_note`` by ``witness``."""
     good = []
@@ -104,6 +69,11 @@ def _cosignature_lines(answer: str, witness: Witness, signed_note: str) -> list[
             continue
         good.append(line)
     return good
+
+
+def _ask(witness: Witness, old_size: int, proof_source: ProofSource, signed_note: str) -> str:
+    proof = list(proof_source(old_size)) if old_size else []
+    return request_cosignature(witness.url, old_size, proof, signed_note, TIMEOUT_SECONDS)
 
 
 def _last_size(witness: Witness, previous_note: str | None, previous_size: int) -> int:
@@ -138,21 +108,21 @@ def collect_cosignatures(
         old_size = _last_size(witness, *(previous or (None, 0)))
         try:
             try:
-                answer = _submit(witness, old_size, proof_source(old_size), signed_note)
-            except _SizeConflict as conflict:
+                answer = _ask(witness, old_size, proof_source, signed_note)
+            except Conflict as conflict:
                 if conflict.size > size:
-                    raise RuntimeError(
+                    raise WitnessError(
                         f"the witness holds size {conflict.size}, beyond this checkpoint ({size})"
                     ) from None
-                old_size = conflict.size
-                answer = _submit(witness, old_size, proof_source(old_size), signed_note)
-        except (_SizeConflict, RuntimeError, OSError, ValueError) as error:
+                old_size = conflict.size  # the size the witness holds: retry once from there
+                answer = _ask(witness, old_size, proof_source, signed_note)
+        except (WitnessError, NoteError, OSError, ValueError) as error:
             log.warning(
                 "audit_witness_failed",
                 witness=witness.url,
                 size=size,
                 old_size=old_size,
-                error=str(error) if not isinstance(error, _SizeConflict) else "size conflict again",
+                error=str(error) or type(error).__name__,
             )
             continue
         got = _cosignature_lines(answer, witness, signed_note)
