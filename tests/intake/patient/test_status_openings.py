@@ -105,3 +105,71 @@ def test_the_proof_download_needs_a_recent_lookup_in_this_browser(app, client, p
     assert "enter your reference number and date of birth again" in refused.get_data(as_text=True)
     assert client.post("/status/proof", data={}).status_code == 400
     assert reference not in refused.get_data(as_text=True)
+
+
+def download_proof(client, page_html: str):
+    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page_html)[1]
+    return client.post("/status/proof", data={"csrf_token": token})
+
+
+def test_the_patient_downloads_a_proof_that_verifies_offline_without_staff_names(
+    app, client, patient, tmp_path
+):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from intake.audit import checkpoints
+
+    create_teams(app)
+    reference = submit_routed(app, patient)
+    team_id, _name = routed_team(app, reference)
+    open_as(app, create_staff_user(app, "rosa.staff", teams=(team_id,)), reference)
+    page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
+    assert "not ready yet" in download_proof(client, page).get_data(as_text=True)
+    with app.app_context():
+        checkpoints.write_checkpoint(
+            db.session, app.extensions["intake.settings"], actor="system:test"
+        )
+        vkey = checkpoints.trusted_verifiers(app.extensions["intake.settings"])[0].vkey
+    page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
+    answer = download_proof(client, page)
+    assert answer.status_code == 200
+    assert answer.headers["Content-Disposition"].startswith("attachment;")
+    assert reference not in answer.request.url and "1980" not in answer.request.url
+    text = answer.get_data(as_text=True)
+    data = json.loads(text)
+    assert [e["leaf"]["action"] for e in data["events"]] == [
+        "request.submitted",
+        "request.routed",
+        "phi.viewed",
+        "status.looked_up",  # the first look-up; the second one is pending
+    ]
+    assert data["pending"] >= 1
+    assert all("opening" not in e for e in data["events"])
+    assert "rosa" not in text and "user:" not in text and "1980" not in text
+    assert data["events"][2]["leaf"]["team"] == team_id
+    proof_file = tmp_path / "proof.json"
+    proof_file.write_text(text)
+    verifier = Path(sys.executable).parent / "intake-verify"
+    checked = subprocess.run(
+        [str(verifier), "proof", str(proof_file), "--key", vkey], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with app.app_context():
+        exported = db.session.execute(
+            select(AuditEvent).where(AuditEvent.action == "audit.exported")
+        ).scalar_one()
+    assert (exported.actor, exported.reference) == ("patient", reference)
+    assert '"openings":false' in exported.details
+
+
+def test_the_proof_grant_lasts_a_few_minutes(app, client, patient):
+    from tests.intake.staff.conftest import install_clock
+
+    reference = submit_routed(app, patient)
+    clock = install_clock(app)
+    page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
+    clock.advance(minutes=11)
+    assert download_proof(client, page).status_code == 403
