@@ -59,7 +59,7 @@ def witness_url(tmp_path: Path, keys: dict[str, str]) -> Iterator[str]:
         clock=lambda: 1_790_000_000.0,
     )
     server = make_server(witness, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
