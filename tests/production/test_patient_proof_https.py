@@ -1,0 +1,97 @@
+""" "Who looked at my request?" on the production stack: gunicorn behind nginx with TLS,
+PostgreSQL, Redis, the real worker. A pharmacist opens the request over https, the operator signs
+a checkpoint, and the patient's status page (Chromium, English and Spanish) lists that opening by
+team, never by name, and hands out a proof that ``intake-verify`` checks with the public key alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config import Settings
+from intake.audit import keys
+from tests.production.conftest import VENV_BIN, Contexts, Door, ProductionStack
+from tests.production.test_patient_https import (
+    PATIENT_FIELDS,
+    context_for,
+    say,
+    send,
+    send_like_a_person,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.postgres]
+
+
+def log_public_key(stack: ProductionStack) -> str:
+    """The log's public key, as the operator publishes it (derived here from the stack's key)."""
+    settings = Settings(
+        public_url=stack.env.get("INTAKE_PUBLIC_URL", Settings.public_url),
+        audit_origin=stack.env.get("INTAKE_AUDIT_ORIGIN") or None,
+    )
+    skey = stack.env["INTAKE_AUDIT_SIGNING_KEY"]
+    return keys.parse_skey(skey, keys.log_origin(settings)).verifier.vkey
+
+
+def test_the_status_page_lists_team_openings_and_its_proof_verifies_offline(
+    production_stack: ProductionStack, browser_pages: Contexts, door: Door, output_dir: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    stack = production_stack
+    patient = stack.client(door.source)
+    fields = {
+        **PATIENT_FIELDS,
+        "rx_numbers": "1234567",
+        "location": "main",
+        "fulfillment": "pickup",
+        "consent_contact": "y",
+    }
+    reference = send_like_a_person(patient, {"/refill": fields})["/refill"]
+    stack.wait_for_status(reference, "queued")
+    [(team_id,)] = stack.query("SELECT team FROM requests WHERE reference = :r", r=reference)
+    # A pharmacist of the team opens the request's page over https.
+    user = stack.create_staff("proof-https", teams=(team_id,))  # creates the team if needed
+    [(team_name,)] = stack.query("SELECT name FROM teams WHERE id = :t", t=team_id)
+    pharmacist = stack.client(door.source)
+    assert pharmacist.log_in(user.username, user.password, user.otp()).status == 303
+    assert pharmacist.get(f"/staff/requests/{reference}").status == 200
+    stack.intake("audit", "checkpoint")
+
+    for lang in ("en", "es"):
+        page: Any = browser_pages.new_page(**context_for(lang))
+        page.goto(f"{door.base_url}/status?lang={lang}")
+        page.fill("#reference", reference)
+        page.fill("#date_of_birth", PATIENT_FIELDS["date_of_birth"])
+        assert send(page).status == 200
+        section = page.get_by_role("region", name=say("Who opened your request", lang))
+        expect(section.locator("#status-openings tbody tr")).to_have_count(1)
+        expect(section.locator("#status-openings tbody td").nth(1)).to_have_text(team_name)
+        assert user.username not in page.content()
+        page.screenshot(path=str(output_dir / f"status-{lang}.png"), full_page=True)
+        with page.expect_download() as download_info:
+            section.get_by_role("button", name=say("Download the proof", lang)).click()
+        download = download_info.value
+        assert download.url.startswith(door.base_url) and reference not in download.url
+        saved = output_dir / f"proof-{lang}.json"
+        download.save_as(saved)
+        data = json.loads(saved.read_text())
+        assert "phi.viewed" in [event["leaf"]["action"] for event in data["events"]]
+        assert user.username not in saved.read_text()
+        checked = subprocess.run(
+            [str(VENV_BIN / "intake-verify"), "proof", str(saved), "--key", log_public_key(stack)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        page.context.close()
+    exports = stack.query(
+        "SELECT actor FROM audit_events WHERE action = 'audit.exported' AND reference = :r",
+        r=reference,
+    )
+    assert [actor for (actor,) in exports] == ["patient", "patient"]
