@@ -399,7 +399,9 @@ class Settings:
                 ("INTAKE_KEYRING", self.keyring),
                 ("INTAKE_DATABASE_URL", self.database_url),
                 ("INTAKE_REDIS_URL", self.redis_url),
-                ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
+                # Public keys: every process verifies; only the signer also holds the private
+                # key (INTAKE_AUDIT_SIGNING_KEY, refused anywhere else: intake.audit.keys).
+                ("INTAKE_AUDIT_VERIFY_KEYS", self.audit_verify_keys),
             )
             if not value
         ]
@@ -415,7 +417,19 @@ class Settings:
             ("INTAKE_KEYRING", self.keyring),
             ("INTAKE_AUDIT_SIGNING_KEY", self.audit_signing_key),
         ):
-            problems += self._secret_problems(name, raw or "")
+            if name != "INTAKE_AUDIT_SIGNING_KEY" or raw:
+                problems += self._secret_problems(name, raw or "")
+        verify_keys = read_secret_setting(self.audit_verify_keys or "")
+        if _is_placeholder(verify_keys):
+            problems.append(
+                "INTAKE_AUDIT_VERIFY_KEYS is a placeholder; put the public key printed by "
+                "`intake audit keys generate` there"
+            )
+        elif "PRIVATE+KEY" in verify_keys:
+            problems.append(
+                "INTAKE_AUDIT_VERIFY_KEYS holds a private key; give it the public keys only "
+                "(the INTAKE_AUDIT_VERIFY_KEYS= line of `intake audit keys generate`)"
+            )
         secret = read_secret_setting(self.secret_key or "")
         if len(secret.encode()) < MIN_SECRET_BYTES:
             problems.append(

@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import Flask
 
 from config import Settings
-from intake.audit import anchor
+from intake.audit import anchor, keys
 from intake.clock import utcnow
 from intake.crypto.phi import Keyring
 from intake.ops import embedded, private_files, transport
@@ -18,11 +18,17 @@ from intake.requests.consents import load_consents
 from intake.requests.routing import load_routing
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the web application for ``settings`` (read from the environment by default)."""
+def create_app(settings: Settings | None = None, *, signer: bool = False) -> Flask:
+    """Build the web application for ``settings`` (read from the environment by default).
+
+    Only ``signer`` apps (``intake audit signer`` and ``intake audit checkpoint``) may be given
+    the audit signing key in production; web and workers refuse to start with it.
+    """
     from intake.ops.logs import configure_logging
 
     settings = settings or Settings.from_env()
+    if not signer:
+        keys.refuse_signing_key(settings)
     data_dir = Path(settings.data_dir)
     private_files.protect_data_dir(data_dir)
     configure_logging(settings.log_level, data_dir / "logs")

@@ -5,7 +5,6 @@ The same stack behind Debian's nginx is tested in tests/production/."""
 
 from __future__ import annotations
 
-import base64
 import http.cookiejar
 import ipaddress
 import os
@@ -23,17 +22,19 @@ import sqlalchemy as sa
 import yaml
 
 from intake.crypto.phi import Keyring
+from intake_verify.note import generate_key
 from tests.conftest import valid_refill
 from tests.workers.conftest import RedisServer, free_port, wait_until
 
 ROOT = Path(__file__).parents[1]
+SKEY, VKEY = generate_key("intake.pharmacy.test/intake-audit")
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "intake.conf.template"
 
 
 def test_compose_declares_a_production_topology():
-    assert {"postgres", "redis", "migrate", "web", "worker", "beat"} <= set(SERVICES)
+    assert {"postgres", "redis", "migrate", "web", "worker", "beat", "signer"} <= set(SERVICES)
     redis_cmd = " ".join(SERVICES["redis"]["command"])
     assert "--requirepass" in redis_cmd and "--appendonly yes" in redis_cmd
     for name in ("postgres", "redis", "web"):
@@ -48,8 +49,31 @@ def test_compose_declares_a_production_topology():
         assert SERVICES[name]["environment"]["INTAKE_PROFILE"] == "production"
     example = (ROOT / ".env.example").read_text()
     for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "INTAKE_SECRET_KEY", "INTAKE_KEYRING",
-                     "INTAKE_AUDIT_SIGNING_KEY"):
+                     "INTAKE_AUDIT_VERIFY_KEYS"):
         assert re.search(rf"^{variable}=", example, re.M), variable
+
+
+def test_only_the_signer_gets_the_signing_key_and_the_anchor_is_apart_from_postgres():
+    example = (ROOT / ".env.example").read_text()
+    assert not re.search(r"^INTAKE_AUDIT_SIGNING_KEY=", example, re.M)
+    signer_example = (ROOT / "signer.env.example").read_text()
+    assert re.search(r"^INTAKE_AUDIT_SIGNING_KEY=", signer_example, re.M)
+    signer = SERVICES["signer"]
+    assert signer["env_file"] == [".env", "signer.env"]
+    assert signer["command"] == ["intake", "audit", "signer"]
+    for name, service in SERVICES.items():
+        if name != "signer":
+            assert "signer.env" not in str(service.get("env_file", "")), name
+            assert "INTAKE_AUDIT_SIGNING_KEY" not in (service.get("environment") or {}), name
+    anchor = signer["environment"]["INTAKE_AUDIT_ANCHOR"]
+    checkpoints = signer["environment"]["INTAKE_AUDIT_CHECKPOINTS"]
+    folder = str(Path(anchor).parent)
+    assert str(Path(checkpoints).parent) == folder
+    for name in ("web", "worker", "beat", "signer"):
+        mounts = [str(volume) for volume in SERVICES[name]["volumes"]]
+        assert f"intake-audit:{folder}" in mounts, name
+        assert SERVICES[name]["environment"]["INTAKE_AUDIT_ANCHOR"] == anchor, name
+    assert not any("intake-audit" in str(v) for v in SERVICES["postgres"]["volumes"])
 
 
 def networks_of(service: str) -> set[str]:
@@ -139,7 +163,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
             "INTAKE_DATA_DIR": str(tmp_path / "data"),
             "INTAKE_SECRET_KEY": settings.secret_key,
             "INTAKE_KEYRING": settings.keyring,
-        "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "INTAKE_AUDIT_VERIFY_KEYS": VKEY,
             "INTAKE_MIN_FILL_SECONDS": "0",
             "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
         }
@@ -156,11 +180,16 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
         )
         assert migrate.returncode == 0, migrate.stderr.decode()[-2000:]
         with logs.open("ab") as log:
-            for service in ("web", "worker", "beat"):
+            for service in ("web", "worker", "beat", "signer"):
+                # signer.env: the private key goes to the signer alone.
+                own = env
+                if service == "signer":
+                    own = {**env, "INTAKE_AUDIT_SIGNING_KEY": SKEY}
+                    own["INTAKE_AUDIT_CHECKPOINT_SECONDS"] = "1"
                 processes.append(
                     subprocess.Popen(  # noqa: S603
                         command(service, port),
-                        env=env,
+                        env=own,
                         cwd=tmp_path,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -207,6 +236,20 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
             wait_until(lambda: status() == "queued", 30, 0.5, "routed by the compose worker")
         finally:
             engine.dispose()
+        # The signer signed on start; verifying needs the public key alone.
+        wait_until(
+            lambda: (tmp_path / "data" / "audit-checkpoints.jsonl").exists(), 30, 0.5, "signed"
+        )
+        verified = subprocess.run(  # noqa: S603
+            [str(Path(sys.executable).with_name("intake")), "audit", "verify"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr[-2000:]
+        assert "Audit trail intact" in verified.stdout
         access = [line for line in logs.read_text().splitlines() if '"GET /healthz' in line]
         assert access, "gunicorn wrote no access log line"
         assert all("2025550143" not in line and "127.0.0.1" not in line for line in access)
@@ -223,7 +266,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
         redis.stop()
 
 
-@pytest.mark.parametrize("service", ["migrate", "web", "worker", "beat"])
+@pytest.mark.parametrize("service", ["migrate", "web", "worker", "beat", "signer"])
 def test_each_compose_command_refuses_an_unsafe_environment(tmp_path, service):
     """Every process compose starts reads its settings through the production check: the
     same weak secret stops migrate, gunicorn, the worker and beat, each naming the variable,
@@ -235,12 +278,14 @@ def test_each_compose_command_refuses_an_unsafe_environment(tmp_path, service):
             "INTAKE_DATA_DIR": str(tmp_path / "data"),
             "INTAKE_SECRET_KEY": "a" * 48,
             "INTAKE_KEYRING": Keyring.generate().to_json(),
-            "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
+            "INTAKE_AUDIT_VERIFY_KEYS": VKEY,
             "INTAKE_DATABASE_URL": "postgresql+psycopg://intake_app:Vq7-db-pass-91@db/intake",
             "INTAKE_REDIS_URL": "redis://:Rk2-redis-pass-55-long@127.0.0.1:9/0",
             "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
         }
     )
+    if service == "signer":
+        env["INTAKE_AUDIT_SIGNING_KEY"] = SKEY
     argv = command(service, free_port())
     if service == "web":
         argv.insert(1, "--check-config")  # gunicorn loads the app, then exits

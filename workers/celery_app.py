@@ -94,10 +94,6 @@ def celery_init_app(flask_app: Flask) -> Celery:
                 "task": "workers.tasks.purge_expired",
                 "schedule": timedelta(hours=6),
             },
-            "sign-audit-checkpoint": {
-                "task": "workers.tasks.sign_audit_checkpoint",
-                "schedule": timedelta(seconds=settings.audit_checkpoint_seconds),
-            },
         },
         timezone="UTC",
         include=["workers.tasks"],

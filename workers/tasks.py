@@ -162,17 +162,3 @@ def purge_expired() -> int:
 
     days = current_app.extensions["intake.settings"].retention_days
     return len(purge(db.session, now(), days))
-
-
-@shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
-def sign_audit_checkpoint() -> int | None:
-    """Sign the audit chain's head into the checkpoints file, unless nothing happened since."""
-    from intake.audit.checkpoints import write_checkpoint
-
-    signed = write_checkpoint(
-        db.session,
-        current_app.extensions["intake.settings"],
-        actor="system:sign_audit_checkpoint",
-        skip_idle=True,
-    )
-    return signed.seq if signed else None

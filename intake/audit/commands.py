@@ -131,6 +131,19 @@ def _witness_line(trail: TrailReport) -> str:
     )
 
 
+@audit.command("signer")
+@click.option("--once", is_flag=True, help="Sign one checkpoint (if needed) and exit.")
+@with_appcontext
+def signer_command(once: bool) -> None:
+    """Run the checkpoint signer: the only process given INTAKE_AUDIT_SIGNING_KEY."""
+    from intake.audit.signer import run_signer
+
+    try:
+        run_signer(current_app._get_current_object(), once=once)  # type: ignore[attr-defined]
+    except (CheckpointError, keys.AuditKeyError) as error:
+        raise click.ClickException(str(error)) from None
+
+
 @audit.command("checkpoint")
 @with_appcontext
 def checkpoint() -> None:

@@ -293,7 +293,7 @@ def publish_public_key(settings: Settings, verifier: AuditVerifier) -> None:
     if verifier.raw in known:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (verifier.vkey + "\n").encode())
         os.fsync(fd)
@@ -324,3 +324,22 @@ def load_verifiers(settings: Settings) -> list[AuditVerifier]:
 def verifiers_by_id(verifiers: Iterable[AuditVerifier]) -> dict[str, Ed25519PublicKey]:
     """Public keys by the key id written on checkpoints."""
     return {v.key_id: v.public_key for v in verifiers}
+
+
+SIGNING_KEY_REFUSED = (
+    "INTAKE_AUDIT_SIGNING_KEY is set, but only the signer (`intake audit signer`) may hold the "
+    "audit signing key: remove it from the environment of web, worker and beat (they need only "
+    "INTAKE_AUDIT_VERIFY_KEYS) and put it in the signer's own env file"
+)
+
+
+def refuse_signing_key(settings: Settings) -> None:
+    """Stop a production web or worker process that was given the private key.
+
+    Why: whoever holds the key can sign a rewritten history. Web and workers face patients,
+    staff and the network; if one is taken over, the checkpoints must still be out of reach.
+    """
+    from config.settings import SettingsError
+
+    if settings.profile == "production" and settings.audit_signing_key:
+        raise SettingsError(SIGNING_KEY_REFUSED)

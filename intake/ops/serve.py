@@ -1,8 +1,10 @@
-"""``intake serve``: web, worker and beat for one machine, stopped together on Ctrl-C.
+"""``intake serve``: web, worker, beat and the audit signer for one machine, stopped together.
 
 The web app runs in this process under waitress; the Celery worker and beat run as child
 processes (``celery -A workers worker`` / ``beat``) with the same environment, so what runs
-here is exactly what runs on separate machines in production.
+here is exactly what runs on separate machines in production. The audit signer
+(``intake audit signer``) is a child of its own: it alone loads the checkpoint signing key, from
+the signer's folder in the data folder; the web app and the workers never do.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "--quiet", "-A", "workers", *args]
 
 
+def _signer() -> list[str]:
+    # argv[1:3] == ["audit", "signer"]: the one command whose app may load the signing key.
+    return [sys.executable, "-c", "from intake.cli import main; main()", "audit", "signer"]
+
+
 MAX_RESTARTS = 20
 
 
@@ -45,7 +52,8 @@ def start_children(app: Flask) -> list[subprocess.Popen[bytes]]:
         _celery("beat", "--loglevel", "INFO"),
         env=env,
     )
-    return [worker, beat]
+    signer = subprocess.Popen(_signer(), env=env)  # noqa: S603 - fixed argv
+    return [worker, beat, signer]
 
 
 def stop_children(children: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
@@ -82,15 +90,15 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
     def stop(signum: int, _frame: FrameType | None) -> None:
         if not stopping.is_set():
             stopping.set()
-            print("\nStopping Intake (web, worker, beat)...", flush=True)
+            print("\nStopping Intake (web, worker, beat, signer)...", flush=True)
             server.close()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
     def watch() -> None:
-        """Start a worker or beat again if it dies (a broker outage can end a Celery worker);
-        the outbox sweep then catches up on anything it missed."""
+        """Start a child again if it dies (a broker outage can end a Celery worker); the outbox
+        sweep then catches up on anything it missed, the signer on the chain since its last."""
         restarts = 0
         while not stopping.wait(1):
             for index, child in enumerate(children):

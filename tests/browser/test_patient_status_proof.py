@@ -1,4 +1,4 @@
-""" "Who looked at my request?" in a real Chromium: after reference and date of birth, the status
+"""Who looked at my request, in a real Chromium: after reference and date of birth, the status
 page lists when and by which team the request was opened, in English and Spanish, and the proof
 it downloads verifies offline with the pharmacy's public key (``intake-verify``, no app)."""
 

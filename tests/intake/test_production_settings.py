@@ -13,6 +13,7 @@ import pytest
 
 from config import Settings, SettingsError
 from intake import create_app
+from intake.audit import keys
 from intake.crypto.phi import Keyring
 from tests.conftest import Patient, reference_from
 
@@ -22,13 +23,18 @@ def backend(request):
     return request.param
 
 
+SKEY, VKEY = keys.generate_keys("intake.pharmacy.test/intake-audit")
+
+
 def production_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     env = {
         "INTAKE_PROFILE": "production",
         "INTAKE_DATA_DIR": str(tmp_path / "data"),
         "INTAKE_SECRET_KEY": secrets.token_urlsafe(48),
         "INTAKE_KEYRING": Keyring.generate().to_json(),
+        # The signer's key: the settings accept it, create_app refuses it outside the signer.
         "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "INTAKE_AUDIT_VERIFY_KEYS": VKEY,
         "INTAKE_DATABASE_URL": "postgresql+psycopg://intake:Vq7-db-pass-91@db:5432/intake",
         "INTAKE_REDIS_URL": "redis://:Rk2-redis-pass-55@redis:6379/0",
         "INTAKE_PUBLIC_URL": "https://intake.pharmacy.test",
@@ -62,6 +68,10 @@ def test_safe_production_settings_are_accepted(tmp_path):
             "INTAKE_REDIS_URL holds a placeholder password",
         ),
         ({"INTAKE_REDIS_URL": ""}, "needs INTAKE_REDIS_URL"),
+        # Every process verifies checkpoints with public keys, never with the private one.
+        ({"INTAKE_AUDIT_VERIFY_KEYS": ""}, "needs INTAKE_AUDIT_VERIFY_KEYS"),
+        ({"INTAKE_AUDIT_VERIFY_KEYS": "change-me"}, "INTAKE_AUDIT_VERIFY_KEYS is a placeholder"),
+        ({"INTAKE_AUDIT_VERIFY_KEYS": SKEY}, "INTAKE_AUDIT_VERIFY_KEYS holds a private key"),
         # Ways around the checks above: one character repeated, a user with an empty password,
         # a password of percent-encoded blanks, and one short enough to guess by volume.
         ({"INTAKE_SECRET_KEY": "a" * 48}, "INTAKE_SECRET_KEY is a placeholder"),
@@ -95,10 +105,29 @@ def test_the_example_env_file_is_refused_as_it_stands(tmp_path):
         tmp_path,
         INTAKE_SECRET_KEY=values["INTAKE_SECRET_KEY"],
         INTAKE_KEYRING=values["INTAKE_KEYRING"],
-        INTAKE_AUDIT_SIGNING_KEY=values["INTAKE_AUDIT_SIGNING_KEY"],
+        INTAKE_AUDIT_VERIFY_KEYS=values["INTAKE_AUDIT_VERIFY_KEYS"],
     )
     with pytest.raises(SettingsError, match="INTAKE_SECRET_KEY is a placeholder"):
         Settings.from_env(env)
+
+
+def test_the_signer_example_env_file_is_refused_as_it_stands(tmp_path):
+    example = Path(__file__).parents[2] / "signer.env.example"
+    name, value = next(
+        line.split("=", 1)
+        for line in example.read_text().splitlines()
+        if line.startswith("INTAKE_AUDIT_SIGNING_KEY=")
+    )
+    with pytest.raises(SettingsError, match="INTAKE_AUDIT_SIGNING_KEY is a placeholder"):
+        Settings.from_env(production_env(tmp_path, **{name: value}))
+
+
+def test_production_web_and_workers_refuse_the_signing_key_but_the_signer_takes_it(tmp_path):
+    settings = Settings.from_env(production_env(tmp_path, INTAKE_AUDIT_SIGNING_KEY=SKEY))
+    with pytest.raises(SettingsError, match="INTAKE_AUDIT_SIGNING_KEY is set, but only the signer"):
+        create_app(settings)
+    signer = create_app(settings, signer=True)
+    assert keys.load_signer(signer.extensions["intake.settings"]).verifier.vkey == VKEY
 
 
 def test_the_embedded_profiles_generated_keys_are_refused_in_production(tmp_path):

@@ -1,12 +1,14 @@
 """The production profile as deployed, on this machine: nginx terminating TLS in front of
 gunicorn, PostgreSQL (an owner role for migrations, an app role for the processes), a
-password-protected Redis, a Celery worker and beat, an SMTP relay that insists on STARTTLS.
+password-protected Redis, a Celery worker and beat, the audit signer (the only process given
+the checkpoint signing key), an SMTP relay that insists on STARTTLS.
 
 ``production_stack`` (one per test session) starts every piece as a process of its own. The
-migrate, web, worker and beat processes run the very commands of docker-compose.yml (gunicorn's
-flags included; only the bind address and the proxy address differ), and nginx runs Debian's
-binary with the server config rendered from ``deploy/nginx/intake.conf.template``, the file
-compose mounts into its nginx, so the stack tested here and the one deployed cannot drift apart.
+migrate, web, worker, beat and signer processes run the very commands of docker-compose.yml
+(gunicorn's flags included; only the bind address and the proxy address differ), and nginx runs
+Debian's binary with the server config rendered from ``deploy/nginx/intake.conf.template``, the
+file compose mounts into its nginx, so the stack tested here and the one deployed cannot drift
+apart.
 Secrets are random and long, chosen here, and nothing else from the outer ``INTAKE_*``
 environment reaches the processes.
 
@@ -18,7 +20,6 @@ skipped, except under ``CI=true`` where a missing piece is a failure.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import http.client
 import os
@@ -47,6 +48,7 @@ import sqlalchemy as sa
 import yaml
 
 from intake.crypto.phi import Keyring, ip_pseudonym
+from intake_verify.note import generate_key
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, OUTPUT_ROOT
 from tests.conftest import HIDDEN_RE, IN_CI, POSTGRES_URL, _admin_engine, _with_database
 from tests.workers.conftest import Mailbox, RedisServer, email_routing_file, free_port, wait_until
@@ -61,6 +63,7 @@ NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "intake.conf.template"
 PLACEHOLDER_RE = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 BARE_PLACEHOLDER_RE = re.compile(r"\$[A-Z]")
 VENV_BIN = Path(sys.executable).parent
+SIGNER_SECONDS = 2
 PROXY_ADDRESS = "127.0.0.1"  # nginx connects to gunicorn from here: the one trusted proxy
 STAFF_PASSWORD_BYTES = 18
 
@@ -262,6 +265,8 @@ class ProductionStack:
         self.ca_file = ca_file
         self.mailbox = mailbox
         self.services: dict[str, Service] = {}
+        # The private key only the signer process is given (for tests that look for it).
+        self.signing_key = ""
         self.engine = sa.create_engine(database_url, pool_pre_ping=True)
 
     # -- clients --------------------------------------------------------------------------
@@ -358,8 +363,10 @@ class ProductionStack:
 
     # -- processes ------------------------------------------------------------------------
 
-    def start(self, name: str, argv: list[str]) -> Service:
-        service = Service(name, argv, self.env, self.folder)
+    def start(
+        self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None
+    ) -> Service:
+        service = Service(name, argv, {**self.env, **(extra_env or {})}, self.folder)
         self.services[name] = service
         return service
 
@@ -530,6 +537,12 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         home = folder / "home"
         home.mkdir(mode=0o700)
         keyring = Keyring.generate()
+        # The signer's key pair: the private half goes to the signer process alone (compose:
+        # signer.env), the public half to everyone. Anchor and checkpoints share a folder
+        # apart from the data folder, as compose's intake-audit volume.
+        signing_key, verify_key = generate_key(f"localhost:{https_port}/intake-audit")
+        audit_dir = folder / "audit"
+        audit_dir.mkdir(mode=0o700)
         env = _process_env(
             {
                 "INTAKE_PROFILE": "production",
@@ -539,7 +552,9 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
                 "INTAKE_REDIS_URL": redis.url,
                 "INTAKE_SECRET_KEY": secrets.token_urlsafe(36),  # 48 characters
                 "INTAKE_KEYRING": keyring.to_json(),
-                "INTAKE_AUDIT_SIGNING_KEY": base64.b64encode(os.urandom(32)).decode(),
+                "INTAKE_AUDIT_VERIFY_KEYS": verify_key,
+                "INTAKE_AUDIT_ANCHOR": str(audit_dir / "audit-anchor.log"),
+                "INTAKE_AUDIT_CHECKPOINTS": str(audit_dir / "audit-checkpoints.jsonl"),
                 "INTAKE_PUBLIC_URL": base_url,
                 "INTAKE_TRUSTED_PROXIES": PROXY_ADDRESS,
                 "INTAKE_SMTP_URL": f"smtp+starttls://127.0.0.1:{smtp_port}",
@@ -560,6 +575,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
             ca_file=ca_file,
             mailbox=mailbox,
         )
+        stack.signing_key = signing_key
         cleanup.callback(stack.engine.dispose)
 
         # Migrations run as the owner and grant the app role its privileges, as in compose.
@@ -590,6 +606,16 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         cleanup.callback(worker.stop)
         beat = stack.start("beat", compose_argv("beat"))
         cleanup.callback(beat.stop)
+        signer = stack.start(
+            "signer",
+            compose_argv("signer"),
+            {
+                "INTAKE_AUDIT_SIGNING_KEY": signing_key,
+                # Often, so tests see checkpoints soon; web and worker keep the default.
+                "INTAKE_AUDIT_CHECKPOINT_SECONDS": str(SIGNER_SECONDS),
+            },
+        )
+        cleanup.callback(signer.stop)
 
         server_config = folder / "intake.conf"
         server_config.write_text(
@@ -616,6 +642,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
             assert web.running(), f"gunicorn exited:\n{web.tail()}"
             worker.wait_for_log("ready.", 90)
             beat.wait_for_log("beat: Starting", 60)
+            signer.wait_for_log("audit_signer_started", 60)
             # In the foreground, as the nginx image runs it.
             proxy = stack.start("nginx", [*nginx_argv, "-g", "daemon off;"])
             cleanup.callback(proxy.stop)

@@ -1,4 +1,4 @@
-""" "Who looked at my request?": the status page lists staff openings by team, never by person.
+"""Who looked at my request: the status page lists staff openings by team, never by person.
 
 Only opening the request's own page counts (``phi.viewed`` naming it); a queue list, which shows
 a first name and last initial among many requests, is said not to be counted and is not listed.
