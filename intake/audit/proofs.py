@@ -117,10 +117,12 @@ def build_request_proof(
     tree = _verified_tree(session, head) if rows else None
     events = []
     for seq, at, actor, role, action, ref, outcome, details, ip, prev, chain_hash in rows:
-        record = leaf.leaf_record(seq, at, action, ref, outcome, role, team_of(details), chain_hash)
         assert tree is not None
         path = tree.inclusion_proof(seq - 1, head.size)
         try:
+            record = leaf.leaf_record(
+                seq, at, action, ref, outcome, role, team_of(details), chain_hash
+            )
             merkle.verify_inclusion(
                 seq - 1, head.size, merkle.leaf_hash(leaf.leaf_data(record)), path, head.root
             )
