@@ -173,3 +173,11 @@ def test_the_proof_grant_lasts_a_few_minutes(app, client, patient):
     page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
     clock.advance(minutes=11)
     assert download_proof(client, page).status_code == 403
+
+
+def test_proof_downloads_are_rate_limited_like_the_look_up(app, settings, client, patient):
+    reference = submit_routed(app, patient)
+    page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
+    app.extensions["intake.settings"] = settings.replace(submit_rate_limit="2/minute")
+    codes = [download_proof(client, page).status_code for _ in range(4)]
+    assert codes[:2] == [200, 200] and 429 in codes[2:]
