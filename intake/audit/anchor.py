@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 from sqlalchemy import event as sa_event
@@ -51,6 +51,7 @@ PREPARED, COMMITTED, BASELINE = "p", "c", "b"
 PENDING_KEY = "intake.audit.anchor.pending"
 SINK_KEY = "intake.audit.anchor.sink"
 READ_CHUNK = 1 << 20
+ZERO = bytes(32)
 
 Entry = tuple[int, str]
 
@@ -59,9 +60,8 @@ class AnchorError(RuntimeError):
     """The anchor cannot be written or read."""
 
 
-@dataclass(frozen=True)
-class AnchorEntry:
-    kind: str  # PREPARED, COMMITTED or BASELINE
+class AnchorEntry(NamedTuple):
+    kind: str  # PREPARED, COMMITTED or BASELINE ("?" for an unreadable line)
     seq: int
     hash: str
 
@@ -150,13 +150,13 @@ class FileAnchor:
                 return
 
 
+_KINDS = {b"p": PREPARED, b"c": COMMITTED, b"b": BASELINE}
+
+
 def _parse(line: bytes) -> AnchorEntry:
-    try:
-        kind, seq, digest = line.decode("ascii").split(" ")
-        if kind in (PREPARED, COMMITTED, BASELINE) and len(digest) == 64:
-            return AnchorEntry(kind, int(seq), digest)
-    except (UnicodeDecodeError, ValueError):
-        pass
+    parts = line.split(b" ")
+    if len(parts) == 3 and len(parts[2]) == 64 and parts[0] in _KINDS and parts[1].isdigit():
+        return AnchorEntry(_KINDS[parts[0]], int(parts[1]), parts[2].decode("ascii"))
     return AnchorEntry("?", 0, line.decode("ascii", "replace")[:80])
 
 
@@ -239,37 +239,32 @@ class _Vouched:
     bad_line: str | None = None
     first_seq: int = 0
 
-    def _slot(self, table: bytearray, seq: int) -> int:
+    def add(self, entry: AnchorEntry) -> None:
+        kind, seq, hexdigest = entry
+        if kind == BASELINE:
+            if self.baseline is None:
+                self.baseline = (seq, hexdigest)
+            return
+        if kind == "?":
+            self.bad_line = self.bad_line or hexdigest
+            return
+        if seq < self.first_seq or seq < 1:
+            return
+        digest = bytes.fromhex(hexdigest)
+        table = self.committed if kind == COMMITTED else self.prepared
         index = (seq - self.first_seq) * 32
         if index + 32 > len(table):
             table.extend(bytes(max(index + 32 - len(table), len(table))))
-        return index
-
-    def add(self, entry: AnchorEntry) -> None:
-        if entry.kind == BASELINE:
-            if self.baseline is None:
-                self.baseline = (entry.seq, entry.hash)
+        before = table[index : index + 32]
+        if before == digest:
             return
-        if entry.kind == "?":
-            self.bad_line = self.bad_line or entry.hash
-            return
-        if entry.seq <= self.first_seq - 1 or entry.seq < 1:
-            return
-        digest = bytes.fromhex(entry.hash)
-        if entry.kind == COMMITTED:
-            index = self._slot(self.committed, entry.seq)
-            before = bytes(self.committed[index : index + 32])
-            if before not in (bytes(32), digest):
+        if before != ZERO:
+            if kind == COMMITTED:
                 # Committed twice: the first event was deleted and its seq written again.
-                self.reused.add(entry.seq)
-            else:
-                self.committed[index : index + 32] = digest
-            return
-        index = self._slot(self.prepared, entry.seq)
-        before = bytes(self.prepared[index : index + 32])
-        if before != bytes(32) and before != digest:
-            self.extra.setdefault(entry.seq, {before}).add(digest)
-        self.prepared[index : index + 32] = digest
+                self.reused.add(seq)
+                return
+            self.extra.setdefault(seq, {bytes(before)}).add(digest)
+        table[index : index + 32] = digest
 
     def _get(self, table: bytearray, seq: int) -> bytes | None:
         index = (seq - self.first_seq) * 32
