@@ -19,6 +19,7 @@ def parse_networks(value: str) -> tuple[IPNetwork, ...]:
     items = (item.strip() for item in value.split(","))
     return tuple(ipaddress.ip_network(item, strict=False) for item in items if item)
 
+
 PROFILES = ("embedded", "production")
 DEFAULT_ROUTING_FILE = Path(__file__).with_name("routing.toml")
 DEFAULT_PHARMACY_FILE = Path(__file__).with_name("pharmacy.toml")
@@ -106,6 +107,8 @@ def _login_lockout_settings(env: Mapping[str, str]) -> dict[str, int]:
             "INTAKE_LOGIN_ACCOUNT_MAX_DELAY_SECONDS"
         )
     return values
+
+
 # Who may ever break the glass, and who may ever review it: admins never read requests, and
 # staff do not judge their colleagues' emergency accesses.
 BREAK_GLASS_ROLES = ("staff", "supervisor", "compliance")
@@ -173,6 +176,22 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise SettingsError(f"{name} must be 1 or 0, not {raw!r}")
+
+
+def _witnesses(text: str) -> tuple[str, ...]:
+    """INTAKE_AUDIT_WITNESSES: ``URL VKEY`` entries, one per line or separated by ``;``."""
+    entries = []
+    for entry in text.replace(";", "\n").splitlines():
+        parts = entry.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[0].startswith(("http://", "https://")):
+            raise SettingsError(
+                "INTAKE_AUDIT_WITNESSES entries must be 'URL VKEY' (the witness's address "
+                f"and its public key), one per line or separated by ';': got {entry.strip()!r}"
+            )
+        entries.append(" ".join(parts))
+    return tuple(entries)
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:
@@ -268,6 +287,9 @@ class Settings:
     break_glass_roles: tuple[str, ...] = ("staff", "supervisor", "compliance")
     break_glass_alert_roles: tuple[str, ...] = ("compliance",)
     break_glass_reviewers: tuple[str, ...] = ("compliance",)
+    # Witnesses that cosign audit checkpoints (docs/audit-trail.md, "Witnesses"): "URL VKEY"
+    # entries, one per line (or separated by ";").
+    audit_witnesses: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -355,6 +377,7 @@ class Settings:
                 BREAK_GLASS_REVIEWER_ROLES,
                 cls.break_glass_reviewers,
             ),
+            audit_witnesses=_witnesses(env.get("INTAKE_AUDIT_WITNESSES") or ""),
         )
         settings.check()
         settings.check_transport()
@@ -411,8 +434,8 @@ class Settings:
         if len(secret.encode()) < MIN_SECRET_BYTES:
             problems.append(
                 f"INTAKE_SECRET_KEY is {len(secret.encode())} bytes; use at least "
-                f"{MIN_SECRET_BYTES} random bytes (python -c \"import secrets; "
-                f"print(secrets.token_urlsafe(48))\")"
+                f'{MIN_SECRET_BYTES} random bytes (python -c "import secrets; '
+                f'print(secrets.token_urlsafe(48))")'
             )
         database = self.database_url or ""
         if database.startswith("sqlite"):

@@ -11,6 +11,13 @@ key; an old line appended again goes backwards. This assumes the attacker holds 
 signing key nor every copy of the checkpoints file: ship the file elsewhere (it holds no
 secret and no PHI) so that a checkpoint cannot be quietly removed either.
 
+Since issue 12 a checkpoint is a Merkle tree head (intake.audit.tree, RFC 9162 hashing) in the
+C2SP tlog-checkpoint format, signed as a C2SP note with the log's key and cosigned by
+witnesses: line version 2 keeps the chain head (seq, hash, count) beside the signed note and
+the compact range the next checkpoint extends. The tree's last leaf carries the head's chain
+hash, so the signed root vouches for the head too; verification recomputes the root from the
+chain. Version 1 lines (a signature over the head alone) still verify.
+
 Order of events: a checkpoint signs the chain head first, then records ``audit.checkpointed``
 (naming the seq and hash it signed) in the chain. That event is therefore not covered by the
 checkpoint that records it, but by the next one. Verification also checks that every
@@ -24,7 +31,6 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC
 from pathlib import Path
@@ -47,20 +53,24 @@ from intake.audit.chain import (
     record_event,
     verify_chain,
 )
+from intake.audit.tree import CompactRange, extend_range, roots_at
 from intake.clock import now
 from intake.extensions import DbSession
 from intake.models import AuditEvent
+from intake_verify import checkpoint as tlog
+from intake_verify import note as notes
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINTS_FILE = "audit-checkpoints.jsonl"
 FORMAT_VERSION = 1
+NOTE_VERSION = 2  # a signed tree head (C2SP checkpoint note) beside the chain head
 # Prefixed to what is signed, so a checkpoint signature can never be taken for another message.
 SIGNING_CONTEXT = b"intake audit checkpoint v1\n"
 SIGNED_FIELDS = ("v", "seq", "hash", "count", "time", "key_id")
-# The last line is found by reading this much of the file's end; a line is about 300 bytes.
-TAIL_BYTES = 8192
-
+# The last line is found by reading this much of the file's end; a line is about 300 bytes
+# (version 1) or 1 to 3 KiB (version 2: the note, its cosignatures and the compact range).
+TAIL_BYTES = 65536
 
 
 class CheckpointError(RuntimeError):
@@ -77,6 +87,10 @@ class Checkpoint:
     time: str
     key_id: str
     signature: str = ""
+    # Version 2: the signed C2SP checkpoint note (with any cosignatures) and the compact range
+    # of the tree it signs (hex), from which the next checkpoint extends the tree.
+    note: str = ""
+    compact: tuple[str, ...] = ()
 
     def signed_bytes(self) -> bytes:
         body = {"v": FORMAT_VERSION, "seq": self.seq, "hash": self.hash, "count": self.count}
@@ -84,41 +98,90 @@ class Checkpoint:
         return SIGNING_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def to_line(self) -> str:
+        if self.note:
+            body = {"v": NOTE_VERSION, "seq": self.seq, "hash": self.hash, "count": self.count}
+            body |= {"time": self.time, "key_id": self.key_id, "note": self.note}
+            body["range"] = list(self.compact)
+            return json.dumps(body, separators=(",", ":")) + "\n"
         body = {"v": FORMAT_VERSION, "seq": self.seq, "hash": self.hash, "count": self.count}
         body |= {"time": self.time, "key_id": self.key_id, "signature": self.signature}
         return json.dumps(body, separators=(",", ":")) + "\n"
 
 
+@dataclass(frozen=True)
+class SignedHead:
+    """A version 2 line whose note verified: the signed tree head, as the file holds it."""
+
+    number: int  # the line's position in the file (0 when read from the file's end)
+    origin: str
+    size: int
+    root: bytes
+    note: str
+    compact: tuple[str, ...]
+
+    def compact_range(self) -> CompactRange | None:
+        """The line's compact range, if it is well formed and leads to the signed root."""
+        try:
+            compact = CompactRange(self.size, (bytes.fromhex(h) for h in self.compact))
+        except ValueError:
+            return None
+        return compact if compact.root() == self.root else None
+
+
+def note_verifiers(verifiers: list[keys.AuditVerifier]) -> list[notes.Verifier]:
+    return [v.note_verifier() for v in verifiers]
+
+
+def _open_tree_head(
+    number: int, body: dict[str, Any], verifiers: list[keys.AuditVerifier]
+) -> tuple[CheckpointClaim, SignedHead | None]:
+    """Check a version 2 line: its note's signature, and that it signs the seq it names."""
+    seq, digest, count = body["seq"], body["hash"], body["count"]
+    text, compact = body["note"], body["range"]
+    well_formed = (
+        all(type(v) is int and v > 0 for v in (seq, count))
+        and isinstance(digest, str)
+        and isinstance(text, str)
+        and isinstance(compact, list)
+        and all(isinstance(h, str) for h in compact)
+    )
+    if not well_formed:
+        return CheckpointClaim(number, None, None, None, f"unreadable checkpoint {number}"), None
+    claim = CheckpointClaim(number, seq, digest, count)
+    if not verifiers:
+        why = "no public key here to check it"
+    else:
+        try:
+            opened = notes.open_note(text, note_verifiers(verifiers))
+            head = tlog.Checkpoint.parse(opened.text)
+        except (notes.NoteError, tlog.CheckpointError) as error:
+            why = str(error)
+            if "not signed by a trusted key" in why:  # intake_verify.note's words
+                why = _unknown_keys(text) or why
+        else:
+            if head.size == seq:
+                signed = SignedHead(number, head.origin, head.size, head.root, text, tuple(compact))
+                return claim, signed
+            why = f"its note signs size {head.size}, not seq {seq}"
+    problem = f"bad checkpoint signature (checkpoint {number}: {why})"
+    return CheckpointClaim(number, seq, digest, count, problem), None
+
+
 def signing_key(settings: Settings) -> Ed25519PrivateKey:
     """The checkpoint signing key: for the signer only (intake.audit.keys.load_signer)."""
+    return load_signer(settings).private_key
+
+
+def load_signer(settings: Settings) -> keys.AuditSigner:
     try:
-        return keys.load_signer(settings).private_key
+        return keys.load_signer(settings)
     except keys.AuditKeyError as error:
         raise CheckpointError(str(error)) from None
 
 
 def public_keys(settings: Settings) -> dict[str, Ed25519PublicKey]:
     """Every public key checkpoints may carry, by key id (old ones kept after a rotation)."""
-    try:
-        return keys.verifiers_by_id(keys.load_verifiers(settings))
-    except keys.AuditKeyError as error:
-        raise CheckpointError(str(error)) from None
-
-
-PublicKeys = Ed25519PublicKey | Mapping[str, Ed25519PublicKey] | None
-
-
-def _key_for_line(line: str, known: PublicKeys) -> Ed25519PublicKey | None:
-    """The public key a line says signed it, among ``known`` (any one when none matches)."""
-    if known is None or isinstance(known, Ed25519PublicKey):
-        return known
-    try:
-        named = json.loads(line).get("key_id")
-    except (ValueError, AttributeError):
-        named = None
-    if isinstance(named, str) and named in known:
-        return known[named]
-    return next(iter(known.values()), None)
+    return keys.verifiers_by_id(trusted_verifiers(settings))
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -132,8 +195,34 @@ def checkpoints_path(settings: Settings) -> Path:
     return Path(settings.data_dir) / CHECKPOINTS_FILE
 
 
-def _parse_line(number: int, line: str, public_key: Ed25519PublicKey | None) -> CheckpointClaim:
-    """Read one line of the checkpoints file and check its signature."""
+def _unknown_keys(text: str) -> str | None:
+    """ "signed by unknown key NAME+HEX8" when no signature on the note is by a trusted key."""
+    try:
+        _body, signatures = notes.split_note(text)
+    except notes.NoteError:
+        return None
+    names = [f"{sig.name}+{sig.key_id:08x}" for sig in signatures]
+    return f"signed by unknown key {', '.join(names)}" if names else None
+
+
+def _read_line(
+    number: int, line: str, verifiers: list[keys.AuditVerifier]
+) -> tuple[CheckpointClaim, SignedHead | None]:
+    """Read one line of the checkpoints file (either version) and check its signature."""
+    try:
+        body = json.loads(line)
+        if body["v"] == NOTE_VERSION:
+            return _open_tree_head(number, body, verifiers)
+    except (ValueError, TypeError, KeyError):
+        return CheckpointClaim(number, None, None, None, f"unreadable checkpoint {number}"), None
+    by_id = keys.verifiers_by_id(verifiers)
+    return _parse_line(number, line, by_id), None
+
+
+def _parse_line(
+    number: int, line: str, public_keys: dict[str, Ed25519PublicKey]
+) -> CheckpointClaim:
+    """Read one version 1 line of the checkpoints file and check its signature."""
     try:
         body = json.loads(line)
         seq, digest, count = body["seq"], body["hash"], body["count"]
@@ -149,9 +238,10 @@ def _parse_line(number: int, line: str, public_key: Ed25519PublicKey | None) -> 
     if not well_formed:
         return CheckpointClaim(number, None, None, None, f"unreadable checkpoint {number}")
     claim = CheckpointClaim(number, seq, digest, count)
-    if public_key is None:
+    public_key = public_keys.get(checkpoint.key_id)
+    if not public_keys:
         why = "no signing key here to check it"
-    elif checkpoint.key_id != key_id(public_key):
+    elif public_key is None:
         why = f"signed by unknown key {checkpoint.key_id}"
     else:
         try:
@@ -164,7 +254,9 @@ def _parse_line(number: int, line: str, public_key: Ed25519PublicKey | None) -> 
     )
 
 
-def read_checkpoints(path: Path, public_key: PublicKeys) -> list[CheckpointClaim]:
+def read_lines(
+    path: Path, verifiers: list[keys.AuditVerifier]
+) -> list[tuple[CheckpointClaim, SignedHead | None]]:
     """Every checkpoint in ``path`` (none if it does not exist), each with its signature checked."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -173,14 +265,40 @@ def read_checkpoints(path: Path, public_key: PublicKeys) -> list[CheckpointClaim
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    return [
-        _parse_line(number, line, _key_for_line(line, public_key))
-        for number, line in enumerate(lines, 1)
-    ]
+    return [_read_line(number, line, verifiers) for number, line in enumerate(lines, 1)]
 
 
-def _last_checkpoint(path: Path, public_key: PublicKeys) -> CheckpointClaim | None:
-    """The file's last checkpoint, read from its end so a long file costs nothing."""
+def read_checkpoints(path: Path, verifiers: list[keys.AuditVerifier]) -> list[CheckpointClaim]:
+    """Every checkpoint in ``path``'s claim about the chain, each with its signature checked."""
+    return [claim for claim, _head in read_lines(path, verifiers)]
+
+
+def trusted_verifiers(settings: Settings) -> list[keys.AuditVerifier]:
+    """Every public key checkpoints may be signed with (old ones kept after a rotation)."""
+    try:
+        return keys.load_verifiers(settings)
+    except keys.AuditKeyError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def signed_heads(settings: Settings, path: Path | None = None) -> list[SignedHead]:
+    """Every signed tree head in the checkpoints file whose signature verifies, oldest first."""
+    verifiers = trusted_verifiers(settings)
+    return [head for _c, head in read_lines(path or checkpoints_path(settings), verifiers) if head]
+
+
+def latest_signed_head(settings: Settings, path: Path | None = None) -> SignedHead | None:
+    """The file's last line as a signed tree head (None if there is none, or it is version 1)."""
+    path = path or checkpoints_path(settings)
+    last = _last_line(path)
+    if last is None:
+        return None
+    _claim, head = _read_line(0, last, trusted_verifiers(settings))
+    return head
+
+
+def _last_line(path: Path) -> str | None:
+    """The file's last complete line, read from its end so a long file costs nothing."""
     try:
         with path.open("rb") as handle:
             size = handle.seek(0, os.SEEK_END)
@@ -192,12 +310,20 @@ def _last_checkpoint(path: Path, public_key: PublicKeys) -> CheckpointClaim | No
         return None
     if not tail.endswith(b"\n"):
         raise CheckpointError(f"{path} ends in a partial line; run `intake audit verify`")
-    last = tail[:-1].rsplit(b"\n", 1)[-1].decode("utf-8", "replace")
-    # 0: its position is not known (nor needed)
-    claim = _parse_line(0, last, _key_for_line(last, public_key))
+    return tail[:-1].rsplit(b"\n", 1)[-1].decode("utf-8", "replace")
+
+
+def _last_checkpoint(
+    path: Path, verifiers: list[keys.AuditVerifier]
+) -> tuple[CheckpointClaim, SignedHead | None] | None:
+    """The file's last checkpoint (and its signed tree head, for a version 2 line)."""
+    last = _last_line(path)
+    if last is None:
+        return None
+    claim, head = _read_line(0, last, verifiers)  # 0: its position is not known (nor needed)
     if claim.problem:
         raise CheckpointError(f"the last checkpoint in {path} does not verify ({claim.problem})")
-    return claim
+    return claim, head
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -227,17 +353,26 @@ def write_checkpoint(
     happened since. Refuses (CheckpointError) to sign a chain that does not extend the last
     checkpoint intact, or that the anchor does not vouch for: signing it would vouch for the
     damage. ``cursor`` (the signer's) remembers where in the anchor the last checkpoint was
-    made, so the next one reads only what is new.
+    made, so the next one reads only what is new. With ``INTAKE_AUDIT_WITNESSES`` set, the
+    witnesses' cosignatures go into the note before the line is written.
     """
-    key = signing_key(settings)
+    signer = load_signer(settings)
+    verifiers = trusted_verifiers(settings)
+    # A raw key (the format before issue 12) carries no name: sign notes under the name its
+    # published public key has, so that they verify with it.
+    named = next((v.name for v in verifiers if v.raw == signer.verifier.raw), signer.name)
+    signer = keys.AuditSigner(named, signer.private_key)
     path = path or checkpoints_path(settings)
     cursor = cursor or AnchorCursor()
     try:
         check_anchor(session, settings, cursor)
-        checkpoint = _sign_head(session, key, path, skip_idle, public_keys(settings))
-        if checkpoint is None:
+        signed = _sign_head(session, signer, path, skip_idle, verifiers)
+        if signed is None:
             session.rollback()  # releases the writers' lock
             return None
+        checkpoint, previous = signed
+        if settings.audit_witnesses:
+            checkpoint = _witnessed(session, settings, signer, path, checkpoint, previous)
         # The line is durable before the event that says it exists is committed: a crash in
         # between leaves a checkpoint nobody recorded, never a recorded one that is missing.
         _append_line(path, checkpoint.to_line())
@@ -262,18 +397,21 @@ def write_checkpoint(
 
 def _sign_head(
     session: DbSession,
-    key: Ed25519PrivateKey,
+    signer: keys.AuditSigner,
     path: Path,
     skip_idle: bool,
-    old_keys: Mapping[str, Ed25519PublicKey] | None = None,
-) -> Checkpoint | None:
-    """Lock the chain, check it extends the file's last checkpoint, and sign its head."""
-    public_key = key.public_key()
+    old_keys: list[keys.AuditVerifier] | None = None,
+) -> tuple[Checkpoint, SignedHead | None] | None:
+    """Lock the chain, check it extends the file's last checkpoint, and sign its tree head.
+
+    Returns the checkpoint and the last one's signed tree head (None if it was version 1).
+    """
     head = chain_head(session)  # holds the writers' lock until commit: the head cannot move
     if head.seq == 0:
         return None
     # The last checkpoint may carry a key rotated out since: any listed public key will do.
-    last = _last_checkpoint(path, {**(old_keys or {}), key_id(public_key): public_key})
+    found = _last_checkpoint(path, [*(old_keys or []), signer.verifier])
+    last, last_head = found if found is not None else (None, None)
     if last is not None:
         assert last.seq is not None and last.hash is not None
         if last.seq == head.seq and last.hash == head.hash:
@@ -293,9 +431,82 @@ def _sign_head(
             f"refusing to sign a broken chain: seq {report.first_bad_seq}: {report.problem}"
         )
     count = report.events + (last.count if last is not None and last.count else 0)
-    unsigned = Checkpoint(head.seq, head.hash, count, format_time(now()), key_id(public_key))
-    signature = base64.b64encode(key.sign(unsigned.signed_bytes())).decode()
-    return replace(unsigned, signature=signature)
+    return _sign_tree_head(session, signer, head.seq, head.hash, count, last_head), last_head
+
+
+def _sign_tree_head(
+    session: DbSession,
+    signer: keys.AuditSigner,
+    seq: int,
+    digest: str,
+    count: int,
+    last_head: SignedHead | None,
+) -> Checkpoint:
+    """Sign the Merkle tree head of the chain through ``seq`` as a C2SP checkpoint note.
+
+    The tree grows from the last checkpoint's compact range (verified against its signed root),
+    so only the events since are hashed; after a version 1 line (or none) every event is.
+    """
+    start = last_head.compact_range() if last_head is not None else None
+    if start is None and last_head is not None:
+        log.warning("audit_compact_range_rebuilt", size=last_head.size)
+    tree = extend_range(session, start or CompactRange(), seq)
+    if tree.size != seq:
+        raise CheckpointError(
+            f"refusing to sign a broken chain: seq {tree.size + 1}: missing event"
+        )
+    moment = now()
+    body = tlog.Checkpoint(signer.name, seq, tree.root(), (tlog.time_extension(moment),)).body()
+    return Checkpoint(
+        seq,
+        digest,
+        count,
+        format_time(moment),
+        signer.verifier.key_id,
+        note=notes.sign_note(body, signer.note_signer()),
+        compact=tuple(tree.to_hex()),
+    )
+
+
+def _witnessed(
+    session: DbSession,
+    settings: Settings,
+    signer: keys.AuditSigner,
+    path: Path,
+    checkpoint: Checkpoint,
+    previous: SignedHead | None,
+) -> Checkpoint:
+    """The checkpoint with its witnesses' cosignatures in its note (intake.audit.witnesses).
+
+    The writers' lock is released while the witnesses answer, so a slow or unreachable
+    witness holds up no one; it is taken again before the line is written, and the file must
+    still end with the checkpoint this one extends.
+    """
+    from intake.audit.tree import consistency_from_chain
+    from intake.audit.witnesses import collect_cosignatures
+
+    before = _last_line(path)
+    session.rollback()  # releases the writers' lock
+
+    def proof_from(old_size: int) -> list[bytes]:
+        proof = consistency_from_chain(session, old_size, checkpoint.seq)
+        session.rollback()  # SQLite transactions begin IMMEDIATE: hold no lock over HTTP
+        return proof
+
+    note = collect_cosignatures(
+        settings,
+        checkpoint.note,
+        checkpoint.seq,
+        proof_from,
+        previous=(previous.note, previous.size) if previous is not None else None,
+    )
+    session.rollback()
+    chain_head(session)  # the writers' lock again, until commit
+    if _last_line(path) != before:
+        raise CheckpointError(
+            "another checkpoint was written while the witnesses answered; run it again"
+        )
+    return replace(checkpoint, note=note)
 
 
 @dataclass
@@ -343,6 +554,10 @@ class TrailReport:
     path: Path
     lines: int
     last_seq: int | None
+    # The file's last line as a signed tree head (None if it is version 1 or unreadable), and
+    # the configured witnesses whose cosignature on it verifies.
+    latest: SignedHead | None = None
+    cosigned_by: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -350,6 +565,8 @@ class TrailReport:
             "lines": self.lines,
             "verified": self.chain.checkpoints,
             "last_seq": self.last_seq,
+            "tree_size": self.latest.size if self.latest else None,
+            "cosigned_by": list(self.cosigned_by),
         }
 
 
@@ -360,20 +577,51 @@ def verify_trail(
     *,
     with_anchor: bool = True,
 ) -> TrailReport:
-    """Verify the chain, every checkpoint in the file (the configured one by default), the
-    anchor, and that no event waited too long for a checkpoint. Public keys only."""
+    """Verify the chain, every checkpoint in the file (the configured one by default) and its
+    signed Merkle root, the anchor, and that no event waited too long for a checkpoint.
+    Public keys only."""
     path = path or checkpoints_path(settings)
     # The file first: every checkpoint in it signs events already committed, so the chain read
     # next holds them, even while another process appends a checkpoint.
-    claims = read_checkpoints(path, public_keys(settings))
+    lines = read_lines(path, trusted_verifiers(settings))
+    claims = [claim for claim, _head in lines]
     report = verify_chain(session, claims)
+    report = _check_roots(session, report, [head for _claim, head in lines if head is not None])
     seqs = [claim.seq for claim in claims if claim.seq is not None]
     last_seq = max(seqs) if seqs else None
     if with_anchor:
         report = _worst(report, _anchor_finding(session, settings))
     if report.ok:
         report = _worst(report, _freshness_finding(session, settings, path, last_seq))
-    return TrailReport(report, path, len(claims), last_seq)
+    latest = lines[-1][1] if lines else None
+    cosigned: tuple[str, ...] = ()
+    if latest is not None:
+        from intake.audit.witnesses import cosigned_by
+
+        cosigned = tuple(cosigned_by(settings, latest.note))
+    return TrailReport(report, path, len(claims), last_seq, latest, cosigned)
+
+
+def _check_roots(session: DbSession, report: ChainReport, heads: list[SignedHead]) -> ChainReport:
+    """Hold each signed tree head's root against the tree of the chain, up to the first damage.
+
+    The chain's hashes already match each checkpoint's head; this checks what an outside
+    reader relies on, that the signed root is the root of this chain (whose last leaf carries
+    that head's hash).
+    """
+    limit = report.last_seq if report.ok else (report.first_bad_seq or 1) - 1
+    checked = [head for head in heads if head.size <= limit]
+    roots = roots_at(session, [head.size for head in checked])
+    for head in checked:
+        if roots.get(head.size) != head.root:
+            return replace(
+                report,
+                ok=False,
+                first_bad_seq=head.size,
+                problem=f"chain does not match checkpoint {head.number}: its signed Merkle root "
+                "is not the root of this chain",
+            )
+    return report
 
 
 def _worst(report: ChainReport, finding: tuple[int | None, str] | None) -> ChainReport:

@@ -226,6 +226,37 @@ def access(reference: str) -> ResponseReturnValue:
     ), status
 
 
+@bp.post("/access/<reference>/proof")
+def access_proof(reference: str) -> ResponseReturnValue:
+    """Download the request's proof file (with openings), recorded as ``audit.exported``."""
+    from intake.audit.proofs import ProofUnavailable, recorded_proof
+
+    normalized = normalize_reference(reference)
+    if normalized is None:
+        abort(404)
+    actor = current_user.actor()
+    try:
+        proof = recorded_proof(
+            db.session,
+            current_app.extensions["intake.settings"],
+            normalized,
+            actor=actor.audit_name,
+            actor_role=actor.role,
+            ip_hmac=actor.ip_hmac,
+            username=actor.username,
+        )
+    except ProofUnavailable as error:
+        db.session.rollback()
+        flash(f"No proof could be made: {error}.")
+        return redirect(url_for("compliance.access", reference=normalized), 303)
+    log.info("audit_proof_exported", user_id=actor.user_id, events=len(proof.events))
+    return Response(
+        proof.to_json(),
+        mimetype="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{proof.filename}"'},
+    )
+
+
 # -- users ------------------------------------------------------------------------------------
 
 

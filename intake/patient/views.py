@@ -6,7 +6,16 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_babel import lazy_gettext as _l
 from flask_wtf.csrf import CSRFError, validate_csrf
@@ -430,6 +439,7 @@ def status() -> ResponseReturnValue:
         )
         return page, 429, {"Retry-After": str(found.retry_after_seconds)}
     log.info("status_looked_up", found=found is not None)
+    session.pop(PROOF_GRANT, None)
     if found is None:
         return render_template(
             "patient/status.html", form=form, first_error=None, not_found=STATUS_NOT_FOUND
@@ -447,5 +457,88 @@ def status() -> ResponseReturnValue:
         "received": format_moment(found.received_at),
         "changed_at": found.changed_at,
         "changed": format_moment(found.changed_at),
+        "openings": [
+            {
+                "at": opening.at,
+                "when": format_moment(opening.at),
+                "team": opening.team,
+                "emergency": opening.emergency,
+            }
+            for opening in found.openings
+        ],
     }
+    _grant_proof(form.reference.data)
     return render_template("patient/status.html", form=form, first_error=None, answer=answer)
+
+
+# -- the proof of who opened the request ------------------------------------------------------
+#
+# Why: the download must not put the reference or date of birth in an address (addresses end
+# up in logs and browser history), nor let anyone fetch a proof for a reference they merely
+# know. A successful look-up writes the reference into this browser's own signed session
+# cookie, good for PROOF_GRANT_SECONDS; the download is a POST with the page's CSRF token that
+# reads it from there. The cookie is signed, so it cannot be pointed at another request.
+
+PROOF_GRANT = "status_proof"
+PROOF_GRANT_SECONDS = 600
+PROOF_EXPIRED = _l(
+    "For your safety, the download is only available for a few minutes after you check your "
+    "request. Please enter your reference number and date of birth again."
+)
+PROOF_NOT_READY = _l(
+    "The proof for your request is not ready yet: the pharmacy signs its records every few "
+    "minutes. Please try again later."
+)
+
+
+def _grant_proof(reference: str) -> None:
+    session[PROOF_GRANT] = {
+        "reference": reference,
+        "until": int(now().timestamp()) + PROOF_GRANT_SECONDS,
+    }
+
+
+def _granted_reference() -> str | None:
+    grant = session.get(PROOF_GRANT)
+    if not isinstance(grant, dict):
+        return None
+    reference, until = grant.get("reference"), grant.get("until")
+    if not isinstance(reference, str) or not isinstance(until, int):
+        return None
+    if until < now().timestamp():
+        session.pop(PROOF_GRANT, None)
+        return None
+    return reference
+
+
+@bp.post("/status/proof")
+@csrf.exempt
+@limiter.limit(_submit_limit)
+def status_proof() -> ResponseReturnValue:
+    """Download the proof of the request's audit events (public fields only), and audit it."""
+    from intake.patient.forms import StatusForm
+
+    if _csrf_failed():
+        abort(400)
+    reference = _granted_reference()
+    if reference is None:
+        log.info("status_proof_downloaded", outcome="expired")
+        return render_template(
+            "patient/status.html", form=StatusForm(), first_error=None, notice=PROOF_EXPIRED
+        ), 403
+    from intake.audit.proofs import ProofUnavailable, patient_proof
+
+    try:
+        proof = patient_proof(db.session, _settings(), reference, ip_hmac=_client_ip_hmac())
+    except ProofUnavailable:
+        db.session.rollback()
+        log.info("status_proof_downloaded", outcome="not_ready")
+        return render_template(
+            "patient/status.html", form=StatusForm(), first_error=None, notice=PROOF_NOT_READY
+        )
+    log.info("status_proof_downloaded", outcome="success", events=len(proof.events))
+    return current_app.response_class(
+        proof.to_json(),
+        mimetype="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{proof.filename}"'},
+    )

@@ -326,7 +326,11 @@ def open_request(
         if alerted:
             # Queued after the event: the alert names the latest break-glass recorded before it.
             alert = outbox.enqueue(session, request.id, BREAK_GLASS_ALERT_TASK)
-    actor.record(session, "phi.viewed", reference, break_glass=glass, notes=len(notes))
+    # The request's team goes in the event (and so in its public Merkle leaf): the patient's
+    # status page and proof say which team opened the request, never which person.
+    actor.record(
+        session, "phi.viewed", reference, break_glass=glass, notes=len(notes), team=request.team
+    )
     session.commit()
     consents = list(
         session.execute(

@@ -9,7 +9,8 @@ the date of birth is compared inside this function and never logged or audited.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -19,7 +20,7 @@ from intake.audit.chain import record_event
 from intake.clock import now
 from intake.crypto import phi
 from intake.extensions import DbSession
-from intake.models import AuditEvent, LoginThrottle, Request
+from intake.models import AuditEvent, LoginThrottle, Request, Team
 
 COARSE = {
     "received": "received",
@@ -45,6 +46,49 @@ class StatusAnswer:
     topic: str | None
     received_at: datetime
     changed_at: datetime
+    openings: tuple[StaffOpening, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class StaffOpening:
+    """One time staff opened the request's page: when, and the team's name (no person).
+
+    ``team`` is None for openings recorded before the team was written into the event.
+    ``emergency`` marks a break-glass opening by someone outside the request's team.
+    """
+
+    at: datetime
+    team: str | None
+    emergency: bool = False
+
+
+def staff_openings(session: DbSession, reference: str) -> tuple[StaffOpening, ...]:
+    """Every time staff opened ``reference``'s page (queue list views not counted), oldest first."""
+    rows = session.execute(
+        select(AuditEvent.created_at, AuditEvent.details)
+        .where(
+            AuditEvent.reference == reference,
+            AuditEvent.action == "phi.viewed",
+            AuditEvent.outcome == "success",
+        )
+        .order_by(AuditEvent.seq)
+    ).all()
+    names = {team_id: name for team_id, name in session.execute(select(Team.id, Team.name))}
+    openings = []
+    for at, details in rows:
+        try:
+            recorded = json.loads(details) if details else {}
+        except ValueError:
+            recorded = {}
+        team = recorded.get("team") if isinstance(recorded, dict) else None
+        openings.append(
+            StaffOpening(
+                at=at,
+                team=names.get(team, team) if isinstance(team, str) else None,
+                emergency=bool(isinstance(recorded, dict) and recorded.get("break_glass")),
+            )
+        )
+    return tuple(openings)
 
 
 # Failed look-ups are counted per (typed reference, client) and per typed reference from
@@ -163,4 +207,5 @@ def _answer(session: DbSession, row: Request, status: str) -> StatusAnswer:
         topic=row.topic,
         received_at=row.created_at,
         changed_at=max(changed, row.created_at) if changed else row.created_at,
+        openings=staff_openings(session, row.reference),
     )

@@ -358,7 +358,8 @@ def test_the_signing_key_lives_in_the_signers_folder_not_the_database(app):
         assert published == signer.verifier.vkey + "\n" and "PRIVATE" not in published
         assert not (Path(settings().data_dir) / keys.LEGACY_KEY_FILE).exists()
         line = json.loads(checkpoint_lines()[0])
-        assert set(line) == {"v", "seq", "hash", "count", "time", "key_id", "signature"}
+        assert set(line) == {"v", "seq", "hash", "count", "time", "key_id", "note", "range"}
+        assert line["v"] == 2 and skey not in line["note"] and seed not in line["note"]
 
 
 def test_an_old_data_folder_key_moves_into_the_signers_folder(app):
