@@ -77,7 +77,8 @@ def pending_tasks(app) -> int:
             db.session.scalar(
                 sa.select(sa.func.count())
                 .select_from(OutboxMessage)
-                .where(OutboxMessage.status == "pending")
+                # "sending": a notification under way is not finished either.
+                .where(OutboxMessage.status.in_(("pending", "sending")))
             )
             or 0
         )
