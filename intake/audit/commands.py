@@ -120,6 +120,11 @@ def _witness_line(trail: TrailReport) -> str:
     """Who cosigned the latest checkpoint, in words."""
     if trail.latest is None:
         return "The latest checkpoint is not a Merkle tree head, so no witness could cosign it."
+    if not trail.cosigned_by and not current_app.extensions["intake.settings"].audit_witnesses:
+        return (
+            f"The latest checkpoint (tree size {trail.latest.size}) has no witness: none is "
+            "configured (INTAKE_AUDIT_WITNESSES), so only the pharmacy's own key vouches for it."
+        )
     if not trail.cosigned_by:
         return (
             f"The latest checkpoint (tree size {trail.latest.size}) is cosigned by none of the "
