@@ -64,3 +64,31 @@ def test_a_seq_far_ahead_is_refused_not_a_crash_of_the_signer_and_verify(app, ru
     result = runner.invoke(args=["audit", "verify", "--json"])
     assert result.exit_code == 1, result.output
     assert json.loads(result.stdout)["first_bad_seq"] == 10
+
+
+# -- misconfiguration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("not-a-key", "INTAKE_AUDIT_WITNESSES: the key of https://w.example"),
+        ("LOG", "not a witness (cosignature, type 0x04) key"),
+    ],
+    ids=["garbage", "the log's own key"],
+)
+def test_a_witness_key_that_can_never_verify_is_refused_at_start(key, why):
+    """Before: any text passed for the key. Every cosignature was then dropped as bad (a log
+    line per checkpoint), verify named no witness, and nothing told the operator why; with
+    the log's own public key pasted in (a natural slip), no cosignature could ever verify."""
+    from config import Settings
+    from config.settings import SettingsError
+    from intake_verify import note
+
+    _skey, log_vkey = note.generate_key("pharmacy.example/intake-audit")
+    entry = f"https://w.example {log_vkey if key == 'LOG' else key}"
+    with pytest.raises(SettingsError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env({"INTAKE_AUDIT_WITNESSES": entry})
+    _wskey, witness_vkey = note.generate_key("w.example", note.ALG_COSIGNATURE_V1)
+    configured = Settings.from_env({"INTAKE_AUDIT_WITNESSES": f"https://w.example {witness_vkey}"})
+    assert configured.audit_witnesses == (f"https://w.example {witness_vkey}",)
