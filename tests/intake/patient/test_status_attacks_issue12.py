@@ -32,3 +32,25 @@ def test_renaming_a_team_in_the_database_does_not_change_who_opened_the_request(
     page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
     assert ROW_RE.findall(page) == [team_name]
     assert "Billing office" not in page
+
+
+def test_a_checkpoints_file_being_written_gives_not_ready_not_a_server_error(
+    app, client, patient
+):
+    """Before: while the signer's line was still being written (or after a crash cut it), the
+    file ended in a partial line and latest_signed_head raised CheckpointError: the patient's
+    download was a 500. It is "not ready yet", as when no checkpoint exists."""
+    from intake.audit import checkpoints
+    from tests.intake.patient.test_status_openings import download_proof
+
+    reference = submit_routed(app, patient)
+    settings = app.extensions["intake.settings"]
+    with app.app_context():
+        checkpoints.write_checkpoint(db.session, settings, actor="system:test")
+    path = checkpoints.checkpoints_path(settings)
+    with path.open("a") as handle:
+        handle.write('{"v":2,"seq":')
+    page = look_up(client, reference, "1980-03-15").get_data(as_text=True)
+    answer = download_proof(client, page)
+    assert answer.status_code == 200
+    assert "not ready yet" in answer.get_data(as_text=True)
