@@ -190,8 +190,32 @@ def _witnesses(text: str) -> tuple[str, ...]:
                 "INTAKE_AUDIT_WITNESSES entries must be 'URL VKEY' (the witness's address "
                 f"and its public key), one per line or separated by ';': got {entry.strip()!r}"
             )
+        _check_witness_key(parts[0], parts[1])
         entries.append(" ".join(parts))
     return tuple(entries)
+
+
+def _check_witness_key(url: str, vkey: str) -> None:
+    """Refuse a witness key no cosignature could ever verify with (garbage, or a log key).
+
+    Why: the signer would drop every cosignature as bad and verify would name no witness,
+    with nothing at start to say the setting is wrong.
+    """
+    from intake_verify import note  # standard library and cryptography only
+
+    try:
+        verifier = note.Verifier.from_vkey(vkey)
+    except note.NoteError as error:
+        raise SettingsError(
+            f"INTAKE_AUDIT_WITNESSES: the key of {url} is not a public key ({error}); give "
+            "the witness's own vkey, as printed by `intake-verify keygen NAME --witness`"
+        ) from None
+    if verifier.alg != note.ALG_COSIGNATURE_V1:
+        raise SettingsError(
+            f"INTAKE_AUDIT_WITNESSES: the key of {url} ({verifier.name}) is not a witness "
+            "(cosignature, type 0x04) key; is it the log's own public key? Give the witness's "
+            "vkey, as printed by `intake-verify keygen NAME --witness`"
+        )
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

@@ -238,18 +238,31 @@ class _Vouched:
     baseline: Entry | None = None
     bad_line: str | None = None
     first_seq: int = 0
+    # The highest seq stored, and the first entry that went beyond it by more than one.
+    top: int = -1
+    jump: tuple[int, int] | None = None
 
     def add(self, entry: AnchorEntry) -> None:
         kind, seq, hexdigest = entry
         if kind == BASELINE:
             if self.baseline is None:
                 self.baseline = (seq, hexdigest)
+                if self.top < self.first_seq:  # nothing stored yet: the table starts after it
+                    self.first_seq = max(self.first_seq, seq + 1)
             return
         if kind == "?":
             self.bad_line = self.bad_line or hexdigest
             return
         if seq < self.first_seq or seq < 1:
             return
+        if seq > max(self.top, self.first_seq - 1) + 1:
+            # record_event takes the head's seq + 1 under the writers' lock, so Intake's seqs
+            # never skip one: a jump means the database held an event Intake never wrote (a
+            # seq forged far ahead). Stop storing rather than grow the table to that seq (a
+            # seq of 10**9 would be 32 GB): the signer and verify must refuse, not crash.
+            self.jump = self.jump or (max(self.top, self.first_seq - 1), seq)
+            return
+        self.top = max(self.top, seq)
         digest = bytes.fromhex(hexdigest)
         table = self.committed if kind == COMMITTED else self.prepared
         index = (seq - self.first_seq) * 32
@@ -354,6 +367,19 @@ def compare(
     if vouched.bad_line is not None:
         return AnchorReport(
             False, events, None, f"anchor damaged: unreadable line {vouched.bad_line!r}", where
+        )
+    if vouched.jump is not None:
+        before, after_jump = vouched.jump
+        return AnchorReport(
+            False,
+            events,
+            before + 1,
+            f"event inserted outside Intake: the anchor jumps from seq {before} to seq "
+            f"{after_jump}, so Intake wrote seq {after_jump} after an event it never wrote "
+            f"(seq {after_jump - 1}, forged far ahead)",
+            where,
+            vouched.baseline[0] if vouched.baseline else 0,
+            end,
         )
     base_seq, base_hash = vouched.baseline or (0, "")
     if since is None and base_seq:

@@ -88,7 +88,12 @@ def build_request_proof(
     session: DbSession, settings: Settings, reference: str, *, openings: bool
 ) -> RequestProof:
     """The proof of every event naming ``reference`` against the latest signed checkpoint."""
-    head = checkpoints.latest_signed_head(settings)
+    try:
+        head = checkpoints.latest_signed_head(settings)
+    except checkpoints.CheckpointError as error:
+        # The file ends in a line still being written (or cut by a crash), or a key setting
+        # cannot be read: no proof now, said as such, never a server error.
+        raise ProofUnavailable(str(error)) from None
     if head is None:
         raise ProofUnavailable(NO_CHECKPOINT)
     c = AuditEvent.__table__.c

@@ -34,6 +34,7 @@ from intake.models import (
     ConsentAcceptance,
     Note,
     Request,
+    Team,
     User,
 )
 from intake.requests import outbox
@@ -327,9 +328,18 @@ def open_request(
             # Queued after the event: the alert names the latest break-glass recorded before it.
             alert = outbox.enqueue(session, request.id, BREAK_GLASS_ALERT_TASK)
     # The request's team goes in the event (and so in its public Merkle leaf): the patient's
-    # status page and proof say which team opened the request, never which person.
+    # status page and proof say which team opened the request, never which person. So does
+    # the team's name then: the ``teams`` table is not in the chain, so a name looked up at
+    # display time could be changed in the database unseen.
+    team = session.get(Team, request.team) if request.team else None
     actor.record(
-        session, "phi.viewed", reference, break_glass=glass, notes=len(notes), team=request.team
+        session,
+        "phi.viewed",
+        reference,
+        break_glass=glass,
+        notes=len(notes),
+        team=request.team,
+        team_name=team.name if team is not None else None,
     )
     session.commit()
     consents = list(

@@ -81,10 +81,14 @@ def staff_openings(session: DbSession, reference: str) -> tuple[StaffOpening, ..
         except ValueError:
             recorded = {}
         team = recorded.get("team") if isinstance(recorded, dict) else None
+        # The name recorded in the (hash-chained) event; the current one for older events.
+        name = recorded.get("team_name") if isinstance(recorded, dict) else None
+        if not isinstance(name, str):
+            name = names.get(team, team) if isinstance(team, str) else None
         openings.append(
             StaffOpening(
                 at=at,
-                team=names.get(team, team) if isinstance(team, str) else None,
+                team=name,
                 emergency=bool(isinstance(recorded, dict) and recorded.get("break_glass")),
             )
         )
