@@ -125,3 +125,31 @@ def test_the_signer_refuses_a_key_nobody_could_verify(app):
     )
     with pytest.raises(keys.AuditKeyError, match="not in INTAKE_AUDIT_VERIFY_KEYS"):
         run_signer(app, once=True)
+
+
+def test_a_running_signer_refuses_and_says_so_when_older_history_is_changed(app, caplog):
+    """Damage before the last checkpoint: each tick reads only what is new, so the signer also
+    holds the whole trail on start and every FULL_CHECK_TICKS ticks, and refuses until repaired."""
+    from intake.audit.checkpoints import CheckpointError
+    from tests.intake.audit.test_database_attacker import as_database_owner
+
+    cursor = AnchorCursor()
+    with app.app_context():
+        for _ in range(4):
+            record_event(db.session, actor="system:test", action="request.routed")
+        db.session.commit()
+    assert sign_once(app, cursor) == 4
+    with app.app_context():
+        # A database owner rewrites event 2, already signed; its stored hash is left alone, so
+        # the signed head (seq 4) still matches and a check of what is new sees nothing.
+        as_database_owner("UPDATE audit_events SET actor = 'system:someone-else' WHERE seq = 2")
+        record_event(db.session, actor="system:test", action="request.routed")
+        db.session.commit()
+    with pytest.raises(CheckpointError, match="damaged at seq 2"):
+        run_signer(app, once=True)
+    with app.app_context():
+        signed = [
+            json.loads(line)["seq"]
+            for line in checkpoints_path(app.extensions["intake.settings"]).read_text().splitlines()
+        ]
+    assert signed == [4], "a checkpoint was signed over a damaged trail"
