@@ -429,23 +429,29 @@ def _created_at_column(session: DbSession) -> ColumnElement[str]:
     return type_coerce(text_time, String())
 
 
+def stored_row_columns(session: DbSession) -> tuple[ColumnElement[Any], ...]:
+    """The columns of a :data:`Row`, in its order, ``created_at`` as the database's text."""
+    c = AuditEvent.__table__.c
+    return (
+        c.seq,
+        _created_at_column(session),
+        c.actor,
+        c.actor_role,
+        c.action,
+        c.reference,
+        c.outcome,
+        c.details,
+        c.ip_hmac,
+        c.prev_hash,
+        c.hash,
+    )
+
+
 def _stored_rows(session: DbSession, after_seq: int) -> Generator[Row, None, None]:
     """Stream the chain's raw rows after ``after_seq`` (a server-side cursor on PostgreSQL)."""
     c = AuditEvent.__table__.c
     statement = (
-        select(
-            c.seq,
-            _created_at_column(session),
-            c.actor,
-            c.actor_role,
-            c.action,
-            c.reference,
-            c.outcome,
-            c.details,
-            c.ip_hmac,
-            c.prev_hash,
-            c.hash,
-        )
+        select(*stored_row_columns(session))
         .where(c.seq > after_seq)
         .order_by(c.seq)
     )

@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from intake.audit import checkpoints
-from intake.audit.chain import _canonical, _created_at_column, record_event
+from intake.audit.chain import _canonical, record_event, stored_row_columns
 from intake.audit.tree import chain_tree, team_of
 from intake.extensions import DbSession
 from intake.models import AuditEvent
@@ -98,19 +98,7 @@ def build_request_proof(
         raise ProofUnavailable(NO_CHECKPOINT)
     c = AuditEvent.__table__.c
     rows = session.execute(
-        select(
-            c.seq,
-            _created_at_column(session),
-            c.actor,
-            c.actor_role,
-            c.action,
-            c.reference,
-            c.outcome,
-            c.details,
-            c.ip_hmac,
-            c.prev_hash,
-            c.hash,
-        )
+        select(*stored_row_columns(session))
         .where(c.reference == reference, c.seq <= head.size)
         .order_by(c.seq)
     ).all()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from intake.audit import checkpoints, keys
 from intake.audit.chain import (
@@ -72,14 +72,9 @@ def verify():
 
 def attack(*statements: str) -> None:
     """Run SQL as an insider who first switched off the append-only triggers."""
-    if db.session.get_bind().dialect.name == "postgresql":
-        db.session.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
-    else:
-        db.session.execute(text("DROP TRIGGER IF EXISTS audit_events_no_update"))
-        db.session.execute(text("DROP TRIGGER IF EXISTS audit_events_no_delete"))
-    for statement in statements:
-        db.session.execute(text(statement))
-    db.session.commit()
+    from tests.intake.audit.test_database_attacker import as_database_owner
+
+    as_database_owner(*statements)
 
 
 def recompute_chain() -> None:
