@@ -1,4 +1,4 @@
-"""Measure the Merkle tree, the anchor and the proofs of the audit trail (issue 12).
+"""Measure the Merkle tree, the anchor and the proofs of the audit trail.
 
 Writes N realistic events into a temporary SQLite database (and, with --postgres, a temporary
 PostgreSQL database) with an anchor file vouching for them, then times four things, each

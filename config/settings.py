@@ -265,7 +265,7 @@ class Settings:
     keyring: str | None = None
     audit_signing_key: str | None = None
     audit_checkpoints: Path | None = None
-    # Issue 12: public keys for verifying, the log's name, the anchor file, staleness.
+    # Audit trail: public keys for verifying, the log's name, the anchor file, staleness.
     audit_verify_keys: str | None = None
     audit_origin: str | None = None
     audit_anchor: Path | None = None

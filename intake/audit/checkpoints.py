@@ -11,7 +11,7 @@ key; an old line appended again goes backwards. This assumes the attacker holds 
 signing key nor every copy of the checkpoints file: ship the file elsewhere (it holds no
 secret and no PHI) so that a checkpoint cannot be quietly removed either.
 
-Since issue 12 a checkpoint is a Merkle tree head (intake.audit.tree, RFC 9162 hashing) in the
+A checkpoint is a Merkle tree head (intake.audit.tree, RFC 9162 hashing) in the
 C2SP tlog-checkpoint format, signed as a C2SP note with the log's key and cosigned by
 witnesses: line version 2 keeps the chain head (seq, hash, count) beside the signed note and
 the compact range the next checkpoint extends. The tree's last leaf carries the head's chain
@@ -358,7 +358,7 @@ def write_checkpoint(
     """
     signer = load_signer(settings)
     verifiers = trusted_verifiers(settings)
-    # A raw key (the format before issue 12) carries no name: sign notes under the name its
+    # A raw key (the version 1 format) carries no name: sign notes under the name its
     # published public key has, so that they verify with it.
     named = next((v.name for v in verifiers if v.raw == signer.verifier.raw), signer.name)
     signer = keys.AuditSigner(named, signer.private_key)

@@ -167,7 +167,7 @@ def checkpoint() -> None:
     )
 
 
-# -- proofs and witnesses (issue 12) ----------------------------------------------------------
+# -- proofs and witnesses -------------------------------------------------------------------
 
 
 @audit.command("prove")

@@ -13,7 +13,7 @@ Keys are written in the C2SP signed-note formats (``intake_verify.note``): a pri
 ``PRIVATE+KEY+<name>+<hex8>+<base64(0x01 || seed)>`` and a verifier key
 ``<name>+<hex8>+<base64(0x01 || public key)>``, where the name is the log's origin
 (:func:`log_origin`) and hex8 the key id, SHA-256(name || "\\n" || 0x01 || public key)[:4]. A
-raw base64 Ed25519 key (the format before issue 12) is still read, as either kind.
+raw base64 Ed25519 key (the version 1 checkpoint format) is still read, as either kind.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ ORIGIN_SUFFIX = "/intake-audit"
 # The embedded signer's folder and key file, and the public keys it publishes.
 SIGNER_DIR = "signer"
 SIGNER_KEY_FILE = "signing-key"
-# Before issue 12 the embedded key sat in the data folder, readable by web and workers.
+# Formerly the embedded key sat in the data folder, readable by web and workers.
 LEGACY_KEY_FILE = "audit-signing-key"
 PUBLIC_KEYS_FILE = "audit-verify-keys"
 DEFAULT_CHECKPOINTS_FILE = "audit-checkpoints.jsonl"
@@ -94,7 +94,7 @@ class AuditVerifier:
 
     @property
     def key_id(self) -> str:
-        """The fingerprint written on the checkpoints this key signs (format before issue 12)."""
+        """The fingerprint written on the version 1 checkpoint lines this key signs."""
         return _legacy_id(self.raw)
 
     @property
@@ -229,7 +229,7 @@ def _write_new(path: Path, text: str, mode: int) -> bool:
 def _embedded_signer(settings: Settings) -> AuditSigner:
     """The embedded signer's key: made on first use in ``<data dir>/signer/`` (0700, file 0600).
 
-    A key from before issue 12 (``<data dir>/audit-signing-key``, readable by every process)
+    An older key (``<data dir>/audit-signing-key``, readable by every process)
     moves into the signer's folder, so its old checkpoints keep verifying and nothing else can
     read it any more.
     """
