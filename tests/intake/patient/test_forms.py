@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import date, timedelta
 
 import pytest
@@ -47,7 +48,13 @@ def error_beside(html: str, field: str) -> str:
     return re.sub(r"<[^>]+>", "", text).replace("&#39;", "'").strip()
 
 
-TODAY = date.today()
+
+
+def days_from_today(days: int) -> Callable[[], str]:
+    """A date relative to the day the test runs, not the day it was collected: a run that
+    crosses midnight must not turn "today" into "yesterday"."""
+    return lambda: (date.today() + timedelta(days=days)).isoformat()
+
 
 REFILL_BAD = [
     ("first_name", "", F.FIRST_NAME_NEEDED),
@@ -59,8 +66,8 @@ REFILL_BAD = [
     ("date_of_birth", "", F.DOB_NEEDED),
     ("date_of_birth", "15/03/1980", F.DATE_INVALID),
     ("date_of_birth", "1980-02-30", F.DATE_INVALID),
-    ("date_of_birth", (TODAY + timedelta(days=1)).isoformat(), F.DOB_FUTURE),
-    ("date_of_birth", TODAY.isoformat(), F.DOB_FUTURE),
+    ("date_of_birth", days_from_today(1), F.DOB_FUTURE),
+    ("date_of_birth", days_from_today(0), F.DOB_FUTURE),
     ("date_of_birth", "1890-01-01", F.DOB_TOO_OLD),
     ("phone", "", F.PHONE_NEEDED),
     ("phone", "12345", F.PHONE_INVALID),
@@ -78,8 +85,8 @@ REFILL_BAD = [
     ("location", "atlantis", F.CHOICE_INVALID),
     ("fulfillment", "teleport", F.CHOICE_INVALID),
     ("contact_method", "pigeon", F.CHOICE_INVALID),
-    ("needed_by", (TODAY - timedelta(days=1)).isoformat(), F.NEEDED_BY_PAST),
-    ("needed_by", (TODAY + timedelta(days=400)).isoformat(), F.NEEDED_BY_FAR),
+    ("needed_by", days_from_today(-1), F.NEEDED_BY_PAST),
+    ("needed_by", days_from_today(400), F.NEEDED_BY_FAR),
     ("needed_by", "soon", F.DATE_INVALID),
     ("notes", "x" * 2001, F.TOO_LONG),
     ("consent_privacy", None, F.CONSENT_PRIVACY_NEEDED),
@@ -93,6 +100,8 @@ def test_refill_bad_value_is_refused_beside_its_field(
     app, patient, in_language, language, field, value, message
 ):
     before = counts(app)
+    if callable(value):
+        value = value()
     response = patient.refill(lang=language, **{field: value})
     html = response.get_data(as_text=True)
     assert response.status_code == 400
@@ -175,7 +184,7 @@ def test_invalid_form_keeps_valid_values_and_focuses_first_error(patient):
         ("rx_numbers", "123456\n\n  7654-321  \n123456"),
         ("rx_numbers", "\n".join(str(1000000 + i) for i in range(10))),
         ("fulfillment", "ship"),
-        ("needed_by", (TODAY + timedelta(days=7)).isoformat()),
+        ("needed_by", days_from_today(7)()),
         ("date_of_birth", "1935-12-31"),
     ],
 )
