@@ -656,8 +656,7 @@ def route_request(
         details.update(
             assignee=speaker.username,
             assignment_reason=(
-                f"speaks {table.language_name(need)}, "
-                f"{speaker.open_requests} open before this one"
+                f"speaks {table.language_name(need)}, {speaker.open_requests} open before this one"
             ),
         )
     elif table.teams[plan.team].assigns:
