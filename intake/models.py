@@ -66,6 +66,9 @@ class Request(db.Model):  # type: ignore[name-defined]
     priority_rank: Mapped[int] = mapped_column(SmallInteger, default=2)
     team: Mapped[str | None] = mapped_column(String(64))
     assignee_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    # Who last gave the request back to the pool (released it, put it back in the queue, or let
+    # the claim time out): automatic assignment does not hand it straight back to them.
+    returned_by_id: Mapped[int | None] = mapped_column(Integer)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     escalated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -197,6 +200,10 @@ class Team(db.Model):  # type: ignore[name-defined]
     name: Mapped[str] = mapped_column(String(120))
     spanish: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Round robin's memory (intake.requests.assignment): the member automatic assignment gave
+    # this team's last request to. A plain id, not a foreign key: a deleted user just restarts
+    # the rotation.
+    last_assignee_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class User(db.Model):  # type: ignore[name-defined]
@@ -226,6 +233,13 @@ class User(db.Model):  # type: ignore[name-defined]
     # the second factor is frozen (``otp_frozen_at``) until an admin clears it.
     otp_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     otp_frozen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Automatic assignment (intake.requests.assignment): the skills the person holds, as
+    # comma-separated names ("ivig"); their own cap on open requests assigned to them (None:
+    # their team's); since when they are away (None: available); when they were last given one.
+    skills: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    assignment_cap: Mapped[int | None] = mapped_column(Integer)
+    away_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     teams: Mapped[list[UserTeam]] = relationship(cascade="all, delete-orphan")
 
@@ -236,6 +250,10 @@ class User(db.Model):  # type: ignore[name-defined]
     @property
     def language_codes(self) -> list[str]:
         return [code for code in (self.languages or "").split(",") if code]
+
+    @property
+    def skill_names(self) -> list[str]:
+        return [name for name in (self.skills or "").split(",") if name]
 
 
 class UserTeam(db.Model):  # type: ignore[name-defined]

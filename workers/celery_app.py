@@ -78,6 +78,11 @@ def celery_init_app(flask_app: Flask) -> Celery:
                 "task": "workers.tasks.sweep_outbox",
                 "schedule": timedelta(seconds=settings.outbox_sweep_seconds),
             },
+            # Automatic assignment: claim timeouts and whatever is still in the pool.
+            "sweep-assignments": {
+                "task": "workers.tasks.sweep_assignments",
+                "schedule": timedelta(seconds=60),
+            },
             "escalate-overdue": {
                 "task": "workers.tasks.escalate_overdue",
                 "schedule": timedelta(seconds=60),

@@ -11,7 +11,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from intake.clock import now, utcnow
 from intake.extensions import db
-from intake.requests import casework, outbox, routing
+from intake.requests import assignment, casework, outbox, routing
 from intake.requests.notifications import RetryLater, send_account_alert, send_outbox_notice
 
 log = structlog.get_logger(__name__)
@@ -58,8 +58,58 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
             language_outcome=routed.language_outcome,
         )
         outbox.publish(db.session, routed.outbox_ids)
+        if routed.assignee is None and table.teams[routed.team].assigns:
+            _assign(table, request_id, trigger="routed", record_unassigned=True)
     finally:
         structlog.contextvars.unbind_contextvars("task", "request_id")
+
+
+def _assign(table: routing.RoutingTable, request_id: str, **options: Any) -> None:
+    outcome = assignment.assign_request(db.session, table, request_id, utcnow(), **options)
+    log.info(
+        "request_assigned" if outcome.assignee else "request_left_in_pool",
+        reference=outcome.reference,
+        assignee=outcome.assignee,
+    )
+
+
+# Assignment tasks: idempotent (each attempt re-checks the request under its locks).
+assign_task = shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=10,
+)
+
+
+@assign_task
+def assign_request(request_id: str, outbox_id: int | None = None) -> None:
+    """Give a request that arrived in an assigning team (a transfer) to an eligible member."""
+    _assign(current_app.extensions["intake.routing"], request_id, trigger="transferred in")
+    assignment.finish(db.session, outbox_id)
+
+
+@assign_task
+def backfill_assignments(user_id: str, outbox_id: int | None = None) -> int:
+    """Give someone who just freed up the oldest unassigned requests they may take."""
+    given = assignment.backfill(
+        db.session, current_app.extensions["intake.routing"], int(user_id), utcnow()
+    )
+    assignment.finish(db.session, outbox_id)
+    if given:
+        log.info("backfilled", user_id=user_id, count=len(given))
+    return len(given)
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, max_retries=3)
+def sweep_assignments() -> int:
+    """Return timed-out claims to the pool and give out unassigned requests (beat)."""
+    report = assignment.sweep(db.session, current_app.extensions["intake.routing"], utcnow())
+    if report.released or report.assigned:
+        log.info("assignments_swept", released=report.released, assigned=report.assigned)
+    return report.assigned
 
 
 def _notify(task: Any, name: str, request_id: str, outbox_id: int | None) -> None:

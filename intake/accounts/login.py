@@ -42,6 +42,8 @@ class StaffPrincipal:
         self.username = user.username
         self.role = user.role
         self.teams = tuple(user.team_ids)
+        # Away from automatic assignment (intake.requests.assignment): the header's toggle.
+        self.away = user.away_since is not None
 
     def get_id(self) -> str:
         return self.token

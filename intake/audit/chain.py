@@ -48,6 +48,8 @@ ACTIONS = (
     "request.routed",
     "request.claimed",
     "request.released",
+    "request.assigned",
+    "request.left_in_pool",
     "request.status_changed",
     "request.transferred",
     "request.searched",

@@ -112,6 +112,93 @@ def users_set_languages(username: str, languages: tuple[str, ...]) -> None:
     click.echo(f"{username!r} works in: {', '.join(codes)}")
 
 
+@users.command("set-skills")
+@click.argument("username")
+@click.argument("skills", nargs=-1)
+@click.option("--none", "clear", is_flag=True, help="Take every skill away.")
+@with_appcontext
+def users_set_skills(username: str, skills: tuple[str, ...], clear: bool) -> None:
+    """Set the skills USERNAME holds (all of them, e.g. `ivig`): automatic assignment gives a
+    team's requests only to members with every skill the team asks for."""
+    from intake.requests import assignment
+
+    if bool(skills) == clear:
+        raise click.UsageError("give the skills, or --none to take them all away")
+    table = current_app.extensions["intake.routing"]
+    try:
+        names = assignment.set_skills(db.session, username, skills, _actor(), table.skills)
+        db.session.commit()
+    except assignment.AssignmentError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{username!r} holds: {', '.join(names) or 'no skills'}")
+
+
+@users.command("set-cap")
+@click.argument("username")
+@click.argument("cap")
+@with_appcontext
+def users_set_cap(username: str, cap: str) -> None:
+    """Set how many open requests automatic assignment may give USERNAME (a number, or `team`
+    for their team's cap); raising it gives them waiting requests at once."""
+    from intake.requests import assignment
+
+    if cap != "team" and not cap.isdigit():
+        raise click.UsageError("CAP is a whole number, or `team` for the team's cap")
+    try:
+        assignment.set_cap(db.session, username, None if cap == "team" else int(cap), _actor())
+        db.session.commit()
+    except assignment.AssignmentError as error:
+        db.session.rollback()
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{username!r}: cap " + ("of their team" if cap == "team" else cap))
+
+
+@users.command("set-away")
+@click.argument("username")
+@click.option("--back", is_flag=True, help="Available again: backfilled at once.")
+@with_appcontext
+def users_set_away(username: str, back: bool) -> None:
+    """Mark USERNAME away (automatic assignment gives them nothing new) or, with --back,
+    available again; what they hold stays theirs."""
+    from sqlalchemy import select
+
+    from intake.models import User
+    from intake.requests import assignment
+
+    user_id = db.session.execute(select(User.id).where(User.username == username)).scalar()
+    if user_id is None:
+        raise click.ClickException(f"no user {username!r}")
+    changed = assignment.set_away(db.session, user_id, not back, now(), actor=_actor())
+    db.session.commit()
+    state = "available" if back else "away"
+    click.echo(f"{username!r} is {state}" + ("" if changed else " already"))
+
+
+@users.command("assignment")
+@click.argument("username")
+@click.option("--json", "as_json", is_flag=True)
+@with_appcontext
+def users_assignment(username: str, as_json: bool) -> None:
+    """Show what automatic assignment knows of USERNAME: teams, languages, skills, cap, away."""
+    from intake.requests import assignment
+
+    table = current_app.extensions["intake.routing"]
+    try:
+        facts = assignment.describe(db.session, table, username)
+    except assignment.AssignmentError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(facts))
+        return
+    teams = ", ".join(f"{t} ({mode})" for t, mode in facts["teams"].items()) or "none"
+    click.echo(f"{username}: {'away' if facts['away'] else 'available'}; teams {teams}")
+    click.echo(
+        f"languages {', '.join(facts['languages'])}; skills {', '.join(facts['skills']) or 'none'}"
+    )
+    click.echo(f"open requests {facts['open']}; cap {facts['cap'] or 'of their team'}")
+
+
 @users.command("disable")
 @click.argument("username")
 @with_appcontext

@@ -37,7 +37,7 @@ from intake.models import (
     Team,
     User,
 )
-from intake.requests import outbox
+from intake.requests import assignment, outbox
 from intake.requests.notifications import BREAK_GLASS_TASK
 from intake.requests.references import normalize_reference
 from intake.requests.routing import needed_language
@@ -543,8 +543,11 @@ def release(session: DbSession, reference: str, actor: Actor, now: datetime) -> 
         raise Conflict("only the assignee or a supervisor can release this claim")
     previous = request.assignee_id
     request.assignee_id = request.claimed_at = request.last_activity_at = None
+    request.returned_by_id = previous
     request.updated_at = now
     actor.record(session, "request.released", reference, previous_assignee=previous)
+    # Whoever let it go has room for the next one (automatic assignment's backfill).
+    assignment.queue_backfill(session, previous)
     session.commit()
 
 
@@ -567,6 +570,9 @@ def change_status(
     request.status = new_status
     met: dict[str, str] = {}
     if new_status in ("completed", "cancelled", "queued"):
+        assignment.queue_backfill(session, request.assignee_id)
+        if new_status == "queued":
+            request.returned_by_id = request.assignee_id
         request.assignee_id = request.claimed_at = request.last_activity_at = None
     elif request.assignee_id is None or (
         not claim_is_active(request, now) and actor.role != "supervisor"
@@ -631,7 +637,10 @@ def transfer(
         raise Conflict("the request is already in that team's queue")
     old_team = request.team
     request.team, request.status = team, "queued"
+    assignment.queue_backfill(session, request.assignee_id)
+    assignment.queue_assignment(session, request.id, team)
     request.assignee_id = request.claimed_at = request.last_activity_at = None
+    request.returned_by_id = None
     request.updated_at = now
     flag: dict[str, Any] = {}
     need = needed_language(request.language, request.interpreter_language)

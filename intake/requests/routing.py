@@ -25,6 +25,11 @@ LANGUAGE_CODE_RE = re.compile(r"^[a-z]{2,3}$")
 # Every team serves English; a request needs nothing more when English is what it needs.
 BASE_LANGUAGE = "en"
 ASSIGN = "assign"
+# Automatic assignment per team (intake.requests.assignment): who gets a routed request.
+ASSIGNMENT_STRATEGIES = ("off", "round_robin", "least_loaded")
+DEFAULT_CAP = 10
+MAX_CAP = 500
+SKILL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
 class RoutingError(ValueError):
@@ -40,6 +45,19 @@ class Team:
     notify: tuple[str, ...] = ("log",)
     email: str | None = None
     webhook: str | None = None
+    # Automatic assignment: "off", "round_robin" or "least_loaded"; at most ``cap`` open
+    # requests per person (a user's own cap overrides it); only members holding every one of
+    # ``skills`` and speaking every one of ``required_languages``; an assigned request nobody
+    # touched for ``claim_timeout_minutes`` goes back to the pool (None: never).
+    assignment: str = "off"
+    cap: int = DEFAULT_CAP
+    skills: frozenset[str] = frozenset()
+    required_languages: frozenset[str] = frozenset()
+    claim_timeout_minutes: int | None = None
+
+    @property
+    def assigns(self) -> bool:
+        return self.assignment != "off"
 
     @property
     def spanish(self) -> bool:
@@ -117,6 +135,11 @@ class RoutingTable:
     supervisors: Team = Team(id="supervisors", name="Supervisors")
     # The languages a request may need besides English, in the file's order.
     languages: Mapping[str, Language] = field(default_factory=dict)
+
+    @property
+    def skills(self) -> frozenset[str]:
+        """Every skill some team asks of the people it assigns work to."""
+        return frozenset().union(*(team.skills for team in self.teams.values()))
 
     def language_name(self, code: str | None, page_language: str = BASE_LANGUAGE) -> str:
         """A language's name for people ("Spanish"; "vietnamita" on a Spanish page)."""
@@ -213,6 +236,7 @@ def parse_routing(text: str, path: Path, known: Mapping[str, Iterable[str]]) -> 
             notify=notify,
             email=raw.get("email"),
             webhook=raw.get("webhook"),
+            **_team_assignment(raw, where, team_id, served),
         )
 
     locations = {
@@ -358,6 +382,55 @@ def _team_languages(
     return frozenset({BASE_LANGUAGE, *codes})
 
 
+def _team_assignment(
+    raw: Mapping[str, Any], where: str, team_id: str, served: set[str]
+) -> dict[str, Any]:
+    """A team's automatic-assignment keys, checked (see routing.toml)."""
+    strategy = raw.get("assignment", "off")
+    if strategy not in ASSIGNMENT_STRATEGIES:
+        raise RoutingError(
+            f"{where}: team {team_id!r} has assignment {strategy!r}; use "
+            + ", ".join(f'"{s}"' for s in ASSIGNMENT_STRATEGIES)
+        )
+    cap = raw.get("cap", DEFAULT_CAP)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_CAP:
+        raise RoutingError(
+            f"{where}: team {team_id!r}: 'cap' must be a whole number from 1 to {MAX_CAP}"
+        )
+    skills = raw.get("skills", [])
+    if not isinstance(skills, list) or not all(
+        isinstance(s, str) and SKILL_RE.match(s) for s in skills
+    ):
+        raise RoutingError(
+            f"{where}: team {team_id!r}: 'skills' must be a list of names of lower-case "
+            'letters, digits and "-" (e.g. ["ivig"])'
+        )
+    required = raw.get("required_languages", [])
+    if not isinstance(required, list) or not all(isinstance(c, str) for c in required):
+        raise RoutingError(f"{where}: team {team_id!r}: 'required_languages' must be a list")
+    unknown = sorted(set(required) - served)
+    if unknown:
+        raise RoutingError(
+            f"{where}: team {team_id!r} requires unknown language {unknown[0]!r} "
+            "(list it under [[languages]] first)"
+        )
+    timeout = raw.get("claim_timeout_minutes")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1
+    ):
+        raise RoutingError(
+            f"{where}: team {team_id!r}: 'claim_timeout_minutes' must be a whole number of "
+            "minutes, 1 or more"
+        )
+    return {
+        "assignment": strategy,
+        "cap": cap,
+        "skills": frozenset(skills),
+        "required_languages": frozenset(required) - {BASE_LANGUAGE},
+        "claim_timeout_minutes": timeout,
+    }
+
+
 def _language_fallback(
     raw: Mapping[str, Any], where: str, name: str, team: str, teams: Mapping[str, Team]
 ) -> str:
@@ -462,6 +535,8 @@ def find_speaker(session: Any, team: str, language: str) -> Speaker | None:
         .where(
             UserTeam.team_id == team,
             User.disabled.is_(False),
+            # Someone who marked themselves away is given nothing (intake.requests.assignment).
+            User.away_since.is_(None),
             User.role.in_(("staff", "supervisor")),
         )
     ).all()
@@ -554,8 +629,11 @@ def route_request(
         "updated_at": now,
         "language_need": need if plan.outcome == "unmet" else None,
     }
-    if plan.speaker is not None:
-        values.update(assignee_id=plan.speaker.user_id, claimed_at=now, last_activity_at=now)
+    # A team with automatic assignment on gives the request out itself, right after routing,
+    # to a member who speaks the language and is under their cap (intake.requests.assignment).
+    speaker = plan.speaker if not table.teams[plan.team].assigns else None
+    if speaker is not None:
+        values.update(assignee_id=speaker.user_id, claimed_at=now, last_activity_at=now)
     changed = session.execute(
         update(Request)
         .where(Request.id == request_id, Request.status == "received")
@@ -574,14 +652,15 @@ def route_request(
         details.update(language=need, language_outcome=plan.outcome)
         if plan.via_fallback:
             details["rule_team"] = decision.rule.team
-    if plan.speaker is not None:
+    if speaker is not None:
         details.update(
-            assignee=plan.speaker.username,
+            assignee=speaker.username,
             assignment_reason=(
-                f"speaks {table.language_name(need)}, "
-                f"{plan.speaker.open_requests} open before this one"
+                f"speaks {table.language_name(need)}, {speaker.open_requests} open before this one"
             ),
         )
+    elif table.teams[plan.team].assigns:
+        details["assignment"] = table.teams[plan.team].assignment
     record_event(
         session,
         actor=f"system:{ROUTE_TASK}",
@@ -603,6 +682,6 @@ def route_request(
         decision.priority,
         message.id,
         plan.outcome,
-        plan.speaker.username if plan.speaker else None,
+        speaker.username if speaker else None,
         language_message.id if language_message else None,
     )

@@ -142,6 +142,33 @@ def logout() -> ResponseReturnValue:
     return redirect(url_for("staff.login"), 303)
 
 
+AWAY = "You are marked away: automatic assignment gives you no new requests."
+BACK = "Welcome back: automatic assignment gives you requests again."
+
+
+@bp.post("/away")
+@login_required
+def set_away() -> ResponseReturnValue:
+    """Mark oneself away (no new automatic assignments) or back (backfilled at once)."""
+    from intake.requests import assignment
+
+    if current_user.role not in WORKERS:
+        abort(404)
+    away = request.form.get("away") == "1"
+    assignment.set_away(
+        db.session,
+        current_user.user_id,
+        away,
+        now(),
+        actor=f"user:{current_user.user_id}",
+        actor_role=current_user.role,
+        ip_hmac=client_ip_hmac(),
+    )
+    db.session.commit()
+    flash(AWAY if away else BACK)
+    return redirect(safe_next(request.form.get("next")) or url_for("staff.queue"), 303)
+
+
 @bp.get("/")
 @login_required
 def home() -> ResponseReturnValue:
