@@ -94,6 +94,17 @@
     select(all[next], true);
   }
 
+  // The skip link lands on the first request's link, selected, as "j" would.
+  var skip = document.querySelector('a[href="#first-request"]');
+  if (skip) {
+    skip.addEventListener("click", function (event) {
+      var first = rows()[0];
+      if (!first) { return; }
+      event.preventDefault();
+      select(first, true);
+    });
+  }
+
   body.addEventListener("focusin", function (event) {
     var row = event.target.closest ? event.target.closest("tr[data-reference]") : null;
     if (row) { select(row, false); }
