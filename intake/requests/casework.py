@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, tuple_, update
 
 from intake.audit.chain import record_event
+from intake.clock import UTCDateTime
 from intake.crypto import phi
 from intake.extensions import DbSession
 from intake.models import (
     OPEN_STATUSES,
     PRIORITIES,
     PRIORITY_RANK,
+    STATUSES,
     AuditEvent,
     ConsentAcceptance,
     Note,
@@ -624,41 +626,302 @@ def transfer(
     language is flagged "needs <language>" when the new team does not serve it, and unflagged
     when it does: it arrives unassigned.
     """
+    [outbox_id] = bulk_transfer(
+        session, [reference], actor, team, reason, known_teams, now, team_languages
+    )
+    return outbox_id
+
+
+# -- several requests at once ------------------------------------------------------------------
+
+MAX_BULK = 50
+NOTHING_CHANGED = "nothing was changed"
+REFERENCE_SHAPE = re.compile(r"^[RC]-[0-9A-Z]{4}-[0-9A-Z]{4}$")
+
+
+@dataclass(frozen=True)
+class TransferPreview:
+    """What a transfer will do to one request, shown for confirmation before it is done."""
+
+    reference: str
+    from_team: str | None
+    assignee: str | None
+
+
+def _bulk_requests(session: DbSession, references: Sequence[str], actor: Actor) -> list[Request]:
+    """The requests named, locked in id order, if ``actor`` may act on every one of them.
+
+    Why: a batch is checked whole before anything changes. A reference outside the actor's
+    teams (a tampered form, or a page gone stale after a transfer) refuses the batch with 404,
+    the same answer as for a reference that does not exist, so nothing about other teams'
+    requests is revealed and none of the batch is changed. Rows are locked in id order so two
+    batches over the same requests wait for each other instead of deadlocking.
+    """
+    wanted = list(dict.fromkeys(r.strip().upper() for r in references if r.strip()))
+    if not wanted:
+        raise CaseworkError("choose at least one request")
+    if len(wanted) > MAX_BULK:
+        raise CaseworkError(f"choose at most {MAX_BULK} requests at once")
+    shaped = [r for r in wanted if REFERENCE_SHAPE.match(r)]
+    found = {
+        r.reference: r
+        for r in session.execute(
+            select(Request)
+            .where(Request.reference.in_(shaped))
+            .order_by(Request.id)
+            .with_for_update()
+        ).scalars()
+    }
+    missing = [r for r in wanted if r not in found or not actor.in_scope(found[r])]
+    if missing:
+        if len(wanted) == 1:
+            raise NotFound("no such request in your teams' queues")
+        raise NotFound(f"{NOTHING_CHANGED}: not in your teams' queues: {', '.join(missing[:10])}")
+    return [found[r] for r in wanted]
+
+
+def _usernames(session: DbSession, ids: Collection[int | None]) -> dict[int, str]:
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    return dict(session.execute(select(User.id, User.username).where(User.id.in_(wanted))).all())
+
+
+def bulk_claim(
+    session: DbSession, references: Sequence[str], actor: Actor, now: datetime
+) -> list[str]:
+    """Claim every request named, each with its own ``request.claimed`` event, or none."""
+    requests = _bulk_requests(session, references, actor)
+    names = _usernames(session, [r.assignee_id for r in requests])
+    problems: dict[str, str] = {}
+    for request in requests:
+        if request.status not in OPEN_STATUSES:
+            problems[request.reference] = "only an open request can be claimed"
+        elif claim_is_active(request, now) and request.assignee_id != actor.user_id:
+            name = names.get(request.assignee_id or 0, "another team member")
+            problems[request.reference] = f"{name} is working on this request"
+    if problems:
+        raise _bulk_error(problems, Conflict, len(requests))
+    for request in requests:
+        previous = request.assignee_id
+        request.assignee_id, request.claimed_at, request.last_activity_at = (
+            actor.user_id,
+            now,
+            now,
+        )
+        request.updated_at = now
+        met = _meet_language_need(session, request, actor.user_id)
+        if previous not in (None, actor.user_id):
+            assignment.queue_backfill(session, previous)  # their expired claim was taken over
+        actor.record(
+            session,
+            "request.claimed",
+            request.reference,
+            previous_assignee=previous,
+            **_batch(requests),
+            **met,
+        )
+    session.commit()
+    return [r.reference for r in requests]
+
+
+def assignable_people(session: DbSession) -> list[tuple[int, str, tuple[str, ...]]]:
+    """Everyone who works the queue and can be given a request: (id, username, their teams)."""
+    people = session.execute(
+        select(User)
+        .where(User.role.in_(("staff", "supervisor")), User.disabled.is_(False))
+        .order_by(User.username)
+    ).scalars()
+    return [(u.id, u.username, tuple(u.team_ids)) for u in people if u.team_ids]
+
+
+def bulk_assign(
+    session: DbSession,
+    references: Sequence[str],
+    actor: Actor,
+    assignee_id: int,
+    now: datetime,
+) -> list[str]:
+    """A supervisor gives every request named to one person on each request's team, or none.
+
+    Each assignment is its own ``request.claimed`` event, by the supervisor (the actor), with
+    the person it was given to (``assigned_to``) and who gave it (``assigned_by``): the trail
+    says who decided, and the claim is the assignee's from then on. A person who is not on a
+    request's team would see a request outside their need to know, so the batch is refused.
+    """
+    if actor.role != "supervisor":
+        raise Forbidden("only a supervisor can assign requests to someone")
+    person = session.get(User, assignee_id)
+    if person is None or person.disabled or person.role not in ("staff", "supervisor"):
+        raise CaseworkError("choose someone who works the queue")
+    teams = set(person.team_ids)
+    requests = _bulk_requests(session, references, actor)
+    problems: dict[str, str] = {}
+    for request in requests:
+        if request.status not in OPEN_STATUSES:
+            problems[request.reference] = "only an open request can be assigned"
+        elif request.team not in teams:
+            problems[request.reference] = (
+                f"{person.username} is not on the team of this request ({request.team})"
+            )
+    if problems:
+        raise _bulk_error(problems, Conflict, len(requests))
+    for request in requests:
+        previous = request.assignee_id
+        request.assignee_id, request.claimed_at, request.last_activity_at = person.id, now, now
+        request.updated_at = now
+        met = _meet_language_need(session, request, person.id)
+        if previous not in (None, person.id):
+            assignment.queue_backfill(session, previous)
+        actor.record(
+            session,
+            "request.claimed",
+            request.reference,
+            previous_assignee=previous,
+            assigned_to=f"user:{person.id}",
+            assigned_to_username=person.username,
+            assigned_by=actor.username,
+            **_batch(requests),
+            **met,
+        )
+    session.commit()
+    return [r.reference for r in requests]
+
+
+def bulk_transfer(
+    session: DbSession,
+    references: Sequence[str],
+    actor: Actor,
+    team: str,
+    reason: str,
+    known_teams: Sequence[str],
+    now: datetime,
+    team_languages: Mapping[str, Collection[str]] | None = None,
+) -> list[int]:
+    """Move every request named to ``team``'s queue, or none; the notifications' outbox ids.
+
+    Each move is its own ``request.transferred`` event with the one reason given. A request
+    a teammate holds a live claim on refuses the batch as it refuses one transfer: the attempt
+    is rolled back and a ``refused`` event per such request is committed (see
+    ``_refuse_if_claimed_by_other``).
+    """
+    requests, reason = _check_transfer(session, references, actor, team, reason, known_teams, now)
+    outbox_ids = []
+    for request in requests:
+        old_team = request.team
+        request.team, request.status = team, "queued"
+        # The one who held it has room again; the new team's automatic assignment deals it.
+        assignment.queue_backfill(session, request.assignee_id)
+        assignment.queue_assignment(session, request.id, team)
+        request.assignee_id = request.claimed_at = request.last_activity_at = None
+        request.returned_by_id = None
+        request.updated_at = now
+        flag: dict[str, Any] = {}
+        need = needed_language(request.language, request.interpreter_language)
+        if team_languages is not None and need != "en":
+            request.language_need = None if need in team_languages.get(team, ("en",)) else need
+            flag = {"language_need": request.language_need}
+        actor.record(
+            session,
+            "request.transferred",
+            request.reference,
+            from_team=old_team,
+            to_team=team,
+            reason=reason,
+            **_batch(requests),
+            **flag,
+        )
+        outbox_ids.append(outbox.enqueue(session, request.id, NOTIFY_TASK))
+    session.commit()
+    return [message.id for message in outbox_ids]
+
+
+def preview_transfer(
+    session: DbSession,
+    references: Sequence[str],
+    actor: Actor,
+    team: str,
+    reason: str,
+    known_teams: Sequence[str],
+    now: datetime,
+) -> list[TransferPreview]:
+    """What ``bulk_transfer`` would do, checked the same way, with nothing changed."""
+    requests, _reason = _check_transfer(session, references, actor, team, reason, known_teams, now)
+    names = _usernames(session, [r.assignee_id for r in requests])
+    preview = [
+        TransferPreview(r.reference, r.team, names.get(r.assignee_id or 0)) for r in requests
+    ]
+    session.rollback()  # the locks go; the confirmed POST checks again
+    return preview
+
+
+def _check_transfer(
+    session: DbSession,
+    references: Sequence[str],
+    actor: Actor,
+    team: str,
+    reason: str,
+    known_teams: Sequence[str],
+    now: datetime,
+) -> tuple[list[Request], str]:
     if team not in known_teams:
         raise CaseworkError("choose one of the teams")
     reason = check_reason(reason, 5)
-    request = get_request(session, reference, actor, lock=True)
-    _refuse_if_claimed_by_other(
-        session, request, actor, now, "request.transferred", from_team=request.team, to_team=team
-    )
-    if request.status not in OPEN_STATUSES:
-        raise Conflict("only an open request can be transferred")
-    if team == request.team:
-        raise Conflict("the request is already in that team's queue")
-    old_team = request.team
-    request.team, request.status = team, "queued"
-    assignment.queue_backfill(session, request.assignee_id)
-    assignment.queue_assignment(session, request.id, team)
-    request.assignee_id = request.claimed_at = request.last_activity_at = None
-    request.returned_by_id = None
-    request.updated_at = now
-    flag: dict[str, Any] = {}
-    need = needed_language(request.language, request.interpreter_language)
-    if team_languages is not None and need != "en":
-        request.language_need = None if need in team_languages.get(team, ("en",)) else need
-        flag = {"language_need": request.language_need}
-    actor.record(
-        session,
-        "request.transferred",
-        reference,
-        from_team=old_team,
-        to_team=team,
-        reason=reason,
-        **flag,
-    )
-    message = outbox.enqueue(session, request.id, NOTIFY_TASK)
-    session.commit()
-    return message.id
+    requests = _bulk_requests(session, references, actor)
+    held = [
+        r
+        for r in requests
+        if actor.role != "supervisor"
+        and r.assignee_id not in (None, actor.user_id)
+        and claim_is_active(r, now)
+    ]
+    if held:
+        names = _usernames(session, [r.assignee_id for r in held])
+        refused = [(r.reference, r.assignee_id, r.team) for r in held]
+        problems = {
+            r.reference: CLAIMED_BY_OTHER.format(
+                name=names.get(r.assignee_id or 0, "another team member")
+            )
+            for r in held
+        }
+        session.rollback()
+        for reference, holder_id, from_team in refused:
+            actor.record(
+                session,
+                "request.transferred",
+                reference,
+                outcome="refused",
+                refused="claimed_by_other",
+                assignee=f"user:{holder_id}",
+                from_team=from_team,
+                to_team=team,
+            )
+        session.commit()
+        raise _bulk_error(problems, Conflict, len(requests))
+    problems = {}
+    for request in requests:
+        if request.status not in OPEN_STATUSES:
+            problems[request.reference] = "only an open request can be transferred"
+        elif request.team == team:
+            problems[request.reference] = "the request is already in that team's queue"
+    if problems:
+        raise _bulk_error(problems, Conflict, len(requests))
+    return requests, reason
+
+
+def _batch(requests: Sequence[Request]) -> dict[str, Any]:
+    """The audit detail saying an event was one of a batch, and of how many."""
+    return {"batch_of": len(requests)} if len(requests) > 1 else {}
+
+
+def _bulk_error(
+    problems: Mapping[str, str], error: type[CaseworkError], batch: int
+) -> CaseworkError:
+    """One error for a batch: one request's problem as it is, else each with its reference."""
+    if batch == 1:
+        return error(next(iter(problems.values())))
+    listed = "; ".join(f"{reference}: {problem}" for reference, problem in problems.items())
+    return error(f"{NOTHING_CHANGED}. {listed}")
 
 
 # -- the queue ---------------------------------------------------------------------------------
@@ -679,6 +942,7 @@ class QueueRow:
     cursor: str
     interpreter_language: str | None = None
     language_need: str | None = None
+    created_at: datetime | None = None
 
 
 # What a queue cursor may hold (see ``parse_cursor``).
@@ -686,10 +950,58 @@ CURSOR_RANKS = frozenset(str(rank) for rank in range(len(PRIORITIES)))
 CURSOR_DUE_RANGE = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2201, 1, 1, tzinfo=UTC))
 MAX_CURSOR_ID = 36
 
+# The columns the queue sorts by; "-" before one reverses it. "priority" is the default order
+# (urgent first, then soonest due), served by the ``ix_requests_open_queue`` index.
+QUEUE_SORTS = ("priority", "due", "received", "status")
+ASSIGNEE_FILTERS = ("mine", "unassigned")
+# A request not routed yet has no due time: it sorts after every due time, as in the default.
+NO_DUE_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+STATUS_ORDER = {status: rank for rank, status in enumerate(STATUSES)}
 
-def _cursor(request: Request) -> str:
-    due = request.sla_due_at.isoformat() if request.sla_due_at else ""
-    return f"{request.priority_rank}|{due}|{request.id}"
+
+def sort_key(sort: str | None) -> str:
+    """``sort`` if the queue knows it (``-`` for the reverse), else the default order."""
+    if sort and sort.removeprefix("-") in QUEUE_SORTS and sort != "priority":
+        return sort
+    return "priority"
+
+
+def _due() -> Any:
+    return func.coalesce(Request.sla_due_at, literal(NO_DUE_TIME, UTCDateTime()))
+
+
+def _sort_columns(sort: str) -> list[Any]:
+    """The columns of a non-default order, the request id last so the order is total."""
+    name = sort.removeprefix("-")
+    status_rank = case(STATUS_ORDER, value=Request.status, else_=len(STATUSES))
+    columns = {
+        "priority": [Request.priority_rank, _due()],
+        "due": [_due(), Request.priority_rank],
+        "received": [Request.created_at],
+        "status": [status_rank, Request.priority_rank, _due()],
+    }[name]
+    return [*columns, Request.id]
+
+
+def _sort_values(request: Request, sort: str) -> list[Any]:
+    due = request.sla_due_at or NO_DUE_TIME
+    table: dict[str, list[Any]] = {
+        "priority": [request.priority_rank, due],
+        "due": [due, request.priority_rank],
+        "received": [request.created_at],
+        "status": [STATUS_ORDER.get(request.status, len(STATUSES)), request.priority_rank, due],
+    }
+    return [*table[sort.removeprefix("-")], request.id]
+
+
+def _cursor(request: Request, sort: str = "priority") -> str:
+    if sort == "priority":
+        due = request.sla_due_at.isoformat() if request.sla_due_at else ""
+        return f"{request.priority_rank}|{due}|{request.id}"
+    values = [
+        v.isoformat() if isinstance(v, datetime) else str(v) for v in _sort_values(request, sort)
+    ]
+    return "~".join([sort, *values])
 
 
 def parse_cursor(after: str) -> tuple[int, datetime | None, str] | None:
@@ -708,14 +1020,85 @@ def parse_cursor(after: str) -> tuple[int, datetime | None, str] | None:
         return None
     due = None
     if due_text:
-        try:
-            due = datetime.fromisoformat(due_text)
-        except ValueError:
-            return None
-        earliest, latest = CURSOR_DUE_RANGE
-        if due.tzinfo is None or not earliest <= due < latest:
+        due = _cursor_time(due_text)
+        if due is None:
             return None
     return int(rank_text), due, last_id
+
+
+def _cursor_time(text: str) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    earliest, latest = CURSOR_DUE_RANGE
+    if when.tzinfo is None or not earliest <= when < latest:
+        return None
+    return when
+
+
+def parse_sort_cursor(after: str, sort: str) -> list[Any] | None:
+    """The sort values of a cursor ``_cursor`` wrote for ``sort``; None for anything else.
+
+    Read as strictly as ``parse_cursor``: the same sort, each value of its column's kind (a
+    small integer, a time within ``CURSOR_DUE_RANGE``), an id no longer than a request id.
+    """
+    parts = after.split("~")
+    if not parts or parts[0] != sort:
+        return None
+    values = parts[1:]
+    kinds = {
+        "priority": "it",
+        "due": "ti",
+        "received": "t",
+        "status": "iit",
+    }[sort.removeprefix("-")]
+    if len(values) != len(kinds) + 1 or not 0 < len(values[-1]) <= MAX_CURSOR_ID:
+        return None
+    parsed: list[Any] = []
+    for kind, text in zip(kinds, values, strict=False):
+        if kind == "i":
+            if not text.isdigit() or len(text) > 2:
+                return None
+            parsed.append(int(text))
+        else:
+            when = _cursor_time(text)
+            if when is None:
+                return None
+            parsed.append(when)
+    return [*parsed, values[-1]]
+
+
+def _queue_conditions(
+    actor: Actor,
+    *,
+    status: str | None = None,
+    team: str | None = None,
+    kind: str | None = None,
+    language_need: str | None = None,
+    assignee: str | None = None,
+) -> list[Any]:
+    """The WHERE of the queue: what ``actor`` may see, narrowed by the filters in force."""
+    conditions: list[Any] = []
+    if status:
+        conditions.append(Request.status == status)
+    else:
+        conditions.append(Request.status.in_(OPEN_STATUSES))
+    if actor.role != "supervisor":
+        conditions.append(Request.team.in_(actor.teams))
+    if team:
+        conditions.append(Request.team == team)
+    if kind:
+        conditions.append(Request.kind == kind)
+    if language_need == "any":
+        conditions.append(Request.language_need.is_not(None))
+    elif language_need:
+        conditions.append(Request.language_need == language_need)
+    if assignee == "mine":
+        conditions.append(Request.assignee_id == actor.user_id)
+    elif assignee == "unassigned":
+        conditions.append(Request.assignee_id.is_(None))
+    return conditions
 
 
 def queue_query(
@@ -725,6 +1108,8 @@ def queue_query(
     team: str | None = None,
     kind: str | None = None,
     language_need: str | None = None,
+    assignee: str | None = None,
+    sort: str | None = None,
     after: str | None = None,
     limit: int = 50,
 ) -> Any:
@@ -734,23 +1119,33 @@ def queue_query(
     ``ix_requests_open_queue`` serves in order: no sort and no OFFSET. The cursor's priority is
     also an index bound, so a later page starts its scan at its own priority level. A cursor
     that ``parse_cursor`` refuses is ignored: the first page. ``language_need`` keeps the
-    requests flagged as needing that language ("any": needing any).
+    requests flagged as needing that language ("any": needing any); ``assignee`` those of the
+    actor ("mine") or of nobody ("unassigned").
+
+    Another ``sort`` (``QUEUE_SORTS``, "-" for the reverse) pages by keyset on that order's
+    columns compared as one row value, the id last; a queue is a few hundred open requests,
+    so that sort is cheap without an index of its own.
     """
-    query = select(Request)
-    if status:
-        query = query.where(Request.status == status)
-    else:
-        query = query.where(Request.status.in_(OPEN_STATUSES))
-    if actor.role != "supervisor":
-        query = query.where(Request.team.in_(actor.teams))
-    if team:
-        query = query.where(Request.team == team)
-    if kind:
-        query = query.where(Request.kind == kind)
-    if language_need == "any":
-        query = query.where(Request.language_need.is_not(None))
-    elif language_need:
-        query = query.where(Request.language_need == language_need)
+    query = select(Request).where(
+        *_queue_conditions(
+            actor,
+            status=status,
+            team=team,
+            kind=kind,
+            language_need=language_need,
+            assignee=assignee,
+        )
+    )
+    order = sort_key(sort)
+    if order != "priority":
+        columns = _sort_columns(order)
+        values = parse_sort_cursor(after, order) if after else None
+        if values is not None:
+            bound = tuple_(*[literal(v, c.type) for c, v in zip(columns, values, strict=True)])
+            row = tuple_(*columns)
+            query = query.where(row < bound if order.startswith("-") else row > bound)
+        direction = (lambda c: c.desc()) if order.startswith("-") else (lambda c: c.asc())
+        return query.order_by(*[direction(c) for c in columns]).limit(limit)
     cursor = parse_cursor(after) if after else None
     if cursor is not None:
         rank, due, last_id = cursor
@@ -787,23 +1182,66 @@ def queue_query(
     ).limit(limit)
 
 
+@dataclass(frozen=True)
+class QueueCounts:
+    """How many requests the filters in force hold, and how many of them are overdue, the
+    actor's own, or nobody's. Numbers only: counting opens no patient data."""
+
+    total: int
+    overdue: int
+    mine: int
+    unassigned: int
+
+
+def queue_counts(
+    session: DbSession,
+    actor: Actor,
+    now: datetime,
+    *,
+    status: str | None = None,
+    team: str | None = None,
+    kind: str | None = None,
+    language_need: str | None = None,
+) -> QueueCounts:
+    """Count the queue under its filters (not the "mine"/"unassigned" one: those are counted)."""
+    conditions = _queue_conditions(
+        actor, status=status, team=team, kind=kind, language_need=language_need
+    )
+    overdue = and_(Request.sla_due_at < now, Request.status.in_(OPEN_STATUSES))
+    row = session.execute(
+        select(
+            func.count(),
+            func.count(case((overdue, 1))),
+            func.count(case((Request.assignee_id == actor.user_id, 1))),
+            func.count(case((Request.assignee_id.is_(None), 1))),
+        ).where(*conditions)
+    ).one()
+    return QueueCounts(*(int(n or 0) for n in row))
+
+
 def queue_page(
-    session: DbSession, keyring: phi.Keyring, actor: Actor, *, limit: int = 50, **filters: Any
+    session: DbSession,
+    keyring: phi.Keyring,
+    actor: Actor,
+    *,
+    limit: int = 50,
+    sort: str | None = None,
+    **filters: Any,
 ) -> list[QueueRow]:
-    requests = session.execute(queue_query(actor, limit=limit, **filters)).scalars().all()
-    return queue_rows_for(session, keyring, requests)
+    requests = (
+        session.execute(queue_query(actor, limit=limit, sort=sort, **filters)).scalars().all()
+    )
+    return queue_rows_for(session, keyring, requests, sort=sort_key(sort))
 
 
 def queue_rows_for(
-    session: DbSession, keyring: phi.Keyring, requests: Sequence[Request]
+    session: DbSession,
+    keyring: phi.Keyring,
+    requests: Sequence[Request],
+    *,
+    sort: str = "priority",
 ) -> list[QueueRow]:
-    usernames = dict(
-        session.execute(
-            select(User.id, User.username).where(
-                User.id.in_({r.assignee_id for r in requests if r.assignee_id})
-            )
-        ).all()
-    )
+    usernames = _usernames(session, [r.assignee_id for r in requests])
     rows = []
     for request in requests:
         name = "?"
@@ -829,9 +1267,10 @@ def queue_rows_for(
                 sla_due_at=request.sla_due_at,
                 assignee=usernames.get(request.assignee_id) if request.assignee_id else None,
                 display_name=name,
-                cursor=_cursor(request),
+                cursor=_cursor(request, sort),
                 interpreter_language=request.interpreter_language,
                 language_need=request.language_need,
+                created_at=request.created_at,
             )
         )
     return rows

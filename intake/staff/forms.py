@@ -49,3 +49,13 @@ class SearchForm(FlaskForm):
     phone = StringField("Phone", validators=[Optional(), Length(max=40)])
     last_name = StringField("Last name", validators=[Optional(), Length(max=60)])
     date_of_birth = StringField("Date of birth", validators=[Optional(), Length(max=10)])
+
+
+class BulkForm(FlaskForm):
+    """The queue's bulk actions; the ticked requests come as repeated ``reference`` fields."""
+
+    action = HiddenField()
+    assignee = SelectField("Assign to", validate_choice=False)
+    team = SelectField("Transfer to team", validate_choice=False)
+    reason = StringField("Reason for the transfer", validators=[Optional(), Length(max=300)])
+    confirm = HiddenField()

@@ -39,6 +39,7 @@ from intake.requests.casework import CaseworkError
 from intake.requests.references import normalize_reference
 from intake.staff.forms import (
     BreakGlassForm,
+    BulkForm,
     LoginForm,
     NoteForm,
     SearchForm,
@@ -188,26 +189,71 @@ def _queue_filters() -> dict[str, Any]:
     team = request.args.get("team") or None
     kind = request.args.get("kind") or None
     language_need = request.args.get("language_need") or None
+    assignee = request.args.get("assignee") or None
     if status not in (None, *STATUSES) or kind not in (None, *KINDS):
         abort(400)
     if language_need not in (None, "any", *_languages()):
         abort(400)
+    if assignee not in (None, *casework.ASSIGNEE_FILTERS):
+        abort(400)
     if team is not None and current_user.role != "supervisor" and team not in current_user.teams:
         abort(404)
-    return {"status": status, "team": team, "kind": kind, "language_need": language_need}
+    return {
+        "status": status,
+        "team": team,
+        "kind": kind,
+        "language_need": language_need,
+        "assignee": assignee,
+    }
+
+
+def _queue_sort() -> str:
+    sort = request.args.get("sort") or None
+    if sort is not None and casework.sort_key(sort) != sort:
+        abort(400)
+    return casework.sort_key(sort)
+
+
+def _status_choices() -> tuple[str, ...]:
+    """The statuses the queue can be filtered by, for this user.
+
+    A ``received`` request has not been routed yet, so it is in no team's queue: routing gives
+    it its team as it makes it ``queued`` (``intake.requests.routing.route_request``). Staff see
+    only their teams' requests, so for them that filter could never show anything and is not
+    offered; supervisors see every request, and there it shows what waits for the router
+    (during a broker outage, for instance).
+    """
+    if current_user.role == "supervisor":
+        return STATUSES
+    return tuple(s for s in STATUSES if s != "received")
+
+
+def _queue_args(filters: dict[str, Any], current_sort: str, **changes: Any) -> dict[str, Any]:
+    """The queue's query string with ``changes``: only what is set, so URLs stay short."""
+    args = {**filters, "sort": current_sort, **changes}
+    if args["sort"] == "priority":
+        args["sort"] = None
+    return {key: value for key, value in args.items() if value}
 
 
 @bp.get("/queue")
 @roles_required(*WORKERS)
 def queue() -> ResponseReturnValue:
     filters = _queue_filters()
+    sort = _queue_sort()
     after = request.args.get("after") or None
+    when = now()
+    actor = current_user.actor()
     # Taken before the rows: a change in between makes the page refresh once more, never miss it.
-    version = _queue_version(filters, after)
-    rows = casework.queue_page(db.session, _keyring(), current_user.actor(), after=after, **filters)
+    version = _queue_version(filters, sort, after)
+    rows = casework.queue_page(db.session, _keyring(), actor, after=after, sort=sort, **filters)
+    counts = casework.queue_counts(
+        db.session, actor, when, **{k: v for k, v in filters.items() if k != "assignee"}
+    )
+    people = casework.assignable_people(db.session) if current_user.role == "supervisor" else []
     # The queue shows first name and last initial: a minimum-necessary view, still recorded.
     # The references shown go in the details so a patient's access report can list queue views.
-    current_user.actor().record(
+    actor.record(
         db.session,
         "phi.viewed",
         None,
@@ -224,16 +270,22 @@ def queue() -> ResponseReturnValue:
         template,
         rows=rows,
         filters=filters,
-        now=now(),
+        sort=sort,
+        queue_args=lambda **changes: _queue_args(filters, sort, **changes),
+        counts=counts,
+        people=people,
+        now=when,
         teams=teams,
         visible_teams=visible_teams,
-        statuses=STATUSES,
+        statuses=_status_choices(),
         open_statuses=OPEN_STATUSES,
         kinds=KINDS,
         languages=_languages(),
         next_cursor=rows[-1].cursor if len(rows) == 50 else None,
         after=after,
         version=version,
+        bulk_form=BulkForm(),
+        transfer_teams=teams,
     )
 
 
@@ -241,13 +293,19 @@ def queue() -> ResponseReturnValue:
 @roles_required(*WORKERS)
 def queue_version() -> ResponseReturnValue:
     """A fingerprint of the queue (no PHI): the page reloads its rows only when it changes."""
-    return {"version": _queue_version(_queue_filters(), request.args.get("after") or None)}
+    return {
+        "version": _queue_version(
+            _queue_filters(), _queue_sort(), request.args.get("after") or None
+        )
+    }
 
 
-def _queue_version(filters: dict[str, Any], after: str | None) -> str:
+def _queue_version(filters: dict[str, Any], sort: str, after: str | None) -> str:
+    """The rows of the page and the counts above them: either changing refreshes the page."""
     from intake.models import Request
 
-    query = casework.queue_query(current_user.actor(), after=after, **filters)
+    actor = current_user.actor()
+    query = casework.queue_query(actor, after=after, sort=sort, **filters)
     ids = db.session.execute(
         query.with_only_columns(
             Request.id,
@@ -258,9 +316,123 @@ def _queue_version(filters: dict[str, Any], after: str | None) -> str:
             Request.language_need,
         )
     ).all()
+    counts = casework.queue_counts(
+        db.session, actor, now(), **{k: v for k, v in filters.items() if k != "assignee"}
+    )
     db.session.rollback()
-    digest = hashlib.sha256(repr([tuple(map(str, row)) for row in ids]).encode()).hexdigest()
-    return digest[:16]
+    fingerprint = repr(([tuple(map(str, row)) for row in ids], counts))
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+BULK_ACTIONS = ("claim", "assign", "transfer")
+
+
+@bp.post("/queue/bulk")
+@roles_required(*WORKERS)
+def queue_bulk() -> ResponseReturnValue:
+    """Claim, assign or transfer the requests ticked on the queue: one POST, one event each.
+
+    A transfer is confirmed first: without ``confirm`` the answer is a page saying what will
+    move where, whose button sends the same form back with ``confirm``.
+    """
+    form = BulkForm()
+    if not form.validate():
+        abort(400)
+    references = request.form.getlist("reference")
+    action = form.action.data or ""
+    back = _bulk_return_args()
+    actor = current_user.actor()
+    when = now()
+    try:
+        if action not in BULK_ACTIONS:
+            raise CaseworkError("choose claim, assign or transfer")
+        if action == "claim":
+            done = casework.bulk_claim(db.session, references, actor, when)
+            flash(f"You claimed {_requests_list(done)}.")
+        elif action == "assign":
+            try:
+                person = int(form.assignee.data or "")
+            except ValueError:
+                raise CaseworkError("choose the person to assign to") from None
+            done = casework.bulk_assign(db.session, references, actor, person, when)
+            name = dict((p[0], p[1]) for p in casework.assignable_people(db.session))
+            flash(f"Assigned {_requests_list(done)} to {name.get(person, '?')}.")
+        else:
+            team = form.team.data or ""
+            reason = form.reason.data or ""
+            if form.confirm.data != "yes":
+                preview = casework.preview_transfer(
+                    db.session, references, actor, team, reason, list(_team_names()), when
+                )
+                return _confirm_transfer(preview, team, reason, url_for("staff.queue_bulk"), back)
+            outbox_ids = casework.bulk_transfer(
+                db.session,
+                references,
+                actor,
+                team,
+                reason,
+                list(_team_names()),
+                when,
+                team_languages=_team_languages(),
+            )
+            outbox.publish(db.session, outbox_ids)
+            flash(f"Transferred {_requests_list(references)} to {_team_names().get(team, '?')}.")
+    except CaseworkError as error:
+        db.session.rollback()
+        return render_template(
+            "staff/bulk_error.html", message=str(error), back=back, status=error.status
+        ), error.status
+    return redirect(url_for("staff.queue", **back), 303)
+
+
+def _requests_list(references: list[str]) -> str:
+    if len(references) == 1:
+        return references[0]
+    return f"{len(references)} requests ({', '.join(references)})"
+
+
+def _bulk_return_args() -> dict[str, Any]:
+    """The queue's filters the bulk form carried, kept only when they are valid ones."""
+    back: dict[str, Any] = {}
+    fields = {
+        "status": STATUSES,
+        "kind": KINDS,
+        "assignee": casework.ASSIGNEE_FILTERS,
+        "language_need": ("any", *_languages()),
+        "team": tuple(_team_names()),
+    }
+    for name, allowed in fields.items():
+        value = request.form.get(f"back_{name}") or ""
+        if value in allowed:
+            back[name] = value
+    sort = request.form.get("back_sort") or ""
+    if sort and casework.sort_key(sort) == sort and sort != "priority":
+        back["sort"] = sort
+    return back
+
+
+def _team_languages() -> dict[str, Any]:
+    return {t.id: t.languages for t in current_app.extensions["intake.routing"].teams.values()}
+
+
+def _confirm_transfer(
+    preview: list[casework.TransferPreview],
+    team: str,
+    reason: str,
+    action_url: str,
+    back: dict[str, Any],
+) -> ResponseReturnValue:
+    """The page that asks "transfer these to that team?" before anything moves."""
+    return render_template(
+        "staff/transfer_confirm.html",
+        preview=preview,
+        team=team,
+        reason=reason,
+        teams=_team_names(),
+        action_url=action_url,
+        back=back,
+        form=BulkForm(),
+    )
 
 
 def _render_opened(opened: casework.OpenedRequest, status: int = 200) -> ResponseReturnValue:
@@ -354,21 +526,31 @@ def act(reference: str, action: str) -> ResponseReturnValue:
         elif action == "transfer":
             transfer = TransferForm()
             transfer.validate()
+            team, reason = transfer.team.data or "", transfer.reason.data or ""
+            if request.form.get("confirm") != "yes":
+                # Checked as the transfer will be, then shown for confirmation: nothing moves.
+                preview = casework.preview_transfer(
+                    db.session, [reference], actor, team, reason, list(_team_names()), when
+                )
+                return _confirm_transfer(
+                    preview,
+                    team,
+                    reason,
+                    url_for("staff.act", reference=reference, action="transfer"),
+                    {},
+                )
             outbox_id = casework.transfer(
                 db.session,
                 reference,
                 actor,
-                transfer.team.data or "",
-                transfer.reason.data or "",
+                team,
+                reason,
                 list(_team_names()),
                 when,
-                team_languages={
-                    t.id: t.languages
-                    for t in current_app.extensions["intake.routing"].teams.values()
-                },
+                team_languages=_team_languages(),
             )
             outbox.publish(db.session, [outbox_id])
-            flash(f"Transferred to {_team_names().get(transfer.team.data or '', '?')}.")
+            flash(f"Transferred to {_team_names().get(team, '?')}.")
             return redirect(url_for("staff.queue"), 303)
         else:
             abort(404)

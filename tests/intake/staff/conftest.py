@@ -34,7 +34,7 @@ from intake.requests import routing
 from tests.conftest import Patient, hidden_fields, reference_from
 
 PASSWORD = "Cedar-Lantern-4417-harbor"
-QUEUE_LINK_RE = re.compile(r'<a href="/staff/requests/([RC]-[0-9A-Z]{4}-[0-9A-Z]{4})">')
+QUEUE_LINK_RE = re.compile(r'<a href="/staff/requests/([RC]-[0-9A-Z]{4}-[0-9A-Z]{4})"[^>]*>')
 
 
 # -- the clock ----------------------------------------------------------------------------------

@@ -107,7 +107,9 @@ def test_transfer_moves_the_request_and_queues_the_new_teams_notification(
     ana.act(reference, "claim")
     since = last_seq(app)
 
-    response = ana.act(reference, "transfer", team="refills-north", reason="Patient moved north")
+    response = ana.act(
+        reference, "transfer", confirm="yes", team="refills-north", reason="Patient moved north"
+    )
 
     assert response.status_code == 303 and response.headers["Location"] == "/staff/queue"
     events = events_since(app, since)
@@ -175,10 +177,20 @@ def test_illegal_actions_get_409_and_change_nothing(app, route, make_user, staff
         (queued, "status", {"status": "completed"}, "queued cannot become completed"),
         (queued, "status", {"status": "waiting_on_patient"}, "cannot become waiting on patient"),
         (queued, "release", {}, "This request is not claimed"),
-        (queued, "transfer", {"team": "refills-main", "reason": "Same team again"}, "already"),
+        (
+            queued,
+            "transfer",
+            {"confirm": "yes", "team": "refills-main", "reason": "Same team again"},
+            "already",
+        ),
         (done, "status", {"status": "in_progress"}, "completed cannot become in progress"),
         (done, "claim", {}, "Only an open request can be claimed"),
-        (done, "transfer", {"team": "refills-north", "reason": "Too late now"}, "open request"),
+        (
+            done,
+            "transfer",
+            {"confirm": "yes", "team": "refills-north", "reason": "Too late now"},
+            "open request",
+        ),
     ]
     for reference, action, fields, message in attempts:
         response = ana.act(reference, action, **fields)
@@ -198,8 +210,8 @@ def test_bad_input_gets_400_and_changes_nothing(app, route, make_user, staff_log
     for action, fields in (
         ("note", {"text": "   "}),
         ("note", {"text": "x" * 4001}),
-        ("transfer", {"team": "no-such-team", "reason": "Somewhere else"}),
-        ("transfer", {"team": "refills-north", "reason": "hm"}),
+        ("transfer", {"confirm": "yes", "team": "no-such-team", "reason": "Somewhere else"}),
+        ("transfer", {"confirm": "yes", "team": "refills-north", "reason": "hm"}),
     ):
         response = ana.act(reference, action, **fields)
         assert response.status_code == 400, (action, fields)
@@ -245,7 +257,7 @@ def test_reasons_that_look_like_patient_details_are_refused(
     reference = route("refill", location="main")
     ana = staff_login(make_user("ana", teams=("refills-main",)))
     since = last_seq(app)
-    response = ana.act(reference, "transfer", team="refills-north", reason=reason)
+    response = ana.act(reference, "transfer", confirm="yes", team="refills-north", reason=reason)
     assert response.status_code == 400
     assert "no numbers, dates or e-mail addresses" in response.get_data(as_text=True)
     assert last_seq(app) == since

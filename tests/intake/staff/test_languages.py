@@ -212,12 +212,24 @@ def test_a_transfer_to_a_team_that_serves_the_language_clears_the_flag(
 ):
     boss = staff_login(make_user("sofia", role="supervisor"))
 
-    boss.act(flagged["copay"], "transfer", team="bilingual", reason="Spanish speakers there")
-    boss.act(flagged["english"], "transfer", team="bilingual", reason="move it over")
+    boss.act(
+        flagged["copay"],
+        "transfer",
+        confirm="yes",
+        team="bilingual",
+        reason="Spanish speakers there",
+    )
+    boss.act(flagged["english"], "transfer", confirm="yes", team="bilingual", reason="move it over")
 
     assert flagged["copay"] not in badges(boss.queue_html())
     # And back to a team that does not serve Spanish: flagged again, as nobody there has it.
-    boss.act(flagged["copay"], "transfer", team="ivig", reason="an IVIG question after all")
+    boss.act(
+        flagged["copay"],
+        "transfer",
+        confirm="yes",
+        team="ivig",
+        reason="an IVIG question after all",
+    )
     assert badges(boss.queue_html())[flagged["copay"]] == "Spanish"
     assert flagged["english"] not in badges(boss.queue_html())
 

@@ -58,7 +58,11 @@ def test_a_teammate_cannot_work_a_colleagues_claimed_request(app, route, make_us
         "request.status_changed": boris.act(reference, "status", status="cancelled"),
         "note.added": boris.act(reference, "note", text="Patient asked to cancel, per phone"),
         "request.transferred": boris.act(
-            reference, "transfer", team="refills-north", reason="Closer to the patient"
+            reference,
+            "transfer",
+            confirm="yes",
+            team="refills-north",
+            reason="Closer to the patient",
         ),
     }
 
@@ -113,7 +117,9 @@ def test_a_supervisor_can_still_work_a_claimed_request(app, route, make_user, st
     assert sofia.act(reference, "status", status="in_progress").status_code == 303
     # Stepping in does not take the claim away from ana.
     assert request_state(app, reference)["assignee_id"] == ana_user.id
-    moved = sofia.act(reference, "transfer", team="refills-north", reason="North has stock")
+    moved = sofia.act(
+        reference, "transfer", confirm="yes", team="refills-north", reason="North has stock"
+    )
     assert moved.status_code == 303
 
     events = events_since(app, since)
@@ -247,7 +253,9 @@ def test_a_claim_taken_after_the_page_loaded_still_refuses_the_post(
 
     assert boris.act(reference, "note", text="Done on the phone").status_code == 409
     assert boris.act(reference, "status", status="in_progress").status_code == 409
-    moved = boris.act(reference, "transfer", team="refills-north", reason="Closer to her")
+    moved = boris.act(
+        reference, "transfer", confirm="yes", team="refills-north", reason="Closer to her"
+    )
     assert moved.status_code == 409
     assert boris.act(reference, "claim").status_code == 409
     assert boris.act(reference, "release").status_code == 409

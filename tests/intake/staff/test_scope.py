@@ -55,7 +55,9 @@ def test_another_teams_request_is_not_found_and_cannot_be_acted_on(app, two_team
     claim = ana.act(theirs, "claim")
     note = ana.act(theirs, "note", text="Trying to write on another team's request")
     status = ana.act(theirs, "status", status="in_progress")
-    transfer = ana.act(theirs, "transfer", team="refills-main", reason="Move it to my team")
+    transfer = ana.act(
+        theirs, "transfer", confirm="yes", team="refills-main", reason="Move it to my team"
+    )
 
     assert page.status_code == 404
     assert "Request not found in your teams' queues" in page.get_data(as_text=True)
