@@ -24,11 +24,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from flask_babel import gettext, ngettext
+from flask import has_app_context, has_request_context
+from flask_babel import force_locale, gettext, ngettext
 
 from intake.requests.labels import priority_label, status_label, team_label
 
 FOLD_WINDOW = timedelta(minutes=10)
+DEFAULT_LANGUAGE = "en"
 # Notifications staff may see: a request's own team notices and overdue escalations. An alert
 # about a break-glass access is the supervisors' and compliance's business, like the access.
 WORKFLOW_NOTICES = ("new", "overdue")
@@ -131,7 +133,18 @@ def describe(event: Any, team_names: Mapping[str, str]) -> str | None:
 
 
 def build_timeline(events: Iterable[Any], team_names: Mapping[str, str]) -> list[TimelineLine]:
-    """The lines of a request's timeline from its audit events, oldest first."""
+    """The lines of a request's timeline from its audit events, oldest first.
+
+    In the page's language; outside a request (a command, a test in an app context) the
+    locale selector has no page to ask, so the lines are in the default language.
+    """
+    if has_app_context() and not has_request_context():
+        with force_locale(DEFAULT_LANGUAGE):
+            return _build(events, team_names)
+    return _build(events, team_names)
+
+
+def _build(events: Iterable[Any], team_names: Mapping[str, str]) -> list[TimelineLine]:
     lines: list[TimelineLine] = []
     # Per person: the index of their open "viewed" line and the time of its last view.
     open_views: dict[str, tuple[int, datetime]] = {}

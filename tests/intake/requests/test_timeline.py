@@ -155,3 +155,10 @@ def test_the_timeline_follows_the_pages_language(app):
         "Vista por pharm2, 3 veces",
         "Estado: esperando al médico, por pharm2 (antes: en curso)",
     ]
+
+
+def test_outside_a_page_the_timeline_is_in_the_default_language(app):
+    """A command or task opening a request has no page to pick a language from."""
+    trail = received_and_routed()
+    with app.app_context():
+        assert trail.texts()[0] == "Received from the patient"
