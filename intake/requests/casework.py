@@ -14,7 +14,6 @@ went idle) may be worked by anyone on its team, as before: the claim is how staf
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from intake.requests import assignment, outbox
 from intake.requests.notifications import BREAK_GLASS_TASK
 from intake.requests.references import normalize_reference
 from intake.requests.routing import needed_language
+from intake.requests.timeline import TimelineLine, build_timeline
 
 CLAIM_IDLE = timedelta(minutes=30)
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -222,22 +222,13 @@ def get_request(
     return request
 
 
-@dataclass(frozen=True)
-class TimelineEntry:
-    """One line of the staff timeline: what happened, in words, without audit details."""
-
-    at: datetime
-    action: str
-    text: str
-
-
 @dataclass
 class OpenedRequest:
     request: Request
     phi: dict[str, Any]
     notes: list[dict[str, Any]]
     consents: list[ConsentAcceptance]
-    timeline: list[TimelineEntry]
+    timeline: list[TimelineLine]
     break_glass: bool = False
     claim_active: bool = False
     assignee: str | None = None
@@ -351,7 +342,7 @@ def open_request(
             .order_by(ConsentAcceptance.id)
         ).scalars()
     )
-    timeline = staff_timeline(
+    timeline = build_timeline(
         session.execute(
             select(AuditEvent).where(AuditEvent.reference == reference).order_by(AuditEvent.seq)
         ).scalars(),
@@ -370,100 +361,6 @@ def open_request(
         transitions=TRANSITIONS.get(request.status, ()),
         alert_outbox_id=alert.id if alert is not None else None,
     )
-
-
-# -- the staff timeline ------------------------------------------------------------------------
-
-
-def _words(status: Any) -> str:
-    return str(status or "?").replace("_", " ").capitalize()
-
-
-def _who(event: AuditEvent, details: dict[str, Any]) -> str:
-    if event.actor == "patient":
-        return "the patient"
-    if event.actor.startswith("system:"):
-        return "Intake"
-    return str(details.get("username") or "a former user")
-
-
-# Notifications staff may see: a request's own team notices and overdue escalations. An alert
-# about a break-glass access is the supervisors' and compliance's business, like the access.
-WORKFLOW_NOTICES = ("new", "overdue")
-
-
-def staff_timeline(events: Any, team_names: dict[str, str]) -> list[TimelineEntry]:
-    """The workflow of a request in plain words, for the staff who work it.
-
-    Why: the audit trail is compliance's record. It holds break-glass reasons, review comments,
-    refused attempts and every opening of the page; staff who can see a request need to know
-    who worked it and how, not what compliance wrote about a colleague. So this is an allow
-    list: submitted, routed, claimed, released, status changes, transfers (with their reason,
-    which passed the PHI filter), notes (the text is above, in the notes), escalations, team
-    notices, the patient's status look-ups and the retention purge; repeated openings by the
-    same person fold into one line; break-glass openings, reviews and every refused or failed
-    event except a failed team notice are left out.
-    """
-    entries: list[TimelineEntry] = []
-    viewer: tuple[str, int] | None = None  # (actor, times) of the last line when it is views
-
-    def team(team_id: Any) -> str:
-        return team_names.get(str(team_id), str(team_id or "?"))
-
-    for event in events:
-        d: dict[str, Any] = json.loads(event.details) if event.details else {}
-        who = _who(event, d)
-        action = event.action
-        text: str | None = None
-        if action == "notification.failed" and d.get("reason", "new") in WORKFLOW_NOTICES:
-            text = f"Notifying {team(d.get('team'))} failed"
-        elif event.outcome != "success":
-            text = None
-        elif action == "phi.viewed":
-            if d.get("break_glass"):
-                continue
-            if viewer is not None and viewer[0] == event.actor:
-                viewer = (event.actor, viewer[1] + 1)
-                entries[-1] = TimelineEntry(
-                    entries[-1].at, action, f"Opened by {who} ({viewer[1]} times)"
-                )
-                continue
-            entries.append(TimelineEntry(event.created_at, action, f"Opened by {who}"))
-            viewer = (event.actor, 1)
-            continue
-        elif action == "request.submitted":
-            text = "Submitted by the patient"
-        elif action == "request.routed":
-            text = f"Routed to {team(d.get('team'))}, priority {d.get('priority', '?')}"
-        elif action == "request.claimed":
-            text = f"Claimed by {who}"
-        elif action == "request.released":
-            text = f"Released by {who}"
-        elif action == "request.status_changed":
-            text = f"Status changed from {_words(d.get('old'))} to {_words(d.get('new'))} by {who}"
-        elif action == "request.transferred":
-            text = (
-                f"Transferred from {team(d.get('from_team'))} to {team(d.get('to_team'))} "
-                f"by {who}: {d.get('reason', '')}"
-            )
-        elif action == "note.added":
-            text = f"Note added by {who}"
-        elif action == "request.escalated":
-            text = f"Escalated to {d.get('new_priority', '?')} priority: past its due time"
-        elif action == "notification.sent" and d.get("reason", "new") in WORKFLOW_NOTICES:
-            text = (
-                "Supervisors told it is overdue"
-                if d.get("reason") == "overdue"
-                else f"{team(d.get('team'))} notified"
-            )
-        elif action == "status.looked_up":
-            text = "Status checked by the patient online"
-        elif action == "retention.purged":
-            text = "Patient details shredded by the retention policy"
-        if text is not None:
-            entries.append(TimelineEntry(event.created_at, action, text))
-            viewer = None
-    return entries
 
 
 def _touch(request: Request, now: datetime, actor: Actor) -> None:

@@ -34,7 +34,7 @@ from intake.clock import now
 from intake.extensions import db, limiter
 from intake.forms import clean_phone, options
 from intake.models import KINDS, OPEN_STATUSES, STATUSES
-from intake.requests import casework, outbox
+from intake.requests import casework, labels, outbox
 from intake.requests.casework import CaseworkError
 from intake.requests.references import normalize_reference
 from intake.staff.forms import (
@@ -442,14 +442,15 @@ def _render_opened(opened: casework.OpenedRequest, status: int = 200) -> Respons
         (tid, name) for tid, name in teams.items() if tid != opened.request.team
     )
     status_form = StatusForm()
-    status_form.status.choices = options((s, s.replace("_", " ")) for s in opened.transitions)
+    status_form.status.choices = options((s, labels.status_label(s)) for s in opened.transitions)
     return render_template(
         "staff/request.html",
         opened=opened,
         r=opened.request,
         doc=opened.phi,
         teams=teams,
-        languages=_languages(),
+        labels=labels,
+        routing=current_app.extensions["intake.routing"],
         note_form=NoteForm(),
         status_form=status_form,
         transfer_form=transfer,

@@ -95,7 +95,7 @@ def test_a_pharmacist_works_the_oldest_urgent_request(app, live_server, page, ou
     expect(page.get_by_role("heading", level=1)).to_contain_text(made["oldest_urgent"])
     expect(page.get_by_text("Helen Park")).to_be_visible()
     timeline = page.locator("ol.timeline")
-    expect(timeline).to_contain_text("Opened by ana")
+    expect(timeline).to_contain_text("Viewed by ana")
 
     page.get_by_role("button", name="Claim").click()
     expect(page.get_by_text("You claimed this request.")).to_be_visible()
@@ -109,12 +109,12 @@ def test_a_pharmacist_works_the_oldest_urgent_request(app, live_server, page, ou
     expect(page.locator("article.note")).to_contain_text(NOTE)
     expect(timeline).to_contain_text("Note added by ana")
 
-    for status, shown in (("in_progress", "in progress"), ("completed", "completed")):
+    for status, shown in (("in_progress", "In progress"), ("completed", "Completed")):
         page.get_by_label("Change status to").select_option(status)
         page.get_by_role("button", name="Change status").click()
         expect(page.locator("#status")).to_have_text(shown)
-    expect(timeline.locator("li", has_text="Status changed")).to_have_count(2)
-    expect(timeline).to_contain_text("Status changed from In progress to Completed by ana")
+    expect(timeline.locator("li", has_text="Status:")).to_have_count(2)
+    expect(timeline).to_contain_text("Status: completed, by ana (was in progress)")
     expect(timeline).not_to_contain_text("{")  # words, not audit details
     page.screenshot(path=str(output_dir / "request-completed.png"), full_page=True)
     assert request_state(app, made["oldest_urgent"])["status"] == "completed"

@@ -35,7 +35,8 @@ def test_opening_a_request_shows_its_phi_and_records_phi_viewed(app, route, make
 
     html = page_text(ana, reference)
 
-    assert "Maria Núñez-Ortiz" in html and "1980-03-15" in html and "+12025550143" in html
+    assert "Maria Núñez-Ortiz" in html and "March 15, 1980" in html
+    assert '<a href="tel:+12025550143">(202) 555-0143</a>' in html
     assert actions_since(app, since) == [("phi.viewed", reference)]
 
 
@@ -66,15 +67,15 @@ def test_claim_release_status_and_note_each_write_exactly_their_event(
         ("in_progress", "completed"),
     ]
     html = page_text(ana, reference)
-    assert '<dd id="status">completed</dd>' in html
+    assert '<dd id="status" data-status="completed">Completed</dd>' in html
     assert "Left a voicemail for the patient." in html
     # The timeline shows every step, in words.
     for line in (
         "Claimed by ana",
         "Released by ana",
-        "Status changed from Queued to In progress by ana",
+        "Status: in progress, by ana (was queued)",
         "Note added by ana",
-        "Status changed from In progress to Completed by ana",
+        "Status: completed, by ana (was in progress)",
     ):
         assert line in html, line
 

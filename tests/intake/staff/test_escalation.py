@@ -77,8 +77,8 @@ def test_overdue_requests_go_one_step_up_once(app, route, clock, make_user, staf
 
     # Staff see it: the request now carries the higher priority and says why.
     page = ana.get(f"/staff/requests/{made['normal']}").get_data(as_text=True)
-    assert '<span class="badge badge--high">high</span>' in page
-    assert "Escalated to high priority: past its due time" in page
+    assert '<span class="badge badge--high" data-priority="high">High</span>' in page
+    assert "Priority raised to high: past its due time" in page
     assert "(overdue)" in page
 
 
