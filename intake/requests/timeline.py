@@ -99,8 +99,22 @@ def describe(event: Any, team_names: Mapping[str, str]) -> str | None:
         if d.get("reason") == "overdue":
             return gettext("Supervisors told it is overdue")
         return gettext("%(team)s notified", team=team("team"))
+    if action == "request.claimed" and d.get("assigned_to_username"):
+        return gettext(
+            "Assigned to %(person)s by %(who)s", person=str(d["assigned_to_username"]), who=who
+        )
     if action == "request.claimed":
         return gettext("Claimed by %(who)s", who=who)
+    if action == "request.assigned":
+        return gettext(
+            "Assigned to %(person)s automatically (%(reason)s)",
+            person=str(d.get("assignee") or "?"),
+            reason=str(d.get("reason") or ""),
+        )
+    if action == "request.left_in_pool":
+        return gettext("Left unassigned (%(reason)s)", reason=str(d.get("reason") or ""))
+    if action == "request.released" and d.get("by") == "system:assign":
+        return gettext("Returned to the pool (%(reason)s)", reason=str(d.get("reason") or ""))
     if action == "request.released":
         return gettext("Released by %(who)s", who=who)
     if action == "request.status_changed":

@@ -162,3 +162,30 @@ def test_outside_a_page_the_timeline_is_in_the_default_language(app):
     trail = received_and_routed()
     with app.app_context():
         assert trail.texts()[0] == "Received from the patient"
+
+
+def test_assignments_by_a_supervisor_and_by_the_assigner_in_words():
+    trail = received_and_routed()
+    trail.add("system:assign", "request.left_in_pool", reason="nobody eligible: 2 at their cap")
+    trail.add(
+        "system:assign",
+        "request.assigned",
+        by="system:assign",
+        assignee="lucia",
+        reason="assigned to lucia: speaks Spanish, 3 of 8 open",
+    )
+    trail.add(
+        "system:assign",
+        "request.released",
+        by="system:assign",
+        previous_assignee=3,
+        reason="claim timeout: not started within 60 minutes of being assigned, back to the pool",
+    )
+    trail.add("user:2", "request.claimed", assigned_to="user:1", assigned_to_username="pharm2")
+    assert trail.texts()[3:] == [
+        "Left unassigned (nobody eligible: 2 at their cap)",
+        "Assigned to lucia automatically (assigned to lucia: speaks Spanish, 3 of 8 open)",
+        "Returned to the pool (claim timeout: not started within 60 minutes of being assigned, "
+        "back to the pool)",
+        "Assigned to pharm2 by boris",
+    ]
