@@ -63,7 +63,7 @@ def test_report_csv_audit_search_and_dashboard_agree(app, patient, staff, office
     people = {row[0]: row for row in table_rows(html, "access-people")}
     assert (people["alice"][4], people["bob"][4], people["bob"][5]) == ("2", "1", "1")
     assert people["alice"][6] == "2" and people["alice"][7] == "1"
-    assert f'id="total-phi-views">3<' in html and f'id="total-events">{len(report)}<' in html
+    assert 'id="total-phi-views">3<' in html and f'id="total-events">{len(report)}<' in html
     assert PHI_VIEW_DEFINITION in unescape(html)
     assert "not listed here" not in html  # the old footnote that contradicted the table
 
