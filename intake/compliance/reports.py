@@ -321,7 +321,11 @@ class AuditRow:
     @property
     def detail_items(self) -> list[tuple[str, str]]:
         """The details as (key, value) pairs in words, for key: value lists."""
-        return detail_items(self.detail_values)
+        values = self.detail_values
+        if values.get("username") != self.username:
+            # Not the actor's own name (already in its column): whom the event is about.
+            values = {**values, "user": values.pop("username")} if "username" in values else values
+        return detail_items(values)
 
     @property
     def detail_summary(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
