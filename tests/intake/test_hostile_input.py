@@ -334,7 +334,8 @@ def test_reviewing_a_break_glass_number_that_cannot_exist_is_a_404(app, sign_in)
     olivia = sign_in("olivia")
     since = last_seq(app)
     response = olivia.post(
-        f"/compliance/break-glass/{HUGE}/review", {"comment": "Looks fine.", "outcome": "appropriate"}
+        f"/compliance/break-glass/{HUGE}/review",
+        {"comment": "Looks fine.", "outcome": "appropriate"},
     )
     assert response.status_code == 404
     assert "no break-glass access with that number" in response.get_data(as_text=True)
