@@ -8,6 +8,10 @@ an audit event written in the same transaction as its row. Reviewers are complia
 and supervisors too where the pharmacy says so (``INTAKE_BREAK_GLASS_REVIEWERS``): a pharmacy
 with one compliance officer could otherwise never have that officer's accesses reviewed.
 
+Each review has an outcome (appropriate, not appropriate, escalated) kept with the comment in
+the ``break_glass.reviewed`` event: the trail is the record, tamper-evident like every other
+event, so no column outside it holds the verdict.
+
 The review comment goes into the append-only trail in the clear, so it passes the same filter
 for patient details as every other staff-typed reason (no numbers, dates or e-mail addresses).
 """
@@ -31,6 +35,12 @@ from intake.requests.casework import Actor, CaseworkError, check_reason
 MIN_COMMENT = 5
 MAX_COMMENT = 1000
 REVIEWER_ROLES = ("compliance",)
+# What a reviewer concluded, as stored in ``break_glass.reviewed`` (``review_outcome``).
+OUTCOMES = {
+    "appropriate": "Appropriate",
+    "not_appropriate": "Not appropriate",
+    "escalated": "Escalated",
+}
 ROLE_NAMES = {"compliance": "compliance officer", "supervisor": "supervisor"}
 # Only break-glass accesses that happened are reviewed; a refused attempt is in the trail only.
 HAPPENED = AuditEvent.outcome == "success"
@@ -52,10 +62,28 @@ class BreakGlassEntry:
     reviewer: str | None
     reviewed_at: datetime | None
     comment: str | None
+    outcome: str | None = None
 
     @property
     def pending(self) -> bool:
         return self.reviewed_at is None
+
+    @property
+    def outcome_name(self) -> str:
+        return OUTCOMES.get(self.outcome or "", "not recorded")
+
+
+def review_outcomes(session: DbSession) -> dict[int, str]:
+    """Per break-glass event seq, the outcome its review recorded in the trail."""
+    found: dict[int, str] = {}
+    for raw in session.execute(
+        select(AuditEvent.details).where(AuditEvent.action == "break_glass.reviewed")
+    ).scalars():
+        details = json.loads(raw) if raw else {}
+        seq, outcome = details.get("break_glass_seq"), details.get("review_outcome")
+        if isinstance(seq, int) and isinstance(outcome, str):
+            found[seq] = outcome
+    return found
 
 
 def break_glass_entries(session: DbSession, reviewed_limit: int = 200) -> list[BreakGlassEntry]:
@@ -87,6 +115,7 @@ def break_glass_entries(session: DbSession, reviewed_limit: int = 200) -> list[B
         .order_by(AuditEvent.seq.desc())
         .limit(reviewed_limit)
     ).all()
+    outcomes = review_outcomes(session) if reviewed else {}
     entries = []
     for row in [*pending, *reviewed]:
         details: dict[str, Any] = json.loads(row[6]) if row[6] else {}
@@ -102,6 +131,7 @@ def break_glass_entries(session: DbSession, reviewed_limit: int = 200) -> list[B
                 reviewer=row[7],
                 reviewed_at=row[8],
                 comment=row[9],
+                outcome=outcomes.get(row[0]),
             )
         )
     return entries
@@ -155,10 +185,13 @@ def review_break_glass(
     comment: str,
     now: datetime,
     reviewers: tuple[str, ...] = REVIEWER_ROLES,
+    outcome: str = "appropriate",
 ) -> BreakGlassReview:
-    """Mark break-glass event ``seq`` reviewed and record ``break_glass.reviewed``; one
-    transaction, committed here. Only a role of ``reviewers`` reviews, never the person who
-    broke the glass."""
+    """Mark break-glass event ``seq`` reviewed with ``outcome`` and record
+    ``break_glass.reviewed``; one transaction, committed here. Only a role of ``reviewers``
+    reviews, never the person who broke the glass."""
+    if outcome not in OUTCOMES:
+        raise ReviewError("choose an outcome: appropriate, not appropriate or escalated", 400)
     if not may_review(actor.role, reviewers):
         raise ReviewError("there is no break-glass access with that number", 404)
     event = session.get(AuditEvent, seq) if seq_in_range(seq) else None
@@ -185,6 +218,7 @@ def review_break_glass(
         event.reference,
         break_glass_seq=seq,
         accessed_by=event.actor,
+        review_outcome=outcome,
         comment=comment,
     )
     session.commit()

@@ -78,6 +78,26 @@ def axis(peak: float, *, integer: bool = True) -> tuple[float, float]:
     return round(math.ceil(peak / step - 1e-9) * step, 9), float(step)
 
 
+def wrap_label(text: str, width: float, lines: int = 2) -> list[str]:
+    """``text`` in at most ``lines`` lines that fit ``width`` pixels at the labels' 11 px size
+    (about 6.5 px a character), the last cut short with an ellipsis if need be: a team's name
+    under its bar, not its id."""
+    room = max(4, int(width / 6.5))
+    if len(text) <= room or " " not in text:
+        return [text]  # short labels (days, weeks) as they are
+    out: list[str] = []
+    words = text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and len(line) + 1 + len(words[0]) <= room:
+            line += " " + words.pop(0)
+        out.append(line)
+    if words or (out and len(out[-1]) > room):
+        last = " ".join([out[-1], *words]) if out else text
+        out[-1] = last[: room - 1].rstrip() + "…"
+    return out
+
+
 def _number(value: float) -> str:
     return f"{value:g}" if value != int(value) else str(int(value))
 
@@ -143,7 +163,10 @@ def bar_chart(
             if stacked:
                 stack += value
         if index % label_every == 0 or index == len(categories) - 1:
-            chart.labels.append(Label(PLOT_LEFT + (index + 0.5) * slot, baseline + 16, category))
+            for line, text in enumerate(wrap_label(category, slot)):
+                chart.labels.append(
+                    Label(PLOT_LEFT + (index + 0.5) * slot, baseline + 16 + 13 * line, text)
+                )
     return chart
 
 

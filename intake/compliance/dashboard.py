@@ -95,7 +95,7 @@ def breaches_panel(session: DbSession, now: datetime, team_names: Mapping[str, s
         f"Stacked bars per team: completed after the due time, and still open past it. "
         f"{sum(t.breaches for t in teams)} breaches of {sum(t.requests for t in teams)} "
         "requests. The table below lists each team.",
-        [t.team for t in teams],
+        [team_names.get(t.team, t.team) for t in teams],
         [
             ("completed late", [t.completed_late for t in teams]),
             ("open past due", [t.open_overdue for t in teams]),

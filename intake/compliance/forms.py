@@ -6,13 +6,13 @@ import re
 from datetime import UTC, datetime, timedelta
 
 from flask_wtf import FlaskForm
-from wtforms import Field, Form, SelectField, StringField, TextAreaField
+from wtforms import Field, Form, RadioField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
 
 from intake.audit.chain import ACTIONS
-from intake.compliance.break_glass import MAX_COMMENT, MIN_COMMENT
+from intake.compliance.break_glass import MAX_COMMENT, MIN_COMMENT, OUTCOMES
 from intake.compliance.reports import AuditFilter
-from intake.forms import options
+from intake.forms import clean_phone, options
 from intake.requests.references import normalize_reference
 
 TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?Z?$")
@@ -112,6 +112,11 @@ class AccessLookupForm(FlaskForm):
 
 
 class ReviewForm(FlaskForm):
+    outcome = RadioField(
+        "Outcome",
+        choices=options(OUTCOMES.items()),
+        validators=[DataRequired(message="Choose an outcome.")],
+    )
     comment = TextAreaField(
         "Review comment (no patient details)",
         validators=[DataRequired(), Length(min=MIN_COMMENT, max=MAX_COMMENT)],
@@ -121,3 +126,34 @@ class ReviewForm(FlaskForm):
 
 class VerifyForm(FlaskForm):
     """Only a CSRF token: verifying writes an audit event."""
+
+
+class PatientSearchForm(FlaskForm):
+    """Find one patient: last name and date of birth, or phone (exact, via blind indexes)."""
+
+    last_name = StringField("Last name", validators=[Optional(), Length(max=60)], filters=[_strip])
+    date_of_birth = StringField(
+        "Date of birth", validators=[Optional(), Length(max=10)], filters=[_strip]
+    )
+    phone = StringField("Phone", validators=[Optional(), Length(max=40)], filters=[_strip])
+
+    phone_e164: str | None = None
+
+    def validate_date_of_birth(self, field: Field) -> None:
+        if field.data:
+            try:
+                datetime.strptime(field.data, "%Y-%m-%d")
+            except ValueError:
+                raise ValidationError("Use YYYY-MM-DD, for example 1961-04-23.") from None
+
+    def validate_phone(self, field: Field) -> None:
+        if field.data:
+            self.phone_e164 = clean_phone(field.data)
+
+    def validate(self, extra_validators: object = None) -> bool:  # type: ignore[override]
+        if not super().validate():
+            return False
+        if self.phone.data or (self.last_name.data and self.date_of_birth.data):
+            return True
+        self.form_errors.append("Type a phone number, or a last name and a date of birth (both).")
+        return False

@@ -28,6 +28,7 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    or_,
     select,
 )
 from sqlalchemy.orm import aliased
@@ -50,16 +51,103 @@ AUDIT_COLUMNS = (
     "User",
     "Role",
     "Action",
+    "Action (plain)",
     "Reference",
     "Outcome",
     "Details",
     "Client (pseudonym)",
 )
-# What counts as a "PHI view" in reports: opening one request's page (the event names it).
-# Queue pages show first name and last initial and are recorded as phi.viewed without a
-# reference; they refresh by themselves, so they are counted apart as "list views".
-RECORD_VIEW = and_(AuditEvent.action == "phi.viewed", AuditEvent.reference.is_not(None))
+# What each event counts as, in every compliance view (access report, its CSV, the audit search
+# by reference, the dashboard, the per-user report): one definition, in SQL, used by all.
+#
+# A "PHI view" is one opening of a request's page, which shows all of its PHI: a ``phi.viewed``
+# event that names the request (break-glass openings included). The ``phi.break_glass`` event
+# that precedes such an opening holds the reason and is counted as a break-glass, not as a
+# second view. Queue pages show first name and last initial of every request listed; they are
+# recorded as ``phi.viewed`` without a reference (the references shown are in the details) and
+# are counted apart as "queue list views". Searches are "search results".
+PHI_VIEW = and_(
+    AuditEvent.action == "phi.viewed",
+    AuditEvent.reference.is_not(None),
+    AuditEvent.outcome == "success",
+)
 LIST_VIEW = and_(AuditEvent.action == "phi.viewed", AuditEvent.reference.is_(None))
+SEARCH_RESULT = AuditEvent.action == "request.searched"
+BREAK_GLASS = and_(AuditEvent.action == "phi.break_glass", AuditEvent.outcome == "success")
+# Events that list many requests and name them in their details rather than in ``reference``.
+LISTING_ACTIONS = ("phi.viewed", "request.searched")
+KINDS_OF_EVENT = {
+    "phi_view": "PHI view",
+    "list_view": "queue list view",
+    "search_result": "search result",
+    "break_glass": "break-glass",
+    "other": "",
+}
+EVENT_KIND = case(
+    (PHI_VIEW, literal("phi_view")),
+    (LIST_VIEW, literal("list_view")),
+    (SEARCH_RESULT, literal("search_result")),
+    (BREAK_GLASS, literal("break_glass")),
+    else_=literal("other"),
+)
+PHI_VIEW_DEFINITION = (
+    "A PHI view is one opening of a request's page, which shows all of its patient "
+    "information: one phi.viewed event naming the request (break-glass openings included; the "
+    "break-glass reason is a separate event, counted as a break-glass, not as a second view). "
+    "Queue pages, which show first name and last initial, are counted apart as queue list "
+    "views, and searches that found the request as search results."
+)
+
+# Plain names of the actions, shown beside the codes on every page and in every CSV.
+ACTION_NAMES = {
+    "request.submitted": "Request submitted",
+    "request.routed": "Request routed to a team",
+    "request.claimed": "Request claimed",
+    "request.released": "Claim released",
+    "request.status_changed": "Status changed",
+    "request.transferred": "Request transferred",
+    "request.searched": "Requests searched",
+    "request.escalated": "Request escalated (overdue)",
+    "note.added": "Note added",
+    "phi.viewed": "PHI viewed",
+    "phi.break_glass": "Break-glass access",
+    "status.looked_up": "Status looked up by the patient",
+    "notification.sent": "Notification sent",
+    "notification.failed": "Notification failed",
+    "user.login": "Logged in",
+    "user.login_failed": "Login refused",
+    "user.locked": "Login delayed or frozen",
+    "user.logout": "Logged out",
+    "user.created": "User created",
+    "user.changed": "User changed",
+    "team.created": "Team created",
+    "audit.exported": "Audit export",
+    "audit.verified": "Audit trail verified",
+    "audit.checkpointed": "Checkpoint signed",
+    "break_glass.reviewed": "Break-glass reviewed",
+    "key.rotated": "Key rotated",
+    "retention.purged": "PHI shredded (retention)",
+}
+
+
+def action_name(action: str, details: dict[str, Any] | None = None) -> str:
+    """The plain name of ``action`` (a queue page's ``phi.viewed`` is a queue list view)."""
+    if action == "phi.viewed" and (details or {}).get("view") == "queue":
+        return "Queue page viewed"
+    return ACTION_NAMES.get(action, action)
+
+
+def names_reference(reference: str) -> ColumnElement[bool]:
+    """The events that name ``reference``: as their target, or among the requests a queue page
+    or a search listed (their details hold the references shown, never the search terms)."""
+    return or_(
+        AuditEvent.reference == reference,
+        and_(
+            AuditEvent.reference.is_(None),
+            AuditEvent.action.in_(LISTING_ACTIONS),
+            AuditEvent.details.contains(f'"{reference}"', autoescape=True),
+        ),
+    )
 
 
 # -- SQL building blocks ----------------------------------------------------------------------
@@ -176,7 +264,7 @@ def _conditions(filt: AuditFilter) -> list[ColumnElement[bool]]:
     if filt.action:
         conditions.append(AuditEvent.action == filt.action)
     if filt.reference:
-        conditions.append(AuditEvent.reference == filt.reference)
+        conditions.append(names_reference(filt.reference))
     if filt.since is not None:
         conditions.append(AuditEvent.created_at >= filt.since)
     if filt.until is not None:
@@ -201,6 +289,7 @@ def audit_query(filt: AuditFilter) -> Select[*tuple[Any, ...]]:
             AuditEvent.details,
             AuditEvent.ip_hmac,
             User.username,
+            EVENT_KIND.label("kind"),
         )
         .outerjoin(User, actor_is_user())
         .where(*_conditions(filt))
@@ -219,6 +308,35 @@ class AuditRow:
     details: str
     ip_hmac: str | None
     username: str | None
+    kind: str = "other"
+
+    @property
+    def action_name(self) -> str:
+        return action_name(self.action, self.detail_values)
+
+    @property
+    def counts_as(self) -> str:
+        return KINDS_OF_EVENT.get(self.kind, "")
+
+    @property
+    def detail_items(self) -> list[tuple[str, str]]:
+        """The details as (key, value) pairs in words, for key: value lists."""
+        values = self.detail_values
+        if values.get("username") != self.username:
+            # Not the actor's own name (already in its column): whom the event is about.
+            values = {**values, "user": values.pop("username")} if "username" in values else values
+        return detail_items(values)
+
+    @property
+    def detail_summary(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(the few lines shown in the row, every line when some are folded away, else [])."""
+        items = self.detail_items
+        shown = [
+            (k, v if len(v) <= DETAIL_CHARS else v[: DETAIL_CHARS - 1] + "…")
+            for k, v in items[:DETAIL_SHOWN]
+        ]
+        folded = len(items) > DETAIL_SHOWN or any(len(v) > DETAIL_CHARS for _k, v in items)
+        return shown, items if folded else []
 
     @property
     def cells(self) -> tuple[str, ...]:
@@ -230,6 +348,7 @@ class AuditRow:
             self.username or "",
             self.actor_role or "",
             self.action,
+            self.action_name,
             self.reference or "",
             self.outcome,
             self.details,
@@ -349,6 +468,30 @@ def export_rows(
 
 # -- access report ----------------------------------------------------------------------------
 
+DETAIL_SHOWN = 3  # key: value lines shown in a row; the rest fold away under <details>
+DETAIL_CHARS = 60  # a longer value is cut short in the row and shown whole when unfolded
+
+
+def _detail_value(value: Any) -> str:
+    if value is None:
+        return "–"
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) if value else "none"
+    return str(value)
+
+
+def detail_items(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """An event's details as (key, value) pairs in words: ``break_glass: no``."""
+    return [
+        (key.replace("_", " "), _detail_value(value))
+        for key, value in sorted(details.items())
+        if key != "username"
+    ]
+
 
 @dataclass(frozen=True)
 class AccessEntry:
@@ -360,10 +503,10 @@ class AccessEntry:
     action: str
     what: str
     why: str
-    saw_phi: bool
-    break_glass: bool
+    kind: str
     outcome: str
     client: str
+    references: tuple[str, ...] = ()  # the report's requests this event names
 
     @property
     def who(self) -> str:
@@ -372,6 +515,22 @@ class AccessEntry:
         return {"patient": "the patient", "anonymous": "someone not logged in"}.get(
             self.actor, self.actor
         )
+
+    @property
+    def action_name(self) -> str:
+        return ACTION_NAMES.get(self.action, self.action)
+
+    @property
+    def counts_as(self) -> str:
+        return KINDS_OF_EVENT.get(self.kind, "")
+
+    @property
+    def saw_phi(self) -> bool:
+        return self.kind == "phi_view"
+
+    @property
+    def break_glass(self) -> bool:
+        return self.kind == "break_glass"
 
 
 @dataclass
@@ -382,16 +541,38 @@ class PersonSummary:
     first: datetime
     last: datetime
     phi_views: int = 0
+    list_views: int = 0
+    search_results: int = 0
     break_glass: int = 0
     other_actions: int = 0
+
+    def count(self, kind: str) -> None:
+        field_name = {
+            "phi_view": "phi_views",
+            "list_view": "list_views",
+            "search_result": "search_results",
+            "break_glass": "break_glass",
+        }.get(kind, "other_actions")
+        setattr(self, field_name, getattr(self, field_name) + 1)
 
 
 @dataclass
 class AccessReport:
-    reference: str
-    request: Request | None
+    references: list[str]
+    requests: list[Request]
     entries: list[AccessEntry]
     people: list[PersonSummary] = field(default_factory=list)
+
+    @property
+    def reference(self) -> str:
+        return self.references[0] if self.references else ""
+
+    @property
+    def request(self) -> Request | None:
+        return self.requests[0] if self.requests else None
+
+    def total(self, kind: str) -> int:
+        return sum(1 for e in self.entries if e.kind == kind)
 
 
 def _words(value: Any) -> str:
@@ -410,6 +591,10 @@ def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
     if action == "phi.viewed" and d.get("view") == "queue":
         return "Saw the first name and last initial in a queue list", ""
     if action == "request.searched":
+        if d.get("purpose") == "patient_report":
+            return "Found it with a patient search for a compliance report", (
+                f"by {_words(d.get('by'))}"
+            )
         return "Found it with a search", f"by {_words(d.get('by'))}"
     if action == "phi.viewed":
         what = "Opened the request and saw its PHI"
@@ -439,7 +624,11 @@ def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
             f"priority {d.get('old_priority')} → {d.get('new_priority')}"
         )
     if action == "break_glass.reviewed":
-        return "Reviewed a break-glass access", str(d.get("comment", ""))
+        outcome = d.get("review_outcome")
+        what = "Reviewed a break-glass access"
+        if outcome:
+            what += f": {REVIEW_OUTCOME_NAMES.get(str(outcome), _words(outcome))}"
+        return what, str(d.get("comment", ""))
     simple = {
         "request.claimed": "Claimed the request",
         "request.released": "Released the claim",
@@ -450,41 +639,53 @@ def describe(action: str, details: dict[str, Any]) -> tuple[str, str]:
     }
     if action in simple:
         return simple[action], ""
-    extra = {k: v for k, v in d.items() if k != "username"}
-    return action, json.dumps(extra, sort_keys=True) if extra else ""
+    extra = detail_items(d)
+    return ACTION_NAMES.get(action, action), "; ".join(f"{k}: {v}" for k, v in extra)
 
 
-def access_report(session: DbSession, reference: str) -> AccessReport:
-    """Every event naming ``reference``, oldest first, with who did it and why."""
-    request = session.execute(
-        select(Request).where(Request.reference == reference)
-    ).scalar_one_or_none()
-    rows = session.execute(
-        audit_query(AuditFilter(reference=reference)).order_by(AuditEvent.seq.asc())
-    ).all()
-    # Queue pages and searches list many requests; their details name the references shown.
-    listed = session.execute(
+# Outcomes of a break-glass review, as stored in ``break_glass.reviewed`` details.
+REVIEW_OUTCOME_NAMES = {
+    "appropriate": "appropriate",
+    "not_appropriate": "not appropriate",
+    "escalated": "escalated",
+}
+
+
+def request_events(session: DbSession, references: list[str]) -> list[AuditRow]:
+    """Every event naming any of ``references``, oldest first.
+
+    The one query behind the access report, its CSV, the audit search by reference (the same
+    ``names_reference`` condition) and, through ``EVENT_KIND``, the dashboard's counts.
+    """
+    if not references:
+        return []
+    query = (
         audit_query(AuditFilter())
-        .where(
-            AuditEvent.action.in_(("phi.viewed", "request.searched")),
-            AuditEvent.reference.is_(None),
-            AuditEvent.details.contains(f'"{reference}"'),
-        )
+        .where(or_(*(names_reference(r) for r in references)))
         .order_by(AuditEvent.seq.asc())
-    ).all()
-    rows = sorted([*rows, *listed], key=lambda row: row.seq)
-    report = AccessReport(reference, request, [])
+    )
+    return [_audit_row(row) for row in session.execute(query).all()]
+
+
+def _named(row: AuditRow, references: list[str]) -> tuple[str, ...]:
+    if row.reference is not None:
+        return (row.reference,)
+    listed = row.detail_values.get("references") or []
+    return tuple(r for r in references if r in listed)
+
+
+def access_report(session: DbSession, reference: str | list[str]) -> AccessReport:
+    """Every event naming ``reference`` (or any of several: one patient's requests), oldest
+    first, with who did it and why, and per person what each event counts as."""
+    references = [reference] if isinstance(reference, str) else list(reference)
+    found = {
+        r.reference: r
+        for r in session.execute(select(Request).where(Request.reference.in_(references))).scalars()
+    }
+    report = AccessReport(references, [found[r] for r in references if r in found], [])
     people: dict[str, PersonSummary] = {}
-    for row in map(_audit_row, rows):
-        details = row.detail_values
-        what, why = describe(row.action, details)
-        in_list = row.reference is None
-        happened = row.outcome == "success"  # a refused break-glass opened nothing
-        saw_phi = row.action in ("phi.viewed", "phi.break_glass") and not in_list and happened
-        glass = happened and (
-            row.action == "phi.break_glass"
-            or bool(row.action == "phi.viewed" and details.get("break_glass"))
-        )
+    for row in request_events(session, references):
+        what, why = describe(row.action, row.detail_values)
         entry = AccessEntry(
             seq=row.seq,
             at=row.created_at,
@@ -494,10 +695,10 @@ def access_report(session: DbSession, reference: str) -> AccessReport:
             action=row.action,
             what=what,
             why=why,
-            saw_phi=saw_phi,
-            break_glass=glass,
+            kind=row.kind,
             outcome=row.outcome,
             client=(row.ip_hmac or "")[:12],
+            references=_named(row, references),
         )
         report.entries.append(entry)
         person = people.setdefault(
@@ -505,14 +706,43 @@ def access_report(session: DbSession, reference: str) -> AccessReport:
             PersonSummary(row.actor, entry.who, row.actor_role, row.created_at, row.created_at),
         )
         person.last = row.created_at
-        if row.action == "phi.viewed":
-            person.phi_views += 1
-        elif glass and row.action == "phi.break_glass":
-            person.break_glass += 1
-        else:
-            person.other_actions += 1
+        person.count(row.kind)
     report.people = sorted(people.values(), key=lambda p: p.first)
     return report
+
+
+ACCESS_COLUMNS = (
+    "Seq",
+    "Time (UTC)",
+    "Request",
+    "Who",
+    "Role",
+    "Action",
+    "Action (plain)",
+    "What",
+    "Why / details",
+    "Counts as",
+    "Outcome",
+    "Client (pseudonym)",
+)
+
+
+def access_cells(entry: AccessEntry) -> tuple[str, ...]:
+    """One access-report line as CSV cells (``ACCESS_COLUMNS``)."""
+    return (
+        str(entry.seq),
+        entry.at.strftime(TIME_FORMAT),
+        " ".join(entry.references),
+        entry.who,
+        entry.role or "",
+        entry.action,
+        entry.action_name,
+        entry.what,
+        entry.why,
+        entry.counts_as,
+        entry.outcome,
+        entry.client,
+    )
 
 
 # -- one user's activity ----------------------------------------------------------------------
@@ -568,7 +798,7 @@ def views_per_day(
             User.username.label("username"),
             _bucket(session, AuditEvent.created_at, "day").label("day"),
             AuditEvent.reference.label("reference"),
-            case((RECORD_VIEW, 1), else_=0).label("record"),
+            case((PHI_VIEW, 1), else_=0).label("record"),
             case((LIST_VIEW, 1), else_=0).label("listing"),
         )
         .join(User, actor_is_user())
@@ -604,7 +834,7 @@ def hourly_request_views(session: DbSession, since: datetime) -> list[HourCount]
             AuditEvent.reference.label("reference"),
         )
         .join(User, actor_is_user())
-        .where(RECORD_VIEW, AuditEvent.created_at >= since)
+        .where(PHI_VIEW, AuditEvent.created_at >= since)
         .subquery()
     )
     rows = session.execute(

@@ -28,10 +28,15 @@ from sqlalchemy import select
 
 from intake.accounts.login import login_manager, refuse_cross_site_views
 from intake.audit import anomalies
-from intake.audit.verify import run_verification
 from intake.clock import now
-from intake.compliance import break_glass, charts, dashboard, reports
-from intake.compliance.forms import AccessLookupForm, AuditFilterForm, ReviewForm, VerifyForm
+from intake.compliance import break_glass, charts, dashboard, patients, reports, verification
+from intake.compliance.forms import (
+    AccessLookupForm,
+    AuditFilterForm,
+    PatientSearchForm,
+    ReviewForm,
+    VerifyForm,
+)
 from intake.extensions import db
 from intake.models import User
 from intake.requests.references import normalize_reference
@@ -97,6 +102,7 @@ def index() -> ResponseReturnValue:
         last_verified=reports.latest_event(db.session, "audit.verified"),
         lookup=AccessLookupForm(formdata=None),
         verify_form=VerifyForm(),
+        definition=reports.PHI_VIEW_DEFINITION,
         **dashboard.build(db.session, moment, _team_names()),
     )
 
@@ -144,13 +150,17 @@ def spreadsheet_safe(cell: str) -> str:
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
-def csv_chunks(rows: Iterable[reports.AuditRow]) -> Iterator[str]:
+def csv_chunks(
+    rows: Iterable[Any],
+    columns: tuple[str, ...] = reports.AUDIT_COLUMNS,
+    cells: Any = lambda row: row.cells,
+) -> Iterator[str]:
     """The CSV text of ``rows`` under a header line, a few hundred rows at a time."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(reports.AUDIT_COLUMNS)
+    writer.writerow(columns)
     for count, row in enumerate(rows, start=1):
-        writer.writerow([spreadsheet_safe(cell) for cell in row.cells])
+        writer.writerow([spreadsheet_safe(cell) for cell in cells(row)])
         if count % CSV_FLUSH_ROWS == 0:
             yield buffer.getvalue()
             buffer.seek(0)
@@ -187,7 +197,9 @@ def verify() -> ResponseReturnValue:
     form = VerifyForm()
     if not form.validate():
         abort(400)
-    event = run_verification(db.session, current_user.actor())
+    event = verification.run_officer_verification(
+        db.session, current_app.extensions["intake.settings"], current_user.actor()
+    )
     return redirect(url_for("compliance.verified", seq=event.seq), 303)
 
 
@@ -197,7 +209,16 @@ def verified(seq: int) -> ResponseReturnValue:
     row = reports.event_row(db.session, seq)
     if row is None or row.action != "audit.verified":
         abort(404)
-    return render_template("compliance/verify.html", row=row, result=row.detail_values)
+    result = row.detail_values
+    signed = result.get("last_signed_at")
+    signed_at = datetime.fromisoformat(signed) if isinstance(signed, str) else None
+    return render_template(
+        "compliance/verify.html",
+        row=row,
+        result=result,
+        signed_at=signed_at,
+        signed_ago=verification.ago(signed_at, row.created_at) if signed_at else None,
+    )
 
 
 # -- access report ----------------------------------------------------------------------------
@@ -222,8 +243,104 @@ def access(reference: str) -> ResponseReturnValue:
     report = reports.access_report(db.session, normalized)
     status = 200 if report.request is not None or report.entries else 404
     return render_template(
-        "compliance/access.html", report=report, now=now(), teams=_team_names()
+        "compliance/access.html",
+        report=report,
+        now=now(),
+        teams=_team_names(),
+        definition=reports.PHI_VIEW_DEFINITION,
+        csv_url=url_for("compliance.access_csv", reference=normalized),
+        search_url=url_for("compliance.audit", reference=normalized),
+        patient=None,
     ), status
+
+
+def _report_csv(report: reports.AccessReport, filename: str, kind: str, **details: Any) -> Response:
+    """The report's lines as CSV, oldest first, after recording the export in the trail."""
+    up_to = reports.last_seq(db.session)
+    actor = current_user.actor()
+    actor.record(
+        db.session, "audit.exported", None, format="csv", report=kind, up_to_seq=up_to, **details
+    )
+    db.session.commit()
+    log.info("access_report_exported", user_id=actor.user_id, up_to_seq=up_to)
+    entries = [e for e in report.entries if e.seq <= up_to]
+    return Response(
+        csv_chunks(entries, reports.ACCESS_COLUMNS, reports.access_cells),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@bp.get("/access/<reference>.csv")
+def access_csv(reference: str) -> ResponseReturnValue:
+    """The access report as CSV (``access-R-XXXX-XXXX.csv``), recorded as ``audit.exported``."""
+    normalized = normalize_reference(reference)
+    if normalized is None:
+        abort(404)
+    if normalized != reference:
+        return redirect(url_for("compliance.access_csv", reference=normalized), 301)
+    report = reports.access_report(db.session, normalized)
+    if report.request is None and not report.entries:
+        abort(404)
+    return _report_csv(
+        report, f"access-{normalized}.csv", kind="access", filter_reference=normalized
+    )
+
+
+# -- patient-level report ---------------------------------------------------------------------
+
+
+@bp.get("/patients")
+def patient_search() -> ResponseReturnValue:
+    return render_template("compliance/patient_search.html", form=PatientSearchForm(formdata=None))
+
+
+@bp.post("/patients")
+def patient_search_post() -> ResponseReturnValue:
+    """Find one patient's requests through the blind indexes; the search is recorded with the
+    references found (never the terms), and its event number addresses the report."""
+    form = PatientSearchForm()
+    if not form.validate():
+        return render_template("compliance/patient_search.html", form=form), 400
+    found = patients.find_patient(
+        db.session,
+        current_app.extensions["intake.keyring"],
+        current_user.actor(),
+        phone_e164=form.phone_e164,
+        last_name=None if form.phone_e164 else form.last_name.data,
+        date_of_birth=None if form.phone_e164 else form.date_of_birth.data,
+    )
+    return redirect(url_for("compliance.patient_report", seq=found.seq), 303)
+
+
+def _patient_search_or_404(seq: int) -> patients.PatientSearch:
+    found = patients.recorded_search(db.session, seq)
+    if found is None:
+        abort(404)
+    return found
+
+
+@bp.get("/patients/<int:seq>")
+def patient_report(seq: int) -> ResponseReturnValue:
+    found = _patient_search_or_404(seq)
+    report = reports.access_report(db.session, found.references)
+    return render_template(
+        "compliance/access.html",
+        report=report,
+        now=now(),
+        teams=_team_names(),
+        definition=reports.PHI_VIEW_DEFINITION,
+        csv_url=url_for("compliance.patient_csv", seq=seq),
+        search_url=None,
+        patient=found,
+    )
+
+
+@bp.get("/patients/<int:seq>.csv")
+def patient_csv(seq: int) -> ResponseReturnValue:
+    found = _patient_search_or_404(seq)
+    report = reports.access_report(db.session, found.references)
+    return _report_csv(report, f"access-patient-{seq}.csv", kind="patient", search_seq=seq)
 
 
 @bp.post("/access/<reference>/proof")
@@ -298,7 +415,8 @@ def user(username: str) -> ResponseReturnValue:
         activity=activity,
         chart=chart,
         flagged=flagged,
-        columns=reports.AUDIT_COLUMNS,
+        action_names=reports.ACTION_NAMES,
+        definition=reports.PHI_VIEW_DEFINITION,
     )
 
 
@@ -317,6 +435,7 @@ def _break_glass_page(
         form=form or ReviewForm(formdata=None),
         error=error,
         error_seq=error_seq,
+        outcomes=break_glass.OUTCOMES,
     ), status
 
 
@@ -329,17 +448,28 @@ def break_glass_list() -> ResponseReturnValue:
 def review(seq: int) -> ResponseReturnValue:
     form = ReviewForm()
     if not form.validate():
-        message = "Write a review comment of 5 to 1000 characters."
+        message = (
+            "Choose an outcome."
+            if form.outcome.errors
+            else "Write a review comment of 5 to 1000 characters."
+        )
         return _break_glass_page(400, message, seq, form)
     try:
         break_glass.review_break_glass(
-            db.session, current_user.actor(), seq, form.comment.data or "", now(), _reviewers()
+            db.session,
+            current_user.actor(),
+            seq,
+            form.comment.data or "",
+            now(),
+            _reviewers(),
+            outcome=form.outcome.data or "",
         )
     except break_glass.ReviewError as error:
         db.session.rollback()
         message = str(error)
         return _break_glass_page(error.status, message[:1].upper() + message[1:] + ".", seq, form)
-    flash(f"Break-glass access #{seq} marked reviewed.")
+    outcome = break_glass.OUTCOMES.get(form.outcome.data or "", "")
+    flash(f"Break-glass access #{seq} reviewed: {outcome.lower()}.")
     return redirect(url_for("compliance.break_glass_list"), 303)
 
 

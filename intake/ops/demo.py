@@ -11,16 +11,16 @@ import json
 import os
 import random
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from intake.accounts import services as accounts
 from intake.clock import utcnow
 from intake.extensions import db
-from intake.models import Team, User
+from intake.models import OPEN_STATUSES, Request, Team, User
 from intake.requests import casework, routing
 from intake.requests.consents import accepted_consents
 from intake.requests.submit import Submission, submit_request
@@ -70,6 +70,12 @@ LAST = [
     "Kim",
     "Patel",
 ]
+# Demo history: a week of arrivals, a quarter of them in the last few hours (the living queue),
+# and about one in seven requests still open past its due time, as in a busy but sound pharmacy.
+HISTORY_DAYS = 7
+RECENT_SHARE = 0.25
+RECENT_HOURS = 3
+OVERDUE_SHARE = 0.15
 TOPICS = ["question", "copay", "specialist", "insurance", "transfer", "side_effect"]
 MESSAGES = {
     "question": "Can I take my infusion a few days later than scheduled?",
@@ -188,8 +194,15 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
                 interpreter_language=interpreter,
             ),
         )
-        # Spread arrival times over the last two days so some requests are already overdue.
-        arrived = now - timedelta(minutes=rng.randint(5, 48 * 60))
+        arrived = _arrival(rng, now)
+        # Received when it arrived: the row's time is set before routing, so the due time the
+        # routing rule gives (arrival + the team's SLA) always comes after it.
+        session.execute(
+            update(Request)
+            .where(Request.id == accepted.request_id)
+            .values(created_at=arrived, updated_at=arrived)
+        )
+        session.commit()
         routing.route_request(session, table, accepted.request_id, arrived)
         if index % 7 == 3 and kind == "refill":
             actor = casework.Actor(pharmacist.id, "pharmacist", "staff", tuple(pharmacist.team_ids))
@@ -205,8 +218,42 @@ def seed(app: Flask, count: int = 36, if_empty: bool = False) -> list[str]:
                 )
             except casework.CaseworkError:
                 session.rollback()
+    _work_the_past(rng, count, now)
     return [
         f"Seeded {count} demo requests and {len(DEMO_USERS)} users.",
         *lines,
         *_describe(app, credentials),
     ]
+
+
+def _arrival(rng: random.Random, now: datetime) -> datetime:
+    """When a demo request arrived: within the last few hours, or earlier in the week."""
+    if rng.random() < RECENT_SHARE:
+        return now - timedelta(minutes=rng.randint(2, RECENT_HOURS * 60))
+    return now - timedelta(minutes=rng.randint(12 * 60, HISTORY_DAYS * 24 * 60))
+
+
+def _work_the_past(rng: random.Random, count: int, now: datetime) -> None:
+    """Complete (or now and then cancel) the past-due requests, all but ``OVERDUE_SHARE`` of
+    the demo's requests, newest overdue left open: a queue with a realistic backlog."""
+    supervisor = db.session.execute(select(User).where(User.username == "supervisor")).scalar_one()
+    actor = casework.Actor(supervisor.id, "supervisor", "supervisor", ())
+    overdue = list(
+        db.session.execute(
+            select(Request.reference)
+            .where(Request.status.in_(OPEN_STATUSES), Request.sla_due_at < now)
+            .order_by(Request.sla_due_at.desc())
+        ).scalars()
+    )
+    keep = round(count * OVERDUE_SHARE)
+    for reference in overdue[keep:]:
+        try:
+            status = db.session.execute(
+                select(Request.status).where(Request.reference == reference)
+            ).scalar_one()
+            if status == "queued":
+                casework.change_status(db.session, reference, actor, "in_progress", now)
+            final = "cancelled" if rng.random() < 0.1 else "completed"
+            casework.change_status(db.session, reference, actor, final, now)
+        except casework.CaseworkError:
+            db.session.rollback()

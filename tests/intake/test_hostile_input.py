@@ -201,7 +201,8 @@ def test_a_review_comment_with_a_nul_is_refused_and_the_access_stays_pending(
     since = last_seq(app)
 
     refused = olivia.post(
-        f"/compliance/break-glass/{seq}/review", {"comment": "Checked\x00 with the roster."}
+        f"/compliance/break-glass/{seq}/review",
+        {"comment": "Checked\x00 with the roster.", "outcome": "appropriate"},
     )
     assert is_plain_400(refused)
     assert events_since(app, since) == [] and count(app, BreakGlassReview) == 0
@@ -209,7 +210,7 @@ def test_a_review_comment_with_a_nul_is_refused_and_the_access_stays_pending(
 
     done = olivia.post(
         f"/compliance/break-glass/{seq}/review",
-        {"comment": "Checked with the roster.\r\nJustified."},
+        {"comment": "Checked with the roster.\r\nJustified.", "outcome": "appropriate"},
     )
     assert done.status_code == 303 and count(app, BreakGlassReview) == 1
 
@@ -332,7 +333,10 @@ def test_a_verification_number_that_cannot_exist_is_a_404(sign_in, seq):
 def test_reviewing_a_break_glass_number_that_cannot_exist_is_a_404(app, sign_in):
     olivia = sign_in("olivia")
     since = last_seq(app)
-    response = olivia.post(f"/compliance/break-glass/{HUGE}/review", {"comment": "Looks fine."})
+    response = olivia.post(
+        f"/compliance/break-glass/{HUGE}/review",
+        {"comment": "Looks fine.", "outcome": "appropriate"},
+    )
     assert response.status_code == 404
     assert "no break-glass access with that number" in response.get_data(as_text=True)
     assert events_since(app, since) == [] and count(app, BreakGlassReview) == 0

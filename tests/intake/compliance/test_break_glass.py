@@ -36,12 +36,13 @@ def break_glass(app, reference, account, reason=REASON) -> int:
         )
 
 
-def review(client, seq, comment):
+def review(client, seq, comment, outcome: str | None = "appropriate"):
     page = client.get("/compliance/break-glass")
     token = hidden_fields(page.get_data(as_text=True))["csrf_token"]
-    return client.post(
-        f"/compliance/break-glass/{seq}/review", data={"csrf_token": token, "comment": comment}
-    )
+    data = {"csrf_token": token, "comment": comment}
+    if outcome is not None:
+        data["outcome"] = outcome
+    return client.post(f"/compliance/break-glass/{seq}/review", data=data)
 
 
 def test_review_writes_the_row_and_the_event_together(app, patient, staff, officer, officer_client):
@@ -56,7 +57,9 @@ def test_review_writes_the_row_and_the_event_together(app, patient, staff, offic
     assert page.index(f'id="bg-{first}"') < page.index(f'id="bg-{second}"')
     assert REASON in page and f'for="comment-{first}"' in page
 
-    response = review(officer_client, first, "Confirmed with the on-call roster: justified.")
+    response = review(
+        officer_client, first, "Confirmed with the on-call roster: justified.", "appropriate"
+    )
     assert response.status_code == 303
     with app.app_context():
         row = db.session.get(BreakGlassReview, first)
@@ -70,6 +73,7 @@ def test_review_writes_the_row_and_the_event_together(app, patient, staff, offic
             "username": "olivia",
             "break_glass_seq": first,
             "accessed_by": f"user:{dana.user_id}",
+            "review_outcome": "appropriate",
             "comment": "Confirmed with the on-call roster: justified.",
         }
         # One transaction: the row's time is the event's time, to the second.
@@ -80,11 +84,63 @@ def test_review_writes_the_row_and_the_event_together(app, patient, staff, offic
     reviewed = table_rows(after, "reviewed")
     assert len(reviewed) == 1
     assert reviewed[0][0] == str(first) and reviewed[0][2] == "dana"
-    assert reviewed[0][4] == REASON and reviewed[0][5] == "olivia"
-    assert reviewed[0][7] == "Confirmed with the on-call roster: justified."
-    # The review shows in the request's access report too.
+    assert reviewed[0][4] == REASON and reviewed[0][5] == "Appropriate"
+    assert reviewed[0][6] == "olivia"
+    assert reviewed[0][8] == "Confirmed with the on-call roster: justified."
+    # The review shows in the request's access report too, with its outcome.
     report = officer_client.get(f"/compliance/access/{reference}").get_data(as_text=True)
-    assert "Reviewed a break-glass access" in report
+    assert "Reviewed a break-glass access: appropriate" in report
+
+
+def test_a_review_needs_an_outcome_and_the_list_shows_each_outcome(
+    app, patient, staff, officer, officer_client
+):
+    reference, team = submit_routed(app, patient)
+    outsider_team = next(t for t in app.extensions["intake.routing"].teams if t != team)
+    dana = staff.create("dana", "staff", (outsider_team,))
+    first = break_glass(app, reference, dana)
+    second = break_glass(app, reference, dana, "Second look for the on-call pharmacist")
+    page = officer_client.get("/compliance/break-glass").get_data(as_text=True)
+    for value in ("appropriate", "not_appropriate", "escalated"):
+        assert f'id="outcome-{first}-{value}"' in page
+
+    missing = review(officer_client, first, "Looked at the roster for that night", outcome=None)
+    assert missing.status_code == 400 and "Choose an outcome." in missing.get_data(as_text=True)
+    made_up = review(officer_client, first, "Looked at the roster for that night", "fine")
+    assert made_up.status_code == 400
+    with app.app_context():
+        assert db.session.scalars(select(BreakGlassReview)).all() == []
+        assert not db.session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "break_glass.reviewed")
+        ).all()
+
+    assert (
+        review(officer_client, first, "Not on call that night", "not_appropriate").status_code
+        == 303
+    )
+    assert (
+        review(officer_client, second, "Sent to the privacy officer", "escalated").status_code
+        == 303
+    )
+    reviewed = {
+        row[0]: row
+        for row in table_rows(
+            officer_client.get("/compliance/break-glass").get_data(as_text=True), "reviewed"
+        )
+    }
+    assert reviewed[str(first)][5] == "Not appropriate"
+    assert reviewed[str(first)][8] == "Not on call that night"
+    assert reviewed[str(second)][5] == "Escalated"
+    with app.app_context():
+        outcomes = [
+            json.loads(e.details)["review_outcome"]
+            for e in db.session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.action == "break_glass.reviewed")
+                .order_by(AuditEvent.seq)
+            )
+        ]
+    assert outcomes == ["not_appropriate", "escalated"]
 
 
 def test_a_review_cannot_be_repeated_faked_or_self_approved(

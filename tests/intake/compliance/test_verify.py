@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from html import escape
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import select
@@ -38,7 +38,13 @@ def test_an_intact_trail_is_reported_and_the_check_recorded(app, officer, office
     before = last_event(app).seq
     result = press_verify(officer_client)
     html = result.get_data(as_text=True)
-    assert result.status_code == 200 and "Intact." in html and f"All {before} events" in html
+    assert result.status_code == 200 and "Intact." in html
+    # In plain words: how many events, when last signed, what else was checked.
+    assert f"The audit trail is intact: {before:,} events, last signed just now." in html
+    assert "agrees with the database" in html  # the anchor
+    assert "No witnesses are configured" in html
+    for developer_words in ("ok True", "first bad seq", "True<", "None<", "–</td>"):
+        assert developer_words not in html
     event = last_event(app)
     assert event.seq == before + 1 and event.action == "audit.verified"
     assert event.actor == f"user:{officer.user_id}"
@@ -61,6 +67,9 @@ def test_a_changed_event_is_named(app, officer_client, backend):
         db.session.commit()
     html = press_verify(officer_client).get_data(as_text=True)
     assert "Problem found." in html and "The first bad event is #3" in html
+    assert "What to do:" in html and "do not try to repair" in html
+    assert "The chain breaks at event #3." in html
+    assert "intact" not in html.split('id="verify-result"')[1].split("</div>")[0]
     event = last_event(app)
     details = json.loads(event.details)
     assert details["ok"] is False and details["first_bad_seq"] == 3
@@ -77,30 +86,23 @@ def test_verification_needs_a_csrf_token(officer_client):
     )  # user.created, not a check
 
 
-@dataclass(frozen=True)
-class FullReport:
-    ok: bool
-    events: int
-    first_bad_seq: int | None
-    problem: str | None
-    checkpoints: int
-    checkpoints_ok: bool
-
-
 def test_the_page_reports_what_the_checkpoint_aware_verifier_found(
     app, officer_client, monkeypatch
 ):
     calls = []
 
-    def verify_all(session):
+    def verify_trail(session, settings, *args, **kwargs):
         calls.append(session)
-        return FullReport(True, audit.verify_chain(session).events, None, None, 4, True)
+        chain = audit.ChainReport(True, audit.verify_chain(session).events, checkpoints=4)
+        return checkpoints.TrailReport(chain, Path("checkpoints"), 4, 3, None, ("w1.example",))
 
-    monkeypatch.setattr(checkpoints, "verify_all", verify_all)
+    monkeypatch.setattr(checkpoints, "verify_trail", verify_trail)
     html = press_verify(officer_client).get_data(as_text=True)
-    assert calls and "Intact." in html and "checkpoints ok" in html
+    assert calls and "Intact." in html and "cosigned by w1.example" in html
+    assert "4 signed checkpoints agree with it" in html
     details = json.loads(last_event(app).details)
-    assert details["checkpoints"] == 4 and details["checkpoints_ok"] is True
+    assert details["checkpoints"] == 4 and details["cosigned_by"] == ["w1.example"]
+    assert details["anchor_ok"] is True and details["checkpoint_lines"] == 4
 
 
 def test_a_trail_never_signed_is_not_reported_intact(app, officer_client):
