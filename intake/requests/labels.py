@@ -73,7 +73,8 @@ CONSENT_LABELS: Mapping[str, Any] = {
 
 
 def _label(labels: Mapping[str, Any], code: str | None) -> str:
-    if not code:
+    # Codes come from audit details too: anything but a string (a list, an object) is no code.
+    if not code or not isinstance(code, str):
         return "–"
     return str(labels[code]) if code in labels else code
 

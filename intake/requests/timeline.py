@@ -54,7 +54,10 @@ def _details(event: Any) -> dict[str, Any]:
         return {}
     if isinstance(raw, dict):
         return raw
-    loaded = json.loads(raw)
+    try:
+        loaded = json.loads(raw)
+    except ValueError:  # a row the app did not write: read as no details, not a 500
+        return {}
     return loaded if isinstance(loaded, dict) else {}
 
 
