@@ -376,7 +376,8 @@ def queue_bulk() -> ResponseReturnValue:
                 team_languages=_team_languages(),
             )
             outbox.publish(db.session, outbox_ids)
-            flash(f"Transferred {_requests_list(references)} to {_team_names().get(team, '?')}.")
+            moved = list(dict.fromkeys(r.strip().upper() for r in references if r.strip()))
+            flash(f"Transferred {_requests_list(moved)} to {_team_names().get(team, '?')}.")
     except CaseworkError as error:
         db.session.rollback()
         return render_template(
