@@ -144,7 +144,7 @@ def test_a_refill_sent_over_https_is_worked_by_a_pharmacist(
     expect(staff.locator("#assignee")).to_have_text(user.username)
     staff.get_by_label("Change status to").select_option("in_progress")
     staff.get_by_role("button", name="Change status").click()
-    expect(staff.locator("#status")).to_have_text("in progress")
+    expect(staff.locator("#status")).to_have_text("In progress")
     staff.get_by_label("Add a note").fill(NOTE)
     staff.get_by_role("button", name="Add note").click()
     expect(staff.get_by_text("Note added.")).to_be_visible()

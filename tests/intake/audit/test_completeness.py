@@ -19,7 +19,7 @@ from intake.compliance.break_glass import review_break_glass
 from intake.crypto.rotation import record_rotation
 from intake.extensions import db
 from intake.models import AuditEvent, OutboxMessage, Request
-from intake.requests import casework, routing
+from intake.requests import assignment, casework, routing
 from intake.requests.notifications import send_outbox_notice
 from intake.requests.retention import purge_expired
 from intake.requests.routing import load_routing
@@ -68,6 +68,7 @@ def test_every_audit_action_is_written_by_its_code_path(app, patient, runner, se
             for name, role, teams in (
                 ("ana", "staff", ["refills-main"]),
                 ("ben", "staff", ["clinical"]),
+                ("pia", "staff", ["patient-services"]),
                 ("olga", "compliance", []),
             )
         }
@@ -104,6 +105,22 @@ def test_every_audit_action_is_written_by_its_code_path(app, patient, runner, se
             attempt=0,
             max_retries=0,
         )
+
+    # Automatic assignment (patient services assigns): nobody available, then someone back.
+    transfer_request = reference_from(patient.contact(topic="transfer"))
+    with app.app_context():
+        pending = db.session.execute(
+            select(Request).where(Request.reference == transfer_request)
+        ).scalar_one()
+        assignment.set_away(db.session, ids["pia"], True, now, actor="system:test")
+        db.session.commit()
+        assert routing.route_request(db.session, table, pending.id, now) is not None
+        left = assignment.assign_request(db.session, table, pending.id, now, record_unassigned=True)
+        assert left.assignee is None
+        assignment.set_away(db.session, ids["pia"], False, now, actor="system:test")
+        db.session.commit()
+        given = assignment.assign_request(db.session, table, pending.id, now, trigger="back")
+        assert given.assignee == "pia"
 
     # Logins: a success, failures up to a lock, a logout.
     client = app.test_client()

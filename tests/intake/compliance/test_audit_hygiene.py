@@ -56,7 +56,12 @@ def test_no_raw_ip_and_no_canary_phi_in_any_audit_event(app, patient, staff, off
     assert glass.status_code == 200 and "Quetzalcanaryfirst" in glass.get_data(as_text=True)
     response = worker.post(
         f"{page}/transfer",
-        data={"csrf_token": csrf(worker, page), "team": other, "reason": "Needs the IVIG nurse"},
+        data={
+            "csrf_token": csrf(worker, page),
+            "team": other,
+            "reason": "Needs the IVIG nurse",
+            "confirm": "yes",
+        },
     )
     assert response.status_code == 303
     status_page = patient.client.get("/status")
