@@ -34,14 +34,13 @@ def check_trail(session: DbSession) -> dict[str, Any]:
         }
 
 
-def run_verification(session: DbSession, actor: Actor) -> AuditEvent:
-    """Check the whole trail, then record ``audit.verified`` with the result; commit.
+def record_verification(session: DbSession, actor: Actor, result: dict[str, Any]) -> AuditEvent:
+    """Record ``audit.verified`` with the result of a check already made; commit.
 
-    The event is written after the check, so it is never part of what it vouches for.
+    Called after the check, so the event is never part of what it vouches for. The check only
+    read: its transaction (and the streaming cursor's connection) ends first, so the write
+    starts a clean one.
     """
-    result = check_trail(session)
-    # The check only reads: end its transaction (and the streaming cursor's connection) so the
-    # write below starts a clean one.
     session.rollback()
     event = audit.record_event(
         session,

@@ -15,8 +15,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from intake.audit import anchor, checkpoints
-from intake.audit import chain as audit
-from intake.audit.verify import report_details
+from intake.audit.verify import record_verification, report_details
 from intake.audit.witnesses import configured_witnesses
 from intake.extensions import DbSession
 from intake.models import AuditEvent
@@ -63,19 +62,7 @@ def run_officer_verification(session: DbSession, settings: Settings, actor: Acto
 
     The event is written after the check, so it is never part of what it vouches for.
     """
-    result = check_for_officer(session, settings)
-    session.rollback()  # the check only read: the write below starts a clean transaction
-    event = audit.record_event(
-        session,
-        actor=actor.audit_name,
-        actor_role=actor.role,
-        action="audit.verified",
-        outcome="success" if result.get("ok") else "failure",
-        ip_hmac=actor.ip_hmac,
-        details={"username": actor.username, **result},
-    )
-    session.commit()
-    return event
+    return record_verification(session, actor, check_for_officer(session, settings))
 
 
 def ago(moment: datetime, now: datetime) -> str:
