@@ -57,7 +57,7 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
             priority=routed.priority,
             language_outcome=routed.language_outcome,
         )
-        outbox.publish(db.session, routed.outbox_ids)
+        outbox.publish_outgoing(db.session, routed.outgoing)
         if routed.assignee is None and table.teams[routed.team].assigns:
             _assign(table, request_id, trigger="routed", record_unassigned=True)
     finally:

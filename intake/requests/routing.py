@@ -495,6 +495,7 @@ class Routed:
     language_outcome: str = "none"
     assignee: str | None = None
     language_outbox_id: int | None = None
+    request_id: str = ""
 
     @property
     def outbox_ids(self) -> list[int]:
@@ -502,6 +503,16 @@ class Routed:
             self.notify_outbox_id,
             *([self.language_outbox_id] if self.language_outbox_id else []),
         ]
+
+    @property
+    def outgoing(self) -> list[Any]:
+        """The notices to publish once committed (``outbox.publish_outgoing``)."""
+        from intake.requests.outbox import Outgoing
+
+        tasks = [(self.notify_outbox_id, NOTIFY_TASK)]
+        if self.language_outbox_id:
+            tasks.append((self.language_outbox_id, LANGUAGE_NOTICE_TASK))
+        return [Outgoing(outbox_id, task, self.request_id) for outbox_id, task in tasks]
 
 
 def needed_language(language: str, interpreter_language: str | None) -> str:
@@ -669,14 +680,15 @@ def route_request(
         details=details,
     )
     outbox.mark_done(session, request_id, ROUTE_TASK)
-    message = outbox.enqueue(session, request_id, NOTIFY_TASK)
+    # Published by the caller after commit (Routed.outgoing), so written as published now.
+    message = outbox.enqueue(session, request_id, NOTIFY_TASK, published_by_caller=True)
     language_message = (
-        outbox.enqueue(session, request_id, LANGUAGE_NOTICE_TASK)
+        outbox.enqueue(session, request_id, LANGUAGE_NOTICE_TASK, published_by_caller=True)
         if plan.outcome == "unmet"
         else None
     )
-    session.commit()
-    return Routed(
+    session.flush()
+    routed = Routed(
         row.reference,
         plan.team,
         decision.priority,
@@ -684,4 +696,7 @@ def route_request(
         plan.outcome,
         speaker.username if speaker else None,
         language_message.id if language_message else None,
+        request_id,
     )
+    session.commit()
+    return routed

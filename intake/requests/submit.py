@@ -57,6 +57,13 @@ class Accepted:
     # True when this key had already been accepted: nothing new was stored.
     duplicate: bool = False
 
+    @property
+    def outgoing(self) -> list[outbox.Outgoing]:
+        """The routing task to publish once committed (none for a duplicate)."""
+        if self.outbox_id is None:
+            return []
+        return [outbox.Outgoing(self.outbox_id, ROUTE_TASK, self.request_id)]
+
 
 def _indexes(keyring: phi.Keyring, document: Mapping[str, Any]) -> dict[str, str | None]:
     dob = document.get("date_of_birth")
@@ -117,14 +124,6 @@ def same_as_first(
     return phi.canonical_json(stored) == phi.canonical_json(document)
 
 
-def _unused_reference(session: DbSession, kind: str) -> str:
-    while True:
-        reference = new_reference(kind)
-        taken = session.execute(select(Request.id).where(Request.reference == reference)).first()
-        if taken is None:
-            return reference
-
-
 def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submission) -> Accepted:
     """Store a request atomically; the caller publishes the outbox row after this returns.
 
@@ -141,7 +140,8 @@ def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submiss
         display = phi.seal(
             data_key, request_id, phi.DISPLAY_PURPOSE, {"name": display_name(document)}
         )
-        reference = _unused_reference(session, submission.kind)
+        # Unique in the database: a reference drawn twice fails the insert and is drawn again.
+        reference = new_reference(submission.kind)
         row = Request(
             id=request_id,
             reference=reference,
@@ -160,6 +160,7 @@ def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submiss
         )
         try:
             message = _insert(session, row, submission)
+            outbox_id = message.id  # known since the flush; commit expires the object
             session.commit()
         except IntegrityError:
             # Either this form's key was accepted a moment ago by another request (the unique
@@ -171,7 +172,7 @@ def submit_request(session: DbSession, keyring: phi.Keyring, submission: Submiss
             if attempt == 2:
                 raise
             continue
-        return Accepted(request_id=request_id, reference=reference, outbox_id=message.id)
+        return Accepted(request_id=request_id, reference=reference, outbox_id=outbox_id)
     raise AssertionError("unreachable")
 
 
@@ -190,7 +191,7 @@ def _insert(session: DbSession, row: Request, submission: Submission) -> OutboxM
                 sha256=text.sha256,
             )
         )
-    message = outbox.enqueue(session, request_id, ROUTE_TASK)
+    message = outbox.enqueue(session, request_id, ROUTE_TASK, published_by_caller=True)
     record_event(
         session,
         actor="patient",
