@@ -263,6 +263,8 @@ class Result:
     requests_stored: int | None = None
     accepted_total: int | None = None
     unanswered: int | None = None
+    routed: int | None = None
+    routed_twice: int | None = None
     in_flight_limit: int = 0
     routed_once: bool | None = None
     duplicates: int | None = None
@@ -291,6 +293,8 @@ class Result:
             "requests_stored": self.requests_stored,
             "accepted_total": self.accepted_total,
             "unanswered_at_stop": self.unanswered,
+            "routed": self.routed,
+            "routed_twice": self.routed_twice,
             "routed_once": self.routed_once,
             "duplicates": self.duplicates,
             "paced_per_s": round(self.paced.rate, 1) if self.paced else None,
@@ -455,9 +459,12 @@ def run_intake(target: str, args: argparse.Namespace, folder: Path, redis_url: s
 
 def drain(engine: sa.Engine, timeout: float) -> None:
     def empty() -> bool:
+        # Routed, and every task it led to (the team's notice) done: nothing queued behind.
         with engine.connect() as conn:
             return not conn.scalar(
                 sa.text("SELECT count(*) FROM requests WHERE status = 'received'")
+            ) and not conn.scalar(
+                sa.text("SELECT count(*) FROM outbox WHERE status IN ('pending', 'sending')")
             )
 
     wait_until(empty, timeout, "the routing backlog to drain")
@@ -520,6 +527,7 @@ def check_exactly_once(engine: sa.Engine, result: Result) -> None:
     # in flight, which the server finishes after wrk stopped counting.
     stored, answered = result.requests_stored, result.accepted_total or 0
     result.unanswered = stored - answered
+    result.routed_twice, result.routed = int(twice or 0), int(routed or 0)
     result.routed_once = (
         not twice and routed == stored and 0 <= stored - answered <= result.in_flight_limit
     )
