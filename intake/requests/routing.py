@@ -498,13 +498,6 @@ class Routed:
     request_id: str = ""
 
     @property
-    def outbox_ids(self) -> list[int]:
-        return [
-            self.notify_outbox_id,
-            *([self.language_outbox_id] if self.language_outbox_id else []),
-        ]
-
-    @property
     def outgoing(self) -> list[Any]:
         """The notices to publish once committed (``outbox.publish_outgoing``)."""
         from intake.requests.outbox import Outgoing
