@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import click
 from flask.cli import FlaskGroup
@@ -32,5 +35,40 @@ def cli() -> None:
 # here and in app.test_cli_runner() alike.
 
 
+# Commands that only read an installation's data: run where there is none, they would create a
+# fresh data folder with new keys and then fail on its empty database.
+READERS_OF_EXISTING_DATA = ("demo-otp",)
+DATABASE_FILE = "intake.sqlite3"
+
+
+def find_data_dir(env: Mapping[str, str], cwd: Path) -> Path | None:
+    """The embedded profile's data folder for a reading command, or None if there is none.
+
+    INTAKE_DATA_DIR if set, else ``./var``, else the ``var`` of the checkout Intake runs from
+    (where scripts/start puts it), whichever holds a database.
+    """
+    if env.get("INTAKE_DATA_DIR"):
+        candidates = [Path(env["INTAKE_DATA_DIR"])]
+    else:
+        candidates = [cwd / "var", Path(__file__).resolve().parents[1] / "var"]
+    return next((c for c in candidates if (c / DATABASE_FILE).is_file()), None)
+
+
 def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in READERS_OF_EXISTING_DATA and os.environ.get("INTAKE_PROFILE", "embedded") in (
+        "",
+        "embedded",
+    ):
+        found = find_data_dir(os.environ, Path.cwd())
+        if found is None:
+            where = os.environ.get("INTAKE_DATA_DIR") or "./var"
+            click.echo(
+                f"Error: no Intake database in {where}. Run `intake {command}` in the folder "
+                "where you ran scripts/start, or set INTAKE_DATA_DIR to its data folder "
+                "(the var/ folder there).",
+                err=True,
+            )
+            sys.exit(2)
+        os.environ["INTAKE_DATA_DIR"] = str(found.resolve())
     cli(prog_name="intake")

@@ -1,7 +1,8 @@
 """Build the Celery app for a Flask app: tasks run in its app context, JSON only.
 
-Broker: ``INTAKE_REDIS_URL`` when set; otherwise kombu's ``filesystem://`` transport in the data
-folder, so a real worker process consumes real messages with no server installed.
+Broker: ``INTAKE_REDIS_URL`` when set; otherwise a folder in the data folder, read and written
+through kombu's filesystem transport with whole-file writes (workers.embedded_broker), so a
+real worker process consumes real messages with no server installed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from celery.signals import worker_process_init
 from flask import Flask
 
 from intake.ops.transport import redis_ssl_options
+from workers import embedded_broker
+
+embedded_broker.register()
 
 
 def broker_settings(flask_app: Flask) -> dict[str, Any]:
@@ -36,7 +40,7 @@ def broker_settings(flask_app: Flask) -> dict[str, Any]:
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return {
-        "broker_url": "filesystem://",
+        "broker_url": f"{embedded_broker.ALIAS}://",
         "broker_transport_options": {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),

@@ -98,14 +98,24 @@ def _save_credentials(path: Path, credentials: dict[str, str]) -> None:
         json.dump(credentials, handle, indent=2)
 
 
-def _describe(app: Flask, credentials: dict[str, str]) -> list[str]:
-    url = app.extensions["intake.settings"].public_url
+def saved_logins(app: Flask, url: str | None = None) -> list[str]:
+    """The demo accounts' logins as ``intake demo`` printed them, or [] if there are none."""
+    path = _credentials_file(app)
+    if not path.is_file():
+        return []
+    return _describe(app, json.loads(path.read_text(encoding="utf-8")), url)
+
+
+def _describe(app: Flask, credentials: dict[str, str], url: str | None = None) -> list[str]:
+    url = url or app.extensions["intake.settings"].public_url
     lines = ["", "Demo staff accounts (password, then the 6-digit code of the account's TOTP):"]
     for username, role, _teams in DEMO_USERS:
         if username in credentials:
             secret = credentials.get(f"{username}:totp", "?")
-            lines.append(f"  {role:<11} {username:<11} password: {credentials[username]}"
-                         f"   TOTP secret: {secret}")
+            lines.append(
+                f"  {role:<11} {username:<11} password: {credentials[username]}"
+                f"   TOTP secret: {secret}"
+            )
     lines += [
         f"Log in at {url}/staff/login as pharmacist. For the code, add the TOTP secret to an",
         "authenticator app, or print the current code with:  .venv/bin/intake demo-otp pharmacist",

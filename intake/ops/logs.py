@@ -14,6 +14,24 @@ import structlog
 
 _configured_files: set[Path] = set()
 
+# Celery says "received" and "succeeded" for every task and beat "Sending due task" for every
+# tick: the outbox sweep alone made three lines every 5 s, burying what matters. What a task
+# did is logged by Intake itself (request_routed, notification_sent, ...) and failures and
+# retries keep their own lines; these three show again at level DEBUG.
+_TASK_CHATTER = {
+    "celery.worker.strategy": ("Task %(name)s[%(id)s] received",),
+    "celery.app.trace": ("Task %(name)s[%(id)s] succeeded",),
+    "celery.beat": ("Scheduler: Sending due task",),
+}
+
+
+def is_task_chatter(record: logging.LogRecord) -> bool:
+    """A Celery line saying a task arrived, finished or was sent, at INFO."""
+    prefixes = _TASK_CHATTER.get(record.name)
+    if prefixes is None or record.levelno != logging.INFO:
+        return False
+    return str(record.msg).startswith(prefixes)
+
 
 def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
     """Send structlog and stdlib logging through one JSON formatter."""
@@ -46,6 +64,7 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
     )
     root = logging.getLogger()
     root.setLevel(level)
+    verbose = root.getEffectiveLevel() <= logging.DEBUG
     # Quiet chatter that tells an operator nothing.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("kombu.connection").addFilter(
@@ -55,6 +74,8 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(console if sys.stderr.isatty() else formatter)
         stream._intake = True  # type: ignore[attr-defined]
+        if not verbose:
+            stream.addFilter(lambda record: not is_task_chatter(record))
         root.addHandler(stream)
     if log_dir is not None:
         path = (log_dir / "intake.log").resolve()
@@ -63,5 +84,7 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
             handler = logging.FileHandler(path, encoding="utf-8")
             handler.setFormatter(formatter)
             handler._intake = True  # type: ignore[attr-defined]
+            if not verbose:
+                handler.addFilter(lambda record: not is_task_chatter(record))
             root.addHandler(handler)
             _configured_files.add(path)

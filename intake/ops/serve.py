@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -36,12 +37,27 @@ def _signer() -> list[str]:
 MAX_RESTARTS = 20
 
 
-def child_environment(app: Flask) -> dict[str, str]:
-    return {**os.environ, "INTAKE_DATA_DIR": str(app.extensions["intake.settings"].data_dir)}
+def child_environment(
+    app: Flask, host: str | None = None, port: int | None = None
+) -> dict[str, str]:
+    settings = app.extensions["intake.settings"]
+    env = {**os.environ, "INTAKE_DATA_DIR": str(settings.data_dir)}
+    listening_on_one_address = host and host not in ("0.0.0.0", "::")  # noqa: S104
+    if (
+        listening_on_one_address
+        and port
+        and settings.embedded
+        and not os.environ.get("INTAKE_PUBLIC_URL")
+    ):
+        # The links in the workers' notices point where this server listens.
+        env["INTAKE_PUBLIC_URL"] = f"http://{host}:{port}"
+    return env
 
 
-def start_children(app: Flask) -> list[subprocess.Popen[bytes]]:
-    env = child_environment(app)
+def start_children(
+    app: Flask, host: str | None = None, port: int | None = None
+) -> list[subprocess.Popen[bytes]]:
+    env = child_environment(app, host, port)
     worker = subprocess.Popen(  # noqa: S603 - fixed argv
         _celery(
             "worker", "--loglevel", "INFO", "--concurrency", "2", "--hostname", "intake-worker@%h"
@@ -80,10 +96,30 @@ def make_server(app: Flask, host: str, port: int) -> Any:
     )
 
 
-def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
+def banner(app: Flask, host: str, port: int) -> str:
+    """Where to open Intake and, on the embedded profile, how to log in: printed once the
+    worker and beat have said hello, so the start-up lines do not bury it."""
+    from intake.ops.demo import saved_logins
+
     settings = app.extensions["intake.settings"]
-    children = start_children(app) if with_workers else []
-    child_env = child_environment(app)
+    url = f"http://{host}:{port}"
+    broker = "Redis" if settings.redis_url else "embedded broker in " + str(settings.data_dir)
+    lines = [
+        "",
+        f"  Intake is running on the {settings.profile} profile ({broker}).",
+        f"  Open {url}/ for the patient forms,",
+        f"       {url}/staff/login for staff.",
+    ]
+    if settings.embedded:
+        lines += ["  " + line if line else "" for line in saved_logins(app, url)]
+    log_file = Path(settings.data_dir) / "logs" / "intake.log"
+    lines += [f"  Logs are printed here and kept in {log_file}.", "  Press Ctrl-C to stop.", ""]
+    return "\n".join(lines)
+
+
+def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
+    children = start_children(app, host, port) if with_workers else []
+    child_env = child_environment(app, host, port)
     server = make_server(app, host, port)
     stopping = threading.Event()
 
@@ -116,14 +152,7 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
     threading.Thread(target=watch, daemon=True).start()
     if children:
         time.sleep(2)  # let the worker and beat say hello before the banner
-    broker = "Redis" if settings.redis_url else "embedded broker in " + str(settings.data_dir)
-    print(
-        f"\n  Intake is running on the {settings.profile} profile ({broker}).\n"
-        f"  Open http://{host}:{port}/ for the patient forms,\n"
-        f"       http://{host}:{port}/staff/login for staff.\n"
-        "  Press Ctrl-C to stop.\n",
-        flush=True,
-    )
+    print(banner(app, host, port), flush=True)
     try:
         server.run()
     except OSError:
