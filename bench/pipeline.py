@@ -458,13 +458,23 @@ def run_intake(target: str, args: argparse.Namespace, folder: Path, redis_url: s
 
 
 def drain(engine: sa.Engine, timeout: float) -> None:
+    stored: list[int] = []
+
     def empty() -> bool:
         # Routed, and every task it led to (the team's notice) done: nothing queued behind.
+        # And no new request for a second (five looks): a POST wrk left in flight when it
+        # stopped may be committed after a first look found the backlog empty.
         with engine.connect() as conn:
-            return not conn.scalar(
-                sa.text("SELECT count(*) FROM requests WHERE status = 'received'")
-            ) and not conn.scalar(
-                sa.text("SELECT count(*) FROM outbox WHERE status IN ('pending', 'sending')")
+            stored.append(int(conn.scalar(sa.text("SELECT count(*) FROM requests")) or 0))
+            return (
+                len(stored) >= 5
+                and len(set(stored[-5:])) == 1
+                and not conn.scalar(
+                    sa.text("SELECT count(*) FROM requests WHERE status = 'received'")
+                )
+                and not conn.scalar(
+                    sa.text("SELECT count(*) FROM outbox WHERE status IN ('pending', 'sending')")
+                )
             )
 
     wait_until(empty, timeout, "the routing backlog to drain")
