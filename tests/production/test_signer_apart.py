@@ -72,8 +72,14 @@ def test_web_and_workers_hold_no_private_key_and_verify_needs_only_the_public_on
 ):
     stack = production_stack
     # An event, then the signer's next checkpoint over it; verify with the public key alone.
-    stack.intake("teams", "create", "anchor-check-" + os.urandom(3).hex())
-    head = stack.last_audit_seq()
+    team = "anchor-check-" + os.urandom(3).hex()
+    stack.intake("teams", "create", team)
+    # That event's seq, not the chain's head: the signer may sign it at once, and its own
+    # checkpoint event, the new head, is never signed by itself (an idle tick signs nothing).
+    [(head,)] = stack.query(
+        "SELECT seq FROM audit_events WHERE action = 'team.created' AND details LIKE :team",
+        team=f"%{team}%",
+    )
     checkpoints = Path(stack.env["INTAKE_AUDIT_CHECKPOINTS"])
 
     def signed_head() -> int:
