@@ -16,6 +16,7 @@ from intake.audit.commands import audit
 from intake.audit.commands import cli_actor as _actor
 from intake.clock import now
 from intake.extensions import db
+from intake.ops.backup import backup
 
 
 @click.command("serve")
@@ -464,4 +465,14 @@ def db_grant_app(role: str) -> None:
     click.echo(f"Granted {role} the app's privileges on {len(grants)} tables.")
 
 
-COMMANDS: list[click.Command] = [serve, users, teams, keys, retention, audit, demo, demo_otp]
+COMMANDS: list[click.Command] = [
+    serve,
+    users,
+    teams,
+    keys,
+    retention,
+    audit,
+    backup,
+    demo,
+    demo_otp,
+]
