@@ -152,6 +152,7 @@ PLACEHOLDER_RE = re.compile(
 )
 # Redis answers AUTH as fast as the network allows and never locks anyone out, so its password
 # must resist guessing by volume (Redis's own security notes say the same).
+MIN_METRICS_TOKEN_CHARS = 32
 MIN_REDIS_PASSWORD_CHARS = 16
 
 
@@ -314,6 +315,10 @@ class Settings:
     # Witnesses that cosign audit checkpoints (docs/audit-trail.md, "Witnesses"): "URL VKEY"
     # entries, one per line (or separated by ";").
     audit_witnesses: tuple[str, ...] = ()
+    # Prometheus (docs/deploy.md, "Monitoring"): GET /metrics answers only with this bearer
+    # token (404 while unset); a Celery worker serves its own on this port when set.
+    metrics_token: str | None = None
+    worker_metrics_port: int | None = None
 
     @property
     def embedded(self) -> bool:
@@ -343,6 +348,8 @@ class Settings:
             database_url=env.get("INTAKE_DATABASE_URL") or None,
             redis_url=env.get("INTAKE_REDIS_URL") or None,
             secret_key=env.get("INTAKE_SECRET_KEY") or None,
+            metrics_token=env.get("INTAKE_METRICS_TOKEN") or None,
+            worker_metrics_port=_int(env, "INTAKE_WORKER_METRICS_PORT", 0) or None,
             keyring=env.get("INTAKE_KEYRING") or None,
             audit_signing_key=env.get("INTAKE_AUDIT_SIGNING_KEY") or None,
             audit_checkpoints=Path(env["INTAKE_AUDIT_CHECKPOINTS"])
@@ -481,6 +488,13 @@ class Settings:
                 f"INTAKE_REDIS_URL's password is {len(redis_password)} characters; use at least "
                 f"{MIN_REDIS_PASSWORD_CHARS} random ones (Redis lets anyone who reaches it "
                 "guess passwords as fast as the network allows)"
+            )
+        token = read_secret_setting(self.metrics_token or "")
+        if self.metrics_token and (_is_placeholder(token) or len(token) < MIN_METRICS_TOKEN_CHARS):
+            problems.append(
+                f"INTAKE_METRICS_TOKEN must be at least {MIN_METRICS_TOKEN_CHARS} random "
+                "characters (python -c \"import secrets; print(secrets.token_urlsafe(32))\"), "
+                "or unset to turn /metrics off"
             )
         public = urlsplit(self.public_url)
         if public.scheme != "https" or not public.hostname:

@@ -166,6 +166,7 @@ def register_task_queue(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     from intake.compliance.views import bp as compliance
     from intake.ops import health as ops
+    from intake.ops import metrics
     from intake.patient.views import bp as patient
     from intake.staff.views import bp as staff
 
@@ -173,6 +174,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(staff)
     app.register_blueprint(compliance)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(metrics.bp)
 
 
 def register_commands(app: Flask) -> None:

@@ -12,7 +12,12 @@ from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from intake.ops import metrics
+
 log = structlog.get_logger(__name__)
+
+# The request forms' endpoints, for counting throttled submissions by form.
+SUBMISSION_FORMS = {"patient.refill": "refill", "patient.contact": "contact"}
 
 CONTENT_SECURITY_POLICY = "; ".join(
     (
@@ -181,6 +186,8 @@ def init_app(app: Flask) -> None:
             return error.get_response()
         if status == 429:
             log.info("rate_limited", path=request.path)
+            if request.endpoint in SUBMISSION_FORMS:
+                metrics.SUBMISSIONS.labels(SUBMISSION_FORMS[request.endpoint], "throttled").inc()
         return error_page(status if status in ERROR_TEXTS else 400)
 
     @app.errorhandler(OperationalError)
@@ -190,6 +197,9 @@ def init_app(app: Flask) -> None:
 
         db.session.rollback()
         log.error("database_unavailable", path=request.path, error=type(error.orig).__name__)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            # Every change is audited in its own transaction: this one wrote neither.
+            metrics.AUDIT_WRITE_FAILURES.labels("database").inc()
         return error_page(503)
 
     @app.errorhandler(DataError)

@@ -16,6 +16,11 @@ def __getattr__(name: str) -> Any:
     global _celery
     if name in ("app", "celery"):
         if _celery is None:
+            # Before anything imports prometheus_client: the worker's pool processes count
+            # into one folder, which the worker's metrics port adds up.
+            from config.multiprocess import prepare_multiprocess_dir
+
+            prepare_multiprocess_dir("worker")
             from intake import create_app
 
             _celery = create_app().extensions["celery"]

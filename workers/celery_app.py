@@ -7,12 +7,13 @@ real worker process consumes real messages with no server installed.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from flask import Flask
 
 from intake.ops.transport import redis_ssl_options
@@ -109,6 +110,7 @@ def celery_init_app(flask_app: Flask) -> Celery:
     )
     app.set_default()
     flask_app.extensions["celery"] = app
+    app.flask_app = flask_app  # for the worker's signal handlers
     return app
 
 
@@ -120,3 +122,23 @@ def _fresh_connections_after_fork(**_kwargs: object) -> None:
     for engines in list(db._app_engines.values()):  # noqa: SLF001 - Flask-SQLAlchemy's registry
         for engine in engines.values():
             engine.dispose(close=False)
+
+
+@worker_init.connect
+def _serve_metrics(sender: Any = None, **_kwargs: object) -> None:
+    """INTAKE_WORKER_METRICS_PORT: the worker's own /metrics (routing counts and latency)."""
+    flask_app = getattr(getattr(sender, "app", None), "flask_app", None)
+    if flask_app is None:
+        return
+    port = flask_app.extensions["intake.settings"].worker_metrics_port
+    if port:
+        from intake.ops.metrics import serve_worker_metrics
+
+        serve_worker_metrics(flask_app, port)
+
+
+@worker_process_shutdown.connect
+def _forget_pool_process(pid: int | None = None, **_kwargs: object) -> None:
+    from config.multiprocess import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())

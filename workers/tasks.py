@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 import structlog
@@ -11,6 +12,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from intake.clock import now, utcnow
 from intake.extensions import db
+from intake.ops import metrics
 from intake.requests import assignment, casework, outbox, routing
 from intake.requests.notifications import RetryLater, send_account_alert, send_outbox_notice
 
@@ -58,6 +60,11 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
             language_outcome=routed.language_outcome,
         )
         outbox.publish_outgoing(db.session, routed.outgoing)
+        metrics.ROUTED.labels(routed.team).inc()
+        if routed.received_at is not None:
+            received = routed.received_at
+            received = received if received.tzinfo else received.replace(tzinfo=UTC)
+            metrics.ROUTING_LATENCY.observe(max((utcnow() - received).total_seconds(), 0.0))
         if routed.assignee is None and table.teams[routed.team].assigns:
             _assign(table, request_id, trigger="routed", record_unassigned=True)
     finally:
@@ -147,6 +154,7 @@ def escalate_overdue() -> int:
     if escalated:
         outbox.publish(db.session, [outbox_id for _reference, outbox_id in escalated])
         log.info("requests_escalated", count=len(escalated))
+        metrics.SLA_BREACHES.inc(len(escalated))
     return len(escalated)
 
 

@@ -35,6 +35,7 @@ from intake.audit.chain import record_event
 from intake.crypto import phi
 from intake.extensions import DbSession
 from intake.models import ROLES, LoginThrottle, StaffSession, Team, User, UserTeam
+from intake.ops import metrics
 from intake.requests import outbox
 
 MIN_PASSWORD_LENGTH = 12
@@ -596,6 +597,7 @@ def _record_lock(
     failures: int,
 ) -> None:
     """Audit a lock of one throttle (``client``: typed name at one address; ``account``)."""
+    metrics.ACCOUNT_LOCKS.labels(scope).inc()
     record_event(
         session,
         actor=actor,

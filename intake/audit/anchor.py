@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 from config import Settings
 from intake.extensions import DbSession
 from intake.models import AuditEvent
+from intake.ops import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -215,6 +216,7 @@ def _confirm(session: Session) -> None:
         # The prepared entries still vouch for these events; say so, do not fail a commit
         # that already happened.
         log.error("audit_anchor_commit_failed", anchor=sink.describe(), error=str(error))
+        metrics.AUDIT_WRITE_FAILURES.labels("anchor").inc()
 
 
 @sa_event.listens_for(Session, "after_rollback")

@@ -7,5 +7,6 @@ settings; ``private_files`` keeps the data folder private; ``logs`` configures s
 logging; ``proxies`` believes ``X-Forwarded-*`` from trusted proxies only; ``transport``
 makes TLS to the mail server and Redis verify certificates; ``database_roles`` grants the
 app's PostgreSQL role only what it needs (SELECT and INSERT on the audit trail); ``health``
-answers ``/healthz`` and ``/readyz``.
+answers ``/healthz`` and ``/readyz``; ``metrics`` counts what happened and serves
+``/metrics`` for Prometheus.
 """

@@ -29,6 +29,7 @@ from intake.clock import now
 from intake.crypto.phi import client_pseudonym, ip_pseudonym
 from intake.extensions import csrf, db, limiter
 from intake.i18n import current_language, format_moment, language_switch_requested
+from intake.ops import metrics
 from intake.patient import receipts
 from intake.patient.form_stamp import FormStamp, new_stamp, read_stamp
 from intake.patient.forms import TOPICS, ContactForm, PatientForm, RefillForm
@@ -217,6 +218,7 @@ def _expired(stamp: FormStamp) -> bool:
 def _decided(kind: str, outcome: str, **details: Any) -> None:
     """Count one decision on a patient form (no PHI: form, outcome, field names, reference)."""
     log.info("submission_decision", form=kind, outcome=outcome, **details)
+    metrics.SUBMISSIONS.labels(kind, outcome).inc()
 
 
 def _client_ip_hmac() -> str | None:

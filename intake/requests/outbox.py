@@ -23,6 +23,7 @@ from sqlalchemy import and_, or_, select, update
 from intake.clock import utcnow
 from intake.extensions import DbSession
 from intake.models import OutboxMessage
+from intake.ops import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -147,6 +148,7 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
             publisher(row.task, subject, row.id)
         except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
             log.warning("outbox_publish_failed", outbox_id=row.id, error=type(error).__name__)
+            metrics.PUBLISH_FAILURES.labels(row.task).inc()
             break
         published.append(row.id)
     session.rollback()
@@ -180,6 +182,7 @@ def publish_outgoing(session: DbSession, messages: Sequence[Outgoing]) -> int:
                 log.warning(
                     "outbox_publish_failed", outbox_id=message.id, error=type(error).__name__
                 )
+                metrics.PUBLISH_FAILURES.labels(message.task).inc()
                 break
             published += 1
     unpublished = [message.id for message in messages[published:]]

@@ -496,6 +496,7 @@ class Routed:
     assignee: str | None = None
     language_outbox_id: int | None = None
     request_id: str = ""
+    received_at: datetime | None = None
 
     @property
     def outgoing(self) -> list[Any]:
@@ -609,6 +610,7 @@ def route_request(
             Request.location,
             Request.language,
             Request.interpreter_language,
+            Request.created_at,
         )
         .where(Request.id == request_id)
         .with_for_update()
@@ -690,6 +692,7 @@ def route_request(
         speaker.username if speaker else None,
         language_message.id if language_message else None,
         request_id,
+        row.created_at,
     )
     session.commit()
     return routed

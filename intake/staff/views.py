@@ -34,6 +34,7 @@ from intake.clock import now
 from intake.extensions import db, limiter
 from intake.forms import clean_phone, options
 from intake.models import KINDS, OPEN_STATUSES, STATUSES
+from intake.ops import metrics
 from intake.requests import casework, labels, outbox
 from intake.requests.casework import CaseworkError
 from intake.requests.references import normalize_reference
@@ -111,6 +112,7 @@ def login() -> ResponseReturnValue:
         outbox.publish(db.session, list(result.outbox_ids))
     if result.token is None:
         log.info("login_failed", reason=result.reason)
+        metrics.LOGIN_FAILURES.labels(result.reason or "unknown").inc()
         if result.reason in ("locked", "busy"):
             message = (
                 LOCKED.format(seconds=result.retry_after) if result.reason == "locked" else BUSY

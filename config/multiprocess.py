@@ -1,0 +1,33 @@
+"""One folder of Prometheus value files per process tree (gunicorn's workers, Celery's pool).
+
+Why here, apart from intake.ops.metrics: prometheus_client picks how it stores values when it
+is first imported, so the folder must be named before anything imports it: in gunicorn's
+master (config.gunicorn) and in ``celery -A workers`` before the app is built. Nothing here
+imports prometheus_client until a process has died.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_dir(purpose: str) -> str:
+    """Name a new, empty folder for this start unless the operator set one; return it.
+
+    A new folder per start: counts of an earlier run never add in (Prometheus sees a counter
+    reset and copes, as it does for any restart).
+    """
+    if not os.environ.get(ENV):
+        os.environ[ENV] = tempfile.mkdtemp(prefix=f"intake-metrics-{purpose}-")
+    return os.environ[ENV]
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget a dead process's live gauges; its counters stay in the sum."""
+    if os.environ.get(ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
