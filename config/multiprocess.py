@@ -8,7 +8,9 @@ imports prometheus_client until a process has died.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -21,8 +23,17 @@ def prepare_multiprocess_dir(purpose: str) -> str:
     reset and copes, as it does for any restart).
     """
     if not os.environ.get(ENV):
-        os.environ[ENV] = tempfile.mkdtemp(prefix=f"intake-metrics-{purpose}-")
+        folder = tempfile.mkdtemp(prefix=f"intake-metrics-{purpose}-")
+        os.environ[ENV] = folder
+        # Removed when the process that made it exits; forked children (gunicorn's workers,
+        # Celery's pool) inherit this handler and must leave the shared folder alone.
+        atexit.register(_remove_if_owner, folder, os.getpid())
     return os.environ[ENV]
+
+
+def _remove_if_owner(folder: str, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -1,15 +1,21 @@
 """``GET /metrics``: behind its bearer token, counters that move, gauges that tell, no PHI.
 
-These run the web app in process (both databases); tests/workers/test_metrics_pipeline.py has
+These run the web app in process (both databases); tests/workers/test_worker_metrics.py has
 a real worker count routing on its own port, and tests/production the scrape through nginx.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Patient, reference_from, valid_refill
@@ -166,3 +172,67 @@ def test_no_label_or_value_holds_phi(client):
                     float(label)  # a histogram bucket bound: a number, "+Inf" included
                     continue
                 assert allowed.match(label), (sample.name, name, label)
+
+
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "prometheus"
+
+
+def test_every_alert_rule_names_a_metric_intake_exports(client):
+    """An alert over a misspelt metric never fires: each name in deploy/ must be exported."""
+    patient = Patient(client)
+    patient.submit("refill", valid_refill())
+    client.post("/staff/login", data={"email": "nobody@example.com", "password": "wrong"})
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(
+        as_text=True
+    )
+    exported = set()
+    for family in [*text_string_to_metric_families(text), *REGISTRY.collect()]:
+        exported.add(family.name)
+        exported.update(f"{family.name}{suffix}" for suffix in ("_total", "_count", "_bucket"))
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert {rule["alert"] for rule in rules} >= {
+        "IntakeOutboxStuck",
+        "IntakeCheckpointStale",
+        "IntakeSlaBreaches",
+    }
+    for rule in rules:
+        names = set(re.findall(r"\bintake_[a-z_]+", rule["expr"]))
+        assert names, rule["alert"]
+        assert names <= exported, (rule["alert"], names - exported)
+
+    scrape_config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert scrape_config["rule_files"] == ["alerts.yml"]
+    for job in scrape_config["scrape_configs"]:
+        assert job["metrics_path"] == "/metrics"
+        assert job["authorization"]["type"] == "Bearer"
+
+
+FORKING_PROCESS = """
+import os, sys
+from config.multiprocess import prepare_multiprocess_dir
+folder = prepare_multiprocess_dir("test")
+print(folder, flush=True)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a gunicorn worker leaving: it runs the inherited exit handlers
+os.waitpid(child, 0)
+print(os.path.isdir(folder), flush=True)
+"""
+
+
+def test_the_metrics_folder_outlives_a_worker_and_goes_with_its_master(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", FORKING_PROCESS],
+        env=env,
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    folder, alive_after_child = done.stdout.split()
+    assert folder.startswith(str(tmp_path))
+    assert alive_after_child == "True"  # the child left the shared folder alone
+    assert not Path(folder).exists()  # the master removed it on exit
