@@ -34,17 +34,19 @@ NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "intake.conf.template"
 
 
 def test_compose_declares_a_production_topology():
-    assert {"postgres", "redis", "migrate", "web", "worker", "beat", "signer"} <= set(SERVICES)
+    assert {"postgres", "redis", "migrate", "web", "worker", "notifier", "beat", "signer"} <= set(
+        SERVICES
+    )
     redis_cmd = " ".join(SERVICES["redis"]["command"])
     assert "--requirepass" in redis_cmd and "--appendonly yes" in redis_cmd
     for name in ("postgres", "redis", "web"):
         assert "healthcheck" in SERVICES[name], name
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "worker", "notifier", "beat"):
         depends = SERVICES[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["redis"]["condition"] == "service_healthy"
     assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("migrate", "web", "worker", "beat"):
+    for name in ("migrate", "web", "worker", "notifier", "beat"):
         assert SERVICES[name]["env_file"] == ".env"
         assert SERVICES[name]["environment"]["INTAKE_PROFILE"] == "production"
     example = (ROOT / ".env.example").read_text()
@@ -95,6 +97,10 @@ def test_only_the_tls_proxy_is_published():
         assert COMPOSE["networks"][network].get("internal") is True, network
     assert networks_of("nginx") == {"edge"}
     assert {name for name in SERVICES if "edge" in networks_of(name)} == {"nginx", "web"}
+    # Only the pool that sends e-mail and webhooks can reach outside; routing cannot.
+    assert {name for name in SERVICES if "egress" in networks_of(name)} == {"notifier"}
+    assert option("worker", "-Q") == "routing"
+    assert option("notifier", "-Q") == "notifications"
 
 
 def test_the_proxy_runs_the_repository_template_with_every_placeholder_set():
@@ -180,7 +186,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
         )
         assert migrate.returncode == 0, migrate.stderr.decode()[-2000:]
         with logs.open("ab") as log:
-            for service in ("web", "worker", "beat", "signer"):
+            for service in ("web", "worker", "notifier", "beat", "signer"):
                 # signer.env: the private key goes to the signer alone.
                 own = env
                 if service == "signer":
@@ -266,7 +272,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
         redis.stop()
 
 
-@pytest.mark.parametrize("service", ["migrate", "web", "worker", "beat", "signer"])
+@pytest.mark.parametrize("service", ["migrate", "web", "worker", "notifier", "beat", "signer"])
 def test_each_compose_command_refuses_an_unsafe_environment(tmp_path, service):
     """Every process compose starts reads its settings through the production check: the
     same weak secret stops migrate, gunicorn, the worker and beat, each naming the variable,

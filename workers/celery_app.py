@@ -15,11 +15,15 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from flask import Flask
+from kombu import Queue
 
 from intake.ops.transport import redis_ssl_options
 from workers import embedded_broker
 
 embedded_broker.register()
+
+ROUTING_QUEUE = "routing"
+NOTIFICATIONS_QUEUE = "notifications"
 
 
 def broker_settings(flask_app: Flask) -> dict[str, Any]:
@@ -105,6 +109,11 @@ def celery_init_app(flask_app: Flask) -> Celery:
                 "schedule": timedelta(hours=6),
             },
         },
+        # Two queues, so a slow mail server or webhook never holds up routing: a worker started
+        # without -Q consumes both (intake serve, tests); compose runs one pool per queue.
+        task_queues=[Queue(ROUTING_QUEUE), Queue(NOTIFICATIONS_QUEUE)],
+        task_default_queue=ROUTING_QUEUE,
+        task_routes={"workers.tasks.notify_*": {"queue": NOTIFICATIONS_QUEUE}},
         timezone="UTC",
         include=["workers.tasks"],
     )

@@ -1,14 +1,15 @@
 """The production profile as deployed, on this machine: nginx terminating TLS in front of
 gunicorn, PostgreSQL (an owner role for migrations, an app role for the processes), a
-password-protected Redis, a Celery worker and beat, the audit signer (the only process given
-the checkpoint signing key), an SMTP relay that insists on STARTTLS.
+password-protected Redis, Celery workers (one pool routing, one notifying) and beat, the audit
+signer (the only process given the checkpoint signing key), an SMTP relay that insists on
+STARTTLS.
 
 ``production_stack`` (one per test session) starts every piece as a process of its own. The
-migrate, web, worker, beat and signer processes run the very commands of docker-compose.yml
-(gunicorn's flags included; only the bind address and the proxy address differ), and nginx runs
-Debian's binary with the server config rendered from ``deploy/nginx/intake.conf.template``, the
-file compose mounts into its nginx, so the stack tested here and the one deployed cannot drift
-apart.
+migrate, web, worker, notifier, beat and signer processes run the very commands of
+docker-compose.yml (gunicorn's flags included; only the bind address and the proxy address
+differ), and nginx runs Debian's binary with the server config rendered from
+``deploy/nginx/intake.conf.template``, the file compose mounts into its nginx, so the stack
+tested here and the one deployed cannot drift apart.
 Secrets are random and long, chosen here, and nothing else from the outer ``INTAKE_*``
 environment reaches the processes.
 
@@ -267,6 +268,8 @@ class ProductionStack:
         self.services: dict[str, Service] = {}
         # The private key only the signer process is given (for tests that look for it).
         self.signing_key = ""
+        # The routing worker's metrics port (INTAKE_WORKER_METRICS_PORT, that worker's alone).
+        self.worker_metrics_port = 0
         self.engine = sa.create_engine(database_url, pool_pre_ping=True)
 
     # -- clients --------------------------------------------------------------------------
@@ -561,6 +564,8 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
                 "INTAKE_SMTP_CA_FILE": str(ca_file),
                 "INTAKE_SMTP_FROM": "intake@pharmacy.test",
                 "INTAKE_ROUTING_FILE": str(email_routing_file(folder)),
+                # GET /metrics (web) and the routing worker's own port answer with this token.
+                "INTAKE_METRICS_TOKEN": secrets.token_urlsafe(36),  # 48 characters
             },
             home,
         )
@@ -576,6 +581,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
             mailbox=mailbox,
         )
         stack.signing_key = signing_key
+        stack.worker_metrics_port = free_port()
         cleanup.callback(stack.engine.dispose)
 
         # Migrations run as the owner and grant the app role its privileges, as in compose.
@@ -602,8 +608,14 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
             ),
         )
         cleanup.callback(web.stop)
-        worker = stack.start("worker", compose_argv("worker"))
+        worker = stack.start(
+            "worker",
+            compose_argv("worker"),
+            {"INTAKE_WORKER_METRICS_PORT": str(stack.worker_metrics_port)},
+        )
         cleanup.callback(worker.stop)
+        notifier = stack.start("notifier", compose_argv("notifier"))
+        cleanup.callback(notifier.stop)
         beat = stack.start("beat", compose_argv("beat"))
         cleanup.callback(beat.stop)
         signer = stack.start(
@@ -641,6 +653,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
             wait_until(lambda: _gunicorn_ready(stack) or not web.running(), 90, 0.5, "gunicorn")
             assert web.running(), f"gunicorn exited:\n{web.tail()}"
             worker.wait_for_log("ready.", 90)
+            notifier.wait_for_log("ready.", 90)
             beat.wait_for_log("beat: Starting", 60)
             signer.wait_for_log("audit_signer_started", 60)
             # In the foreground, as the nginx image runs it.

@@ -66,8 +66,8 @@ def test_guessing_one_password_from_many_addresses_is_refused_after_the_budget(
     )
     assert any('"account"' in details for (details,) in locks), locks
 
-    # The supervisors hear of it from the worker (their channel in the stack is the log).
-    worker = stack.services["worker"]
+    # The supervisors hear of it from the notification pool (their channel here is the log).
+    worker = stack.services["notifier"]
     wait_until(
         lambda: any(
             "account_locked" in line and user.username in line

@@ -91,7 +91,7 @@ def test_web_and_workers_hold_no_private_key_and_verify_needs_only_the_public_on
     forms = _forms_of(stack.signing_key)
     checked: dict[str, int] = {}
     files: set[Path] = set()
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "worker", "notifier", "beat"):
         pids = _group(stack.services[name].process.pid)
         assert pids, name
         for pid in pids:
