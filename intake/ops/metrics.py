@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socketserver
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -76,8 +77,11 @@ OPEN_STATUSES = ("queued", "in_progress", "waiting_on_patient", "waiting_on_pres
 def _age_seconds(moment: Any, now: datetime) -> float | None:
     if moment is None:
         return None
-    if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment)
+    if isinstance(moment, str):  # SQLite hands back text
+        try:
+            moment = datetime.fromisoformat(moment)
+        except ValueError:
+            return None  # a damaged row must not take every other metric down with it
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return max((now - moment).total_seconds(), 0.0)
@@ -236,8 +240,16 @@ def metrics() -> Response:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a client that connects and says nothing is dropped, not waited on
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         return None
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per connection: a slow or idle client never holds up Prometheus's scrape."""
+
+    daemon_threads = True
 
 
 def serve_worker_metrics(app: Flask, port: int, host: str = "0.0.0.0") -> WSGIServer:  # noqa: S104
@@ -261,7 +273,9 @@ def serve_worker_metrics(app: Flask, port: int, host: str = "0.0.0.0") -> WSGISe
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
         return [body]
 
-    server = make_server(host, port, wsgi, handler_class=_QuietHandler)
+    server = make_server(
+        host, port, wsgi, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+    )
     threading.Thread(target=server.serve_forever, name="worker-metrics", daemon=True).start()
     log.info("worker_metrics_serving", port=server.server_port)
     return server
