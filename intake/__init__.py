@@ -11,7 +11,7 @@ from config import Settings
 from intake.audit import anchor, keys
 from intake.clock import utcnow
 from intake.crypto.phi import Keyring
-from intake.ops import embedded, private_files, transport
+from intake.ops import embedded, private_files, tracing, transport
 from intake.ops.proxies import TrustedProxies
 from intake.pharmacy import load_pharmacy
 from intake.requests.consents import load_consents
@@ -85,6 +85,8 @@ def create_app(settings: Settings | None = None, *, signer: bool = False) -> Fla
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
+    # Last, so its before-request hook runs first: every line of a request carries its trace id.
+    tracing.init_app(app)
     return app
 
 

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 from flask import Flask
 from kombu import Queue
 
@@ -151,3 +159,32 @@ def _forget_pool_process(pid: int | None = None, **_kwargs: object) -> None:
     from config.multiprocess import mark_process_dead
 
     mark_process_dead(pid or os.getpid())
+
+
+@task_prerun.connect
+def _bind_trace(task: Any = None, **_kwargs: object) -> None:
+    """The web request's trace id (a message header) in every line this task logs."""
+    from intake.ops import tracing
+
+    tracing.bind_from_task(getattr(task, "request", None))
+
+
+@task_postrun.connect
+def _unbind_trace(**_kwargs: object) -> None:
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+
+
+@worker_ready.connect
+def _worker_ready(**_kwargs: object) -> None:
+    from intake.ops import readiness
+
+    readiness.mark_ready("worker")
+
+
+@beat_init.connect
+def _beat_ready(**_kwargs: object) -> None:
+    from intake.ops import readiness
+
+    readiness.mark_ready("beat")

@@ -12,6 +12,7 @@ import time
 from flask import Flask
 from kombu.exceptions import OperationalError
 
+from intake.ops import tracing
 from intake.requests import outbox
 
 TASK_PREFIX = "workers.tasks."
@@ -41,6 +42,7 @@ def init_publisher(flask_app: Flask) -> outbox.Publisher:
                 TASK_PREFIX + task,
                 args=[request_id],
                 kwargs={"outbox_id": outbox_id},
+                headers=tracing.task_headers(),
                 retry=False,
             )
         except Exception:

@@ -33,6 +33,7 @@ from intake.audit.checkpoints import (
     write_checkpoint,
 )
 from intake.extensions import db
+from intake.ops import readiness
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +113,8 @@ def run_signer(app: Flask, stop: threading.Event | None = None, *, once: bool = 
                 check_whole_trail(app)
                 damaged = False
             sign_once(app, cursor)
+            if tick == 0:
+                readiness.mark_ready("signer")
         except CheckpointError as error:
             # Already logged as audit_chain_broken / audit_anchor_mismatch; keep refusing.
             log.error("audit_checkpoint_refused", problem=str(error))

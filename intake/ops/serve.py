@@ -22,6 +22,8 @@ from typing import Any
 import structlog
 from flask import Flask
 
+from intake.ops import readiness
+
 log = structlog.get_logger(__name__)
 
 
@@ -35,13 +37,19 @@ def _signer() -> list[str]:
 
 
 MAX_RESTARTS = 20
+CHILD_ROLES = ("worker", "beat", "signer")
+START_TIMEOUT_SECONDS = 60.0
 
 
 def child_environment(
     app: Flask, host: str | None = None, port: int | None = None
 ) -> dict[str, str]:
     settings = app.extensions["intake.settings"]
-    env = {**os.environ, "INTAKE_DATA_DIR": str(settings.data_dir)}
+    env = {
+        **os.environ,
+        "INTAKE_DATA_DIR": str(settings.data_dir),
+        readiness.ENV: str(_ready_folder(app)),
+    }
     listening_on_one_address = host and host not in ("0.0.0.0", "::")  # noqa: S104
     if (
         listening_on_one_address
@@ -54,9 +62,14 @@ def child_environment(
     return env
 
 
+def _ready_folder(app: Flask) -> Path:
+    return Path(app.extensions["intake.settings"].data_dir) / "run" / "ready"
+
+
 def start_children(
     app: Flask, host: str | None = None, port: int | None = None
 ) -> list[subprocess.Popen[bytes]]:
+    readiness.fresh_folder(_ready_folder(app))
     env = child_environment(app, host, port)
     worker = subprocess.Popen(  # noqa: S603 - fixed argv
         _celery(
@@ -151,7 +164,11 @@ def run(app: Flask, host: str, port: int, with_workers: bool = True) -> None:
 
     threading.Thread(target=watch, daemon=True).start()
     if children:
-        time.sleep(2)  # let the worker and beat say hello before the banner
+        # The banner goes after the children's start-up lines, where a newcomer sees it last.
+        missing = readiness.wait_ready(_ready_folder(app), CHILD_ROLES, START_TIMEOUT_SECONDS)
+        if missing:
+            log.warning("children_not_ready", missing=missing, waited=START_TIMEOUT_SECONDS)
+        time.sleep(0.3)  # their last lines reach the console just after the mark
     print(banner(app, host, port), flush=True)
     try:
         server.run()
