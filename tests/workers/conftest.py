@@ -211,6 +211,29 @@ def email_routing_file(folder: Path) -> Path:
     return path
 
 
+def pipeline_settings(
+    base: Settings,
+    database_url: str,
+    folder: Path,
+    redis_url: str,
+    smtp_url: str,
+    routing_file: Path | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings for a pipeline with real parts: quick sweeps, e-mail to every team."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "data_dir": folder / "data",
+        "redis_url": redis_url,
+        "smtp_url": smtp_url,
+        "routing_file": routing_file or email_routing_file(folder),
+        "outbox_sweep_seconds": 1,
+        "outbox_republish_seconds": 10,
+        "broker_visibility_timeout": 5,
+    }
+    return base.replace(**{**values, **overrides})
+
+
 def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
     env.update(

@@ -9,7 +9,7 @@ import pytest
 
 from intake.extensions import db
 from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, leaked
-from tests.workers.conftest import wait_until
+from tests.workers.conftest import pipeline_settings, wait_until
 from tests.workers.test_language_routing import (
     SUPERVISORS_EMAIL,
     add_user,
@@ -23,15 +23,13 @@ from tests.workers.test_pipeline import all_queued, routed_events, rows
 @pytest.fixture
 def settings(base_settings, database_url, tmp_path, redis_server, smtp_server):
     smtp_url, _mailbox = smtp_server
-    return base_settings.replace(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        redis_url=redis_server.url,
-        smtp_url=smtp_url,
+    return pipeline_settings(
+        base_settings,
+        database_url,
+        tmp_path,
+        redis_server.url,
+        smtp_url,
         routing_file=language_routing_file(tmp_path),
-        outbox_sweep_seconds=1,
-        outbox_republish_seconds=10,
-        broker_visibility_timeout=5,
     )
 
 

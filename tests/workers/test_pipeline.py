@@ -19,7 +19,7 @@ from intake.extensions import db
 from intake.models import AuditEvent, OutboxMessage, Request
 from tests.conftest import reference_from
 from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, REFILL_CANARIES, leaked
-from tests.workers.conftest import email_routing_file, wait_until
+from tests.workers.conftest import pipeline_settings, wait_until
 
 # One request per rule of config/routing.toml: (form, fields, language, team, priority, sla)
 RULE_CASES = [
@@ -39,16 +39,7 @@ RULE_CASES = [
 @pytest.fixture
 def settings(base_settings, database_url, tmp_path, redis_server, smtp_server):
     smtp_url, _mailbox = smtp_server
-    return base_settings.replace(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        redis_url=redis_server.url,
-        smtp_url=smtp_url,
-        routing_file=email_routing_file(tmp_path),
-        outbox_sweep_seconds=1,
-        outbox_republish_seconds=10,
-        broker_visibility_timeout=5,
-    )
+    return pipeline_settings(base_settings, database_url, tmp_path, redis_server.url, smtp_url)
 
 
 def submit(patient, form: str, fields: dict, language: str) -> str:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from intake.extensions import db
 from intake.models import OutboxMessage, Request
 from tests.conftest import reference_from, valid_refill
-from tests.workers.conftest import email_routing_file, free_port, wait_until
+from tests.workers.conftest import free_port, pipeline_settings, wait_until
 
 
 class HangingSmtpServer:
@@ -56,14 +56,12 @@ def hanging_smtp() -> Iterator[HangingSmtpServer]:
 
 @pytest.fixture
 def settings(base_settings, database_url, tmp_path, redis_server, hanging_smtp):
-    return base_settings.replace(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        redis_url=redis_server.url,
-        smtp_url=hanging_smtp.url,
-        routing_file=email_routing_file(tmp_path),
-        outbox_sweep_seconds=1,
-        outbox_republish_seconds=10,
+    return pipeline_settings(
+        base_settings,
+        database_url,
+        tmp_path,
+        redis_server.url,
+        hanging_smtp.url,
         broker_visibility_timeout=30,
     )
 

@@ -12,23 +12,14 @@ import pytest
 from intake.ops import tracing
 from tests.conftest import reference_from, valid_refill
 from tests.intake.crypto.test_phi_canary import REFILL_CANARIES, leaked
-from tests.workers.conftest import email_routing_file, wait_until
+from tests.workers.conftest import pipeline_settings, wait_until
 from tests.workers.test_pipeline import all_queued
 
 
 @pytest.fixture
 def settings(base_settings, database_url, tmp_path, redis_server, smtp_server):
     smtp_url, _mailbox = smtp_server
-    return base_settings.replace(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        redis_url=redis_server.url,
-        smtp_url=smtp_url,
-        routing_file=email_routing_file(tmp_path),
-        outbox_sweep_seconds=1,
-        outbox_republish_seconds=10,
-        broker_visibility_timeout=5,
-    )
+    return pipeline_settings(base_settings, database_url, tmp_path, redis_server.url, smtp_url)
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tests.workers.conftest as worker_conftest
 from tests.conftest import reference_from
-from tests.workers.conftest import email_routing_file, free_port, wait_until
+from tests.workers.conftest import free_port, pipeline_settings, wait_until
 from tests.workers.test_pipeline import all_queued, rows
 
 TOKEN = "worker-metrics-token-" + "y" * 40
@@ -29,16 +29,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture
 def settings(base_settings, database_url, tmp_path, redis_server, smtp_server):
     smtp_url, _mailbox = smtp_server
-    return base_settings.replace(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        redis_url=redis_server.url,
-        smtp_url=smtp_url,
-        routing_file=email_routing_file(tmp_path),
-        outbox_sweep_seconds=1,
-        outbox_republish_seconds=10,
-        broker_visibility_timeout=5,
-    )
+    return pipeline_settings(base_settings, database_url, tmp_path, redis_server.url, smtp_url)
 
 
 @pytest.fixture
