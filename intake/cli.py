@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -54,12 +55,31 @@ def find_data_dir(env: Mapping[str, str], cwd: Path) -> Path | None:
     return next((c for c in candidates if (c / DATABASE_FILE).is_file()), None)
 
 
+def asks_only_for_help(args: Sequence[str]) -> bool:
+    """``intake``, ``intake --help`` or ``intake CMD --help``: nothing runs but the help text."""
+    return not args or "--help" in args
+
+
+def _embedded() -> bool:
+    return os.environ.get("INTAKE_PROFILE", "embedded") in ("", "embedded")
+
+
 def main() -> None:
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if command in READERS_OF_EXISTING_DATA and os.environ.get("INTAKE_PROFILE", "embedded") in (
-        "",
-        "embedded",
-    ):
+    args = sys.argv[1:]
+    if asks_only_for_help(args) and _embedded() and find_data_dir(os.environ, Path.cwd()) is None:
+        # Listing the commands builds the app, and an app with no data folder would generate
+        # one, with new keys, wherever the help was asked for. Give it a throwaway folder and
+        # throwaway secrets instead: nothing is left behind and nothing is announced.
+        from intake.crypto.phi import Keyring
+
+        with tempfile.TemporaryDirectory(prefix="intake-help-") as scratch:
+            os.environ["INTAKE_DATA_DIR"] = scratch
+            os.environ.setdefault("INTAKE_SECRET_KEY", os.urandom(32).hex())
+            os.environ.setdefault("INTAKE_KEYRING", Keyring.generate().to_json())
+            cli(prog_name="intake")
+        return
+    command = args[0] if args else ""
+    if command in READERS_OF_EXISTING_DATA and _embedded():
         found = find_data_dir(os.environ, Path.cwd())
         if found is None:
             where = os.environ.get("INTAKE_DATA_DIR") or "./var"

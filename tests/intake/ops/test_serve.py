@@ -229,6 +229,19 @@ def test_demo_otp_finds_the_data_folder_it_is_run_beside(tmp_path: Path):
     assert totp.verify(done.stdout.strip(), valid_window=1)
 
 
+@pytest.mark.parametrize("args", [(), ("--help",), ("users", "create", "--help")])
+def test_help_outside_an_installation_leaves_nothing_behind(tmp_path: Path, args: tuple[str, ...]):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+    done = _intake_in(tmp_path, env, *args)
+    assert done.returncode == (2 if not args else 0), done.stderr
+    assert "Usage: intake" in done.stdout + done.stderr
+    if not args or args == ("--help",):
+        assert "serve" in done.stdout + done.stderr and "backup" in done.stdout + done.stderr
+    # No ./var with fresh keys where someone only asked what the commands are.
+    assert list(tmp_path.iterdir()) == []
+    assert "secret_generated" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_demo_otp_where_there_is_no_installation_says_where_to_run_it(tmp_path: Path):
     empty = tmp_path / "elsewhere"
     empty.mkdir()
