@@ -73,6 +73,8 @@ ACTIONS = (
     "break_glass.reviewed",
     "key.rotated",
     "retention.purged",
+    "backup.created",
+    "backup.restored",
 )
 
 Scalar = str | int | float | bool | None

@@ -127,6 +127,8 @@ ACTION_NAMES = {
     "break_glass.reviewed": "Break-glass reviewed",
     "key.rotated": "Key rotated",
     "retention.purged": "PHI shredded (retention)",
+    "backup.created": "Backup made",
+    "backup.restored": "Backup restored",
 }
 
 

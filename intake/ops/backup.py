@@ -21,6 +21,10 @@ patient's PHI, so the two are stored apart and the keys come back from the secre
 
 A restore checks every sha256 first and refuses a damaged backup; it writes only into an empty
 database and refuses to replace audit files unless told to (and then keeps the old ones).
+
+Both are audited: ``backup.created`` once the copy is complete (so it is not in that copy: it
+names the audit head the copy ends at) and ``backup.restored`` appended to the restored trail,
+through the anchor the restore just put in place, so the restored installation still verifies.
 """
 
 from __future__ import annotations
@@ -45,13 +49,16 @@ import sqlalchemy as sa
 import structlog
 from flask import current_app
 from flask.cli import with_appcontext
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from config import Settings
 from config.settings import GENERATED_SECRET_FILES
 from intake.audit import keys
-from intake.audit.anchor import anchor_path
+from intake.audit.anchor import SINK_KEY, anchor_for, anchor_path
+from intake.audit.chain import record_event
 from intake.audit.checkpoints import checkpoints_path
+from intake.audit.commands import cli_actor
 from intake.crypto import phi
 from intake.crypto.phi import Keyring
 
@@ -85,6 +92,7 @@ DAMAGED = (
     "damaged backup: {name} does not match the sha256 in its manifest (expected {expected}, "
     "found {found}); nothing was restored"
 )
+NOT_RECORDED = "the {action} audit event could not be written ({error})"
 
 
 class BackupError(RuntimeError):
@@ -163,6 +171,29 @@ def _connected(url: str) -> Iterator[sa.Connection]:
     except sa.exc.OperationalError as error:
         first = str(error.orig or error).strip().splitlines()[0]
         raise BackupError(f"cannot reach the database {safe_url(url)}: {first}") from None
+    finally:
+        engine.dispose()
+
+
+def record_backup_event(
+    settings: Settings, url: str, actor: str, action: str, details: Mapping[str, Any]
+) -> int:
+    """Append ``action`` to the trail of the database at ``url``, anchored where settings say.
+
+    Why its own session: a restore writes into ``--database-url``, which need not be the
+    app's database, and its event must go to the anchor the restore just put in place, which
+    is the one the settings name. Returns the event's seq; BackupError if it cannot be written.
+    """
+    engine = _engine(url)
+    try:
+        with Session(engine) as session:
+            session.info[SINK_KEY] = anchor_for(settings)
+            event = record_event(session, actor=actor, action=action, details=details)
+            session.commit()
+            return event.seq
+    except (sa.exc.SQLAlchemyError, OSError) as error:
+        first = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise BackupError(NOT_RECORDED.format(action=action, error=first)) from None
     finally:
         engine.dispose()
 
@@ -389,12 +420,22 @@ class BackupResult:
     manifest_sha256: str
     elapsed_seconds: float
     notes: list[str] = field(default_factory=list)
+    event_seq: int | None = None
 
 
 def create_backup(
-    settings: Settings, out_dir: Path, *, clock: Callable[[], datetime] | None = None
+    settings: Settings,
+    out_dir: Path,
+    *,
+    actor: str,
+    clock: Callable[[], datetime] | None = None,
 ) -> BackupResult:
-    """Write ``out_dir/intake-backup-<UTC time>/``: database first, then the audit files."""
+    """Write ``out_dir/intake-backup-<UTC time>/``: database first, then the audit files.
+
+    The ``backup.created`` event is committed before the folder gets its final name: no
+    backup without its event. It names the folder (not ``out_dir``, a path the operator chose
+    that may say anything) and the manifest's sha256, which covers every file's.
+    """
     started = time.monotonic()
     url = settings.effective_database_url
     kind = database_kind(url)
@@ -408,6 +449,21 @@ def create_backup(
     partial.mkdir(mode=0o700)
     try:
         result = _fill(settings, partial, kind, url, moment)
+        total = sum(f["bytes"] for f in result.manifest["files"].values())
+        result.event_seq = record_backup_event(
+            settings,
+            url,
+            actor,
+            "backup.created",
+            {
+                "backup": final.name,
+                "manifest_sha256": result.manifest_sha256,
+                "database": kind,
+                "audit_head_seq": result.manifest["audit_head_seq"],
+                "audit_events": result.manifest["audit_events"],
+                "bytes": total,
+            },
+        )
         os.rename(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -419,8 +475,9 @@ def create_backup(
         path=str(final),
         database=kind,
         audit_head_seq=result.manifest["audit_head_seq"],
-        bytes=sum(f["bytes"] for f in result.manifest["files"].values()),
+        bytes=total,
         elapsed_seconds=result.elapsed_seconds,
+        event_seq=result.event_seq,
     )
     return result
 
@@ -544,6 +601,7 @@ class RestoreResult:
     elapsed_seconds: float
     missing_key_ids: list[str]
     notes: list[str] = field(default_factory=list)
+    event_seq: int | None = None
 
 
 def restore_backup(
@@ -553,8 +611,15 @@ def restore_backup(
     *,
     force: bool = False,
     keyring: Keyring | None = None,
+    actor: str,
 ) -> RestoreResult:
-    """Check the backup, then restore its database into an empty one and its audit files."""
+    """Check the backup, then restore its database into an empty one and its audit files.
+
+    Then ``backup.restored`` is appended to the restored trail and to the restored anchor (the
+    one at the place the settings name, which verify holds the restored chain against): the
+    restored anchor is the backup's copy plus this event's lines. A failure to write it is a
+    note (exit 1), not a reason to undo a restore that is complete.
+    """
     started = time.monotonic()
     folder = Path(folder)
     manifest = read_manifest(folder)  # before anything is touched
@@ -606,6 +671,25 @@ def restore_backup(
             f"{facts.audit_head_seq}; the manifest says {manifest.get('alembic_revision')}, "
             f"seq {manifest['audit_head_seq']}"
         )
+    event_seq = None
+    try:
+        event_seq = record_backup_event(
+            settings,
+            database_url,
+            actor,
+            "backup.restored",
+            {
+                "backup": folder.name,
+                "manifest_sha256": sha256_of(folder / MANIFEST),
+                "backup_created_at": manifest.get("created_at"),
+                "database": kind,
+                "audit_head_seq": facts.audit_head_seq,
+                "replaced": sorted(replaced),
+                "missing_key_ids": missing,
+            },
+        )
+    except BackupError as error:
+        notes.append(f"{error}: record this restore by hand, as an incident")
     elapsed = round(time.monotonic() - started, 3)
     log.info(
         "backup_restored",
@@ -616,9 +700,18 @@ def restore_backup(
         replaced=sorted(replaced),
         missing_key_ids=missing,
         elapsed_seconds=elapsed,
+        event_seq=event_seq,
     )
     return RestoreResult(
-        safe_url(database_url), places, replaced, manifest, facts, elapsed, missing, notes
+        safe_url(database_url),
+        places,
+        replaced,
+        manifest,
+        facts,
+        elapsed,
+        missing,
+        notes,
+        event_seq,
     )
 
 
@@ -691,7 +784,7 @@ def backup(ctx: click.Context, out: Path | None, as_json: bool) -> None:
     if out is None:
         raise click.UsageError("give --out DIR, the folder to write the backup into")
     try:
-        result = create_backup(_settings(), out)
+        result = create_backup(_settings(), out, actor=cli_actor())
     except BackupError as error:
         log.warning("backup_failed", reason=str(error).splitlines()[0])
         raise click.ClickException(str(error)) from None
@@ -706,6 +799,7 @@ def backup(ctx: click.Context, out: Path | None, as_json: bool) -> None:
                     "database": manifest["database"]["kind"],
                     "alembic_revision": manifest["alembic_revision"],
                     "audit_head_seq": manifest["audit_head_seq"],
+                    "event_seq": result.event_seq,
                     "files": manifest["files"],
                     "keys_included": False,
                     "notes": result.notes,
@@ -722,6 +816,7 @@ def backup(ctx: click.Context, out: Path | None, as_json: bool) -> None:
     for name, entry in sorted(manifest["files"].items()):
         click.echo(f"  {name:<26} {_size(entry['bytes']):>10}  sha256 {entry['sha256']}")
     click.echo(f"  {MANIFEST:<26} sha256 {result.manifest_sha256} (write it down elsewhere)")
+    click.echo(f"Recorded as audit event {result.event_seq} (backup.created).")
     for note in result.notes:
         click.echo(f"Note: {note}")
     click.echo(KEYS_NOT_INCLUDED)
@@ -763,7 +858,9 @@ def backup_restore(folder: Path, database_url: str | None, force: bool, as_json:
     target = database_url or settings.effective_database_url
     keyring = current_app.extensions["intake.keyring"]
     try:
-        result = restore_backup(settings, folder, target, force=force, keyring=keyring)
+        result = restore_backup(
+            settings, folder, target, force=force, keyring=keyring, actor=cli_actor()
+        )
     except BackupError as error:
         log.warning("backup_restore_refused", backup=str(folder), reason=str(error).splitlines()[0])
         raise click.ClickException(str(error)) from None
@@ -778,6 +875,7 @@ def backup_restore(folder: Path, database_url: str | None, force: bool, as_json:
                     "replaced": {name: str(path) for name, path in result.replaced.items()},
                     "elapsed_seconds": result.elapsed_seconds,
                     "missing_key_ids": result.missing_key_ids,
+                    "event_seq": result.event_seq,
                     "notes": result.notes,
                 }
             )
@@ -793,6 +891,8 @@ def backup_restore(folder: Path, database_url: str | None, force: bool, as_json:
             click.echo(f"  {name:<26} {size:>10}  -> {path}")
         for name, path in sorted(result.replaced.items()):
             click.echo(f"  the previous {name} is kept as {path}")
+        if result.event_seq is not None:
+            click.echo(f"Recorded as audit event {result.event_seq} (backup.restored).")
         for note in result.notes:
             click.echo(f"Note: {note}")
         if result.missing_key_ids:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import select
 
 from intake.accounts import services as accounts
@@ -19,6 +20,7 @@ from intake.compliance.break_glass import review_break_glass
 from intake.crypto.rotation import record_rotation
 from intake.extensions import db
 from intake.models import AuditEvent, OutboxMessage, Request
+from intake.ops.backup import create_backup, restore_backup
 from intake.requests import assignment, casework, routing
 from intake.requests.notifications import send_outbox_notice
 from intake.requests.retention import purge_expired
@@ -186,8 +188,24 @@ def test_every_audit_action_is_written_by_its_code_path(app, patient, runner, se
     assert runner.invoke(args=["audit", "checkpoint"]).exit_code == 0
     assert runner.invoke(args=["audit", "verify"]).exit_code == 0
 
+    # A backup, restored into a new installation: backup.restored is in the restored trail.
+    backup = create_backup(settings, tmp_path / "backups", actor="system:test")
+    restored_url = f"sqlite:///{tmp_path / 'restored.sqlite3'}"
+    restored = restore_backup(
+        settings.replace(data_dir=tmp_path / "restored"),
+        backup.path,
+        restored_url,
+        keyring=keyring,
+        actor="system:test",
+    )
+    assert restored.event_seq is not None and restored.notes == []
+
     with app.app_context():
         written = set(db.session.execute(select(AuditEvent.action).distinct()).scalars())
         assert db.session.execute(select(OutboxMessage)).first() is not None
+    engine = sa.create_engine(restored_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        written |= set(conn.scalars(select(AuditEvent.action).distinct()))
+    engine.dispose()
     assert written - set(ACTIONS) == set(), "an action missing from intake.audit.chain.ACTIONS"
     assert set(ACTIONS) - written == set(), "actions no code path wrote"

@@ -4,7 +4,8 @@ Real requests go in through the patient form, a checkpoint is signed, the backup
 ``intake`` command in a subprocess and restored into a new, empty database (PostgreSQL and
 SQLite) with a new data folder that gets only the keys, as from the secret store. The restored
 installation must verify (``intake audit verify``) and a supervisor must read the same requests.
-A damaged backup, a non-empty target and key material in a backup are the attacks.
+A damaged backup, a non-empty target and key material in a backup are the attacks. Every
+backup and every restore is an audit event (``backup.created``, ``backup.restored``) with no PHI.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from intake.crypto.phi import Keyring
 from intake.extensions import db
 from intake.ops import backup as backups
 from tests.conftest import POSTGRES_URL, Patient, _admin_engine, _with_database
+from tests.intake.crypto.test_phi_canary import REFILL_CANARIES, leaked
 from tests.intake.staff.conftest import (
     FakeClock,
     StaffUser,
@@ -176,6 +178,23 @@ def populate(app: Flask) -> Populated:
     return Populated(app, clock, supervisor, references)
 
 
+def audit_events(url: str, action: str) -> list[dict[str, Any]]:
+    """The events of ``action`` in the database at ``url``, as an auditor reads them."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT seq, actor, outcome, reference, details FROM audit_events "
+                    "WHERE action = :action ORDER BY seq"
+                ),
+                {"action": action},
+            ).mappings()
+            return [{**row, "details": json.loads(row["details"])} for row in rows]
+    finally:
+        engine.dispose()
+
+
 def make_backup(installation: Installation, out: Path) -> tuple[Path, dict[str, Any]]:
     done = installation.intake("backup", "--out", out, "--json")
     result = json.loads(done.stdout)
@@ -193,11 +212,16 @@ def test_backup_restores_into_an_empty_database_that_verifies_and_opens(
     signed = source.intake("audit", "checkpoint")
     assert "Signed checkpoint" in signed.stdout, signed.stdout
     # One more request after the checkpoint: the restored trail has an unsigned tail too.
-    late = submit_routed(made.app, Patient(made.app.test_client()), at=made.clock())
-    made.references[late] = ("Maria",)
+    # It carries the PHI canaries, which no audit event may repeat.
+    late = submit_routed(
+        made.app, Patient(made.app.test_client()), at=made.clock(), **REFILL_CANARIES
+    )
+    made.references[late] = ("Quetzalcanaryfirst",)
 
-    folder, result = make_backup(source, tmp_path / "backups")
-    assert folder.name.startswith("intake-backup-") and folder.parent == tmp_path / "backups"
+    # The operator's folder may be named anything, even after a patient: not in the trail.
+    out = tmp_path / "backups-Quetzalcanaryfirst"
+    folder, result = make_backup(source, out)
+    assert folder.name.startswith("intake-backup-") and folder.parent == out
     database_file = "database.pgdump" if backend == "postgresql" else "database.sqlite3"
     names = {database_file, "audit-checkpoints.jsonl", "audit-anchor.log", "audit-verify-keys"}
     assert set(result["files"]) == names
@@ -208,8 +232,24 @@ def test_backup_restores_into_an_empty_database_that_verifies_and_opens(
     assert manifest["alembic_revision"] and manifest["intake_version"]
     assert manifest["audit_head_seq"] == result["audit_head_seq"] > 0
     assert {(folder / name).stat().st_mode & 0o777 for name in names} == {0o600}
+
+    # The backup is in the trail, written after the copy: the next seq after its head.
+    [created] = audit_events(source.database_url, "backup.created")
+    assert created["seq"] == result["event_seq"] == manifest["audit_head_seq"] + 1
+    assert created["actor"].startswith("system:cli") and created["outcome"] == "success"
+    assert created["details"] == {
+        "backup": folder.name,
+        "manifest_sha256": result["manifest_sha256"],
+        "database": backend,
+        "audit_head_seq": manifest["audit_head_seq"],
+        "audit_events": manifest["audit_events"],
+        "bytes": sum(entry["bytes"] for entry in result["files"].values()),
+    }
+    assert leaked(json.dumps(created)) == [] and str(out) not in json.dumps(created)
     human = source.intake("backup", "--out", tmp_path / "again")
     assert "Keys are not in this backup" in human.stdout and " s, " in human.stdout
+    assert "(backup.created)" in human.stdout
+    assert len(audit_events(source.database_url, "backup.created")) == 2
 
     target = installations("restored", migrated=False)
     assert tables_in(target.database_url) == []
@@ -226,10 +266,35 @@ def test_backup_restores_into_an_empty_database_that_verifies_and_opens(
     )
     assert report["audit_head_seq"] == manifest["audit_head_seq"]
     assert report["missing_key_ids"] == [] and report["notes"] == []
-    for name in ("audit-checkpoints.jsonl", "audit-anchor.log", "audit-verify-keys"):
+    for name in ("audit-checkpoints.jsonl", "audit-verify-keys"):
         placed = target.data_dir / name
         assert placed.read_bytes() == (folder / name).read_bytes(), name
         assert placed.stat().st_mode & 0o777 == 0o600
+    # The restore is the restored trail's next event; the backup's own event (written after
+    # its copy) is not in it. The anchor is the backup's copy plus the restore's event.
+    assert audit_events(target.database_url, "backup.created") == []
+    [restored_event] = audit_events(target.database_url, "backup.restored")
+    head = manifest["audit_head_seq"]
+    assert restored_event["seq"] == report["event_seq"] == head + 1
+    assert restored_event["actor"].startswith("system:cli")
+    assert restored_event["details"] == {
+        "backup": folder.name,
+        "manifest_sha256": result["manifest_sha256"],
+        "backup_created_at": manifest["created_at"],
+        "database": backend,
+        "audit_head_seq": head,
+        "replaced": [],
+        "missing_key_ids": [],
+    }
+    assert leaked(json.dumps(restored_event)) == []
+    anchor = (target.data_dir / "audit-anchor.log").read_bytes()
+    copied = (folder / "audit-anchor.log").read_bytes()
+    assert anchor.startswith(copied)
+    assert [line.split()[:2] for line in anchor[len(copied) :].splitlines()] == [
+        [b"p", str(head + 1).encode()],
+        [b"c", str(head + 1).encode()],
+    ]
+    assert (target.data_dir / "audit-anchor.log").stat().st_mode & 0o777 == 0o600
 
     verified = json.loads(target.intake("audit", "verify", "--json").stdout)
     assert verified["ok"] is True, verified
@@ -364,9 +429,16 @@ def test_restoring_into_a_database_that_is_not_empty_is_refused(
     report = json.loads(forced.stdout)
     kept = Path(report["replaced"]["audit-anchor.log"])
     assert kept.read_text() == "p 1 " + "0" * 64 + "\n"
-    assert (target.data_dir / "audit-anchor.log").read_bytes() == (
-        folder / "audit-anchor.log"
-    ).read_bytes()
+    assert (
+        (target.data_dir / "audit-anchor.log")
+        .read_bytes()
+        .startswith((folder / "audit-anchor.log").read_bytes())
+    )
+    [restored] = audit_events(target.database_url, "backup.restored")
+    assert restored["details"]["replaced"] == ["audit-anchor.log"]
+    # The replaced anchor is not the restored trail's: the restored one still verifies.
+    verified = json.loads(target.intake("audit", "verify", "--json").stdout)
+    assert verified["ok"] is True, verified
 
 
 def test_a_restore_without_the_keyring_says_so(
