@@ -90,7 +90,9 @@ def option(service: str, name: str) -> str:
 def test_only_the_tls_proxy_is_published():
     """From outside, the stack is nginx on 443 (and 80, which redirects); nothing else."""
     published = {name for name, service in SERVICES.items() if service.get("ports")}
-    assert published == {"nginx"}
+    # Besides Flower (`monitoring` profile), on the host's loopback only: tests/test_flower.py.
+    assert published == {"nginx", "flower"}
+    assert all(str(port).startswith("127.0.0.1:") for port in SERVICES["flower"]["ports"])
     assert set(SERVICES["nginx"]["ports"]) == {"443:443", "80:80"}
     assert not any("network_mode" in service for service in SERVICES.values())
     for network in networks_of("postgres") | networks_of("redis"):
