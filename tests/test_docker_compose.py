@@ -10,7 +10,6 @@ import ipaddress
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import urllib.parse
@@ -24,7 +23,7 @@ import yaml
 from intake.crypto.phi import Keyring
 from intake_verify.note import generate_key
 from tests.conftest import valid_refill
-from tests.workers.conftest import RedisServer, free_port, wait_until
+from tests.workers.conftest import RedisServer, free_port, stop_process_groups, wait_until
 
 ROOT = Path(__file__).parents[1]
 SKEY, VKEY = generate_key("intake.pharmacy.test/intake-audit")
@@ -262,15 +261,7 @@ def test_compose_services_run_and_route_a_request(database_url, settings, tmp_pa
         assert access, "gunicorn wrote no access log line"
         assert all("2025550143" not in line and "127.0.0.1" not in line for line in access)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_groups(processes)
         redis.stop()
 
 

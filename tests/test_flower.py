@@ -20,7 +20,13 @@ from celery import Celery
 
 from tests.conftest import IN_CI
 from tests.test_docker_compose import COMPOSE, ROOT, SERVICES
-from tests.workers.conftest import RedisServer, free_port, process_env, wait_until
+from tests.workers.conftest import (
+    RedisServer,
+    free_port,
+    process_env,
+    stop_process_groups,
+    wait_until,
+)
 
 FLOWER = SERVICES["flower"]
 USER, PASSWORD = "pharmacy-ops", "flower-" + uuid.uuid4().hex
@@ -279,13 +285,5 @@ def test_flower_behind_basic_auth_shows_the_worker_and_never_the_redis_password(
         assert task["args"] in {repr([request_id]) for request_id in sent}
         assert all(p.poll() is None for p in processes), "read-only Flower stopped a process"
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, 15)
-        for process in processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait(10)
+        stop_process_groups(processes)
         redis.stop()

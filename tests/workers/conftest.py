@@ -46,6 +46,19 @@ def wait_until(
         time.sleep(interval)
 
 
+
+def stop_process_groups(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process group started with ``start_new_session``; SIGKILL the ones that stay."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
 class RedisServer:
     """A redis-server of our own on a free port, which tests may stop and start again."""
 
