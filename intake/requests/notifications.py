@@ -303,6 +303,18 @@ def deliver(
 # -- sending one outbox notification -------------------------------------------------------------
 
 
+def _logged(outcome: str, task: str, outbox_id: int, **fields: Any) -> str:
+    """Log an outbox notification's final outcome as ``notification_<outcome>``; return it.
+
+    One line per notice sent or given up on, so a trace id followed from the web request ends
+    at its notification. Ids, the team, the channels and the error class only: never the
+    notice's text, never a recipient address.
+    """
+    emit = log.info if outcome == "sent" else log.error
+    emit(f"notification_{outcome}", task=task, outbox_id=outbox_id, **fields)
+    return outcome
+
+
 class RetryLater(Exception):
     """A channel failed and retries remain: the task should run again after ``countdown``."""
 
@@ -361,7 +373,7 @@ def send_outbox_notice(
     if request is None or team is None:
         outbox.mark_done(session, request_id, task, outbox_id, status="failed")
         session.commit()
-        return "failed"
+        return _logged("failed", task, outbox_id, request_id=request_id, error="no request or team")
     if language_need and request.language_need is None:
         # Someone who speaks the language took it before the notice went out.
         outbox.mark_done(session, request_id, task, outbox_id)
@@ -443,8 +455,15 @@ def send_outbox_notice(
         )
         outbox.mark_done(session, request_id, task, outbox_id, status="failed")
         session.commit()
-        log.error("notify_failed", reference=notice.reference, team=team.id)
-        return "failed"
+        return _logged(
+            "failed",
+            task,
+            outbox_id,
+            request_id=request_id,
+            reference=notice.reference,
+            team=team.id,
+            error=str(error),
+        )
     record_event(
         session,
         actor=actor,
@@ -454,7 +473,15 @@ def send_outbox_notice(
     )
     outbox.mark_done(session, request_id, task, outbox_id)
     session.commit()
-    return "sent"
+    return _logged(
+        "sent",
+        task,
+        outbox_id,
+        request_id=request_id,
+        reference=notice.reference,
+        team=team.id,
+        channels=channels,
+    )
 
 
 def send_account_alert(
@@ -490,7 +517,8 @@ def send_account_alert(
     session.rollback()  # hold no lock while talking to the outside world
     if not outbox.claim(session, outbox_id):
         return "skipped"
-    actor = "system:notify_account_alert"
+    task = "notify_account_alert"
+    actor = f"system:{task}"
     details = {"team": team.id, "alert": notice.alert, "user_id": user.id}
     try:
         channels = deliver(
@@ -515,14 +543,13 @@ def send_account_alert(
         )
         _mark_alert(session, outbox_id, "failed")
         session.commit()
-        log.error("account_alert_failed", alert=notice.alert)
-        return "failed"
+        return _logged("failed", task, outbox_id, **details, error=str(error))
     record_event(
         session, actor=actor, action="notification.sent", details={**details, "channels": channels}
     )
     _mark_alert(session, outbox_id, "done")
     session.commit()
-    return "sent"
+    return _logged("sent", task, outbox_id, **details, channels=channels)
 
 
 def _mark_alert(session: DbSession, outbox_id: int, status: str) -> None:

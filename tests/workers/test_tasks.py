@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 from intake.extensions import db
 from intake.models import AuditEvent, OutboxMessage, Request
@@ -56,7 +59,7 @@ def test_a_channel_failing_past_its_retries_is_recorded_and_stops(app, patient):
     from workers.tasks import NOTIFY_MAX_RETRIES, notify_team
 
     reference, request_id, outbox_id = routed(app, patient)
-    with app.app_context():
+    with app.app_context(), capture_logs() as logs:
         notify_team.apply(
             args=[request_id], kwargs={"outbox_id": outbox_id}, retries=NOTIFY_MAX_RETRIES
         )
@@ -72,6 +75,13 @@ def test_a_channel_failing_past_its_retries_is_recorded_and_stops(app, patient):
     assert status == "failed"
     assert failed.reference == reference and failed.outcome == "failure"
     assert row.status == "queued", "a failed notification never undoes the routing"
+    # The worker's log says it gave up, once, with ids and the error class: no address.
+    [given_up] = [line for line in logs if line["event"] == "notification_failed"]
+    assert given_up["log_level"] == "error" and given_up["task"] == "notify_team"
+    assert (given_up["request_id"], given_up["outbox_id"]) == (request_id, outbox_id)
+    assert given_up["reference"] == reference and given_up["error"].startswith("smtp: ")
+    assert "@" not in json.dumps(given_up, default=str)
+    assert not [line for line in logs if line["event"] == "notification_sent"]
 
 
 def test_routing_twice_is_a_no_op(app, patient):

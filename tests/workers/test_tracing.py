@@ -51,9 +51,9 @@ def test_the_trace_id_follows_a_request_into_its_tasks(
     wait_until(lambda: all_queued(app, [reference]), 30, message="routed")
     wait_until(lambda: len(mailbox.messages) >= 1, 30, message="the team's e-mail")
     wait_until(
-        lambda: "request_routed" in traced(worker.log_path, trace),
+        lambda: {"request_routed", "notification_sent"} <= traced(worker.log_path, trace),
         15,
-        message="the worker's lines carry the trace id",
+        message="the worker's lines carry the trace id, up to the notification sent",
     )
     web_log = Path(settings.data_dir) / "logs" / "intake.log"
     assert "submission_decision" in traced(web_log, trace)
@@ -64,6 +64,17 @@ def test_the_trace_id_follows_a_request_into_its_tasks(
         if line["event"] == "request_routed" and line.get(tracing.LOG_KEY) == trace
     ]
     assert [line["reference"] for line in routed] == [reference]
+    # The trace ends at the team's e-mail: one line for the notice sent, with its ids and
+    # channel, and not the team's address.
+    [sent] = [
+        line
+        for line in json_lines(worker.log_path)
+        if line["event"] == "notification_sent" and line.get(tracing.LOG_KEY) == trace
+    ]
+    assert sent["task"] == "notify_team" and sent["channels"] == ["email"]
+    assert sent["reference"] == reference and sent["request_id"] == routed[0]["request_id"]
+    assert isinstance(sent["outbox_id"], int) and sent["level"] == "info"
+    assert "@" not in json.dumps(sent)
     # The canary's PHI is in neither side's lines, trace ids or not.
     for path in (web_log, worker.log_path):
         assert not leaked(path.read_text(errors="replace")), path
