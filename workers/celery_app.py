@@ -1,8 +1,10 @@
 """Build the Celery app for a Flask app: tasks run in its app context, JSON only.
 
-Broker: ``INTAKE_REDIS_URL`` when set; otherwise a folder in the data folder, read and written
-through kombu's filesystem transport with whole-file writes (workers.embedded_broker), so a
-real worker process consumes real messages with no server installed.
+Broker: ``INTAKE_REDIS_URL`` when set, through kombu's Redis transport mended so that a worker
+that loses Redis reconnects (workers.redis_broker); otherwise a folder in the data folder, read
+and written through kombu's filesystem transport with whole-file writes
+(workers.embedded_broker), so a real worker process consumes real messages with no server
+installed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from flask import Flask
 from kombu import Queue
 
 from intake.ops.transport import redis_ssl_options
-from workers import embedded_broker
+from workers import embedded_broker, redis_broker
 
 embedded_broker.register()
+redis_broker.register()
 
 ROUTING_QUEUE = "routing"
 NOTIFICATIONS_QUEUE = "notifications"
