@@ -385,6 +385,22 @@ def intake_env(
     return env
 
 
+def migrate(env: dict[str, str], folder: Path) -> None:
+    """``intake db upgrade`` on the database ``env`` names."""
+    done = subprocess.run(  # noqa: S603
+        [str(BIN / "intake"), "db", "upgrade"], env=env, cwd=folder,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"intake db upgrade failed:\n{done.stderr[-3000:]}")
+
+
+def worker_argv(concurrency: int, *extra: str, app: str = "workers") -> list[str]:
+    """The Celery worker as compose runs it, with this run's concurrency (and ``extra``)."""
+    argv = [str(BIN / "celery"), "-A", app, "worker", "--loglevel", "INFO"]
+    return [*argv, "--concurrency", str(concurrency), *extra]
+
+
 def run_intake(target: str, args: argparse.Namespace, folder: Path, redis_url: str) -> Result:
     port = free_port()
     with contextlib.ExitStack() as stack:
@@ -393,18 +409,11 @@ def run_intake(target: str, args: argparse.Namespace, folder: Path, redis_url: s
         else:
             database_url = f"sqlite:///{folder / 'intake.sqlite3'}"
         env = intake_env(target, folder, redis_url, database_url, port)
-        migrate = subprocess.run(  # noqa: S603
-            [str(BIN / "intake"), "db", "upgrade"], env=env, cwd=folder,
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        if migrate.returncode != 0:
-            raise RuntimeError(f"intake db upgrade failed:\n{migrate.stderr[-3000:]}")
+        migrate(env, folder)
         argv = gunicorn_argv("intake:create_app()", port, args.web_workers, folder / "access.log")
         web = Process("web", argv, env, folder)
         stack.callback(web.stop)
-        worker_argv = [str(BIN / "celery"), "-A", "workers", "worker", "--loglevel", "INFO"]
-        worker_argv += ["--concurrency", str(args.worker_concurrency)]
-        workers = Process("worker", worker_argv, env, folder)
+        workers = Process("worker", worker_argv(args.worker_concurrency), env, folder)
         stack.callback(workers.stop)
         wait_until(
             lambda: http_ok(f"http://127.0.0.1:{port}/readyz") or not web.alive(), 90, "gunicorn"
@@ -594,6 +603,47 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu": model, "load_before": os.getloadavg()[0]}
 
 
+def print_logs(folder: Path, lines: int = 30) -> None:
+    """The end of every service's log in ``folder``, to stderr (a run failed)."""
+    for log in sorted(folder.glob("*.log")):
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        print(f"--- {log.name}\n{tail}", file=sys.stderr)
+
+
+def write_results(out: Path, name: str, table: str, report: dict[str, Any]) -> Path:
+    """Write ``<name>-<time>.md`` and ``.json`` into ``out``, print both; return the JSON's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"{name}-{stamp}.md").write_text(table)
+    path = out / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    print(json.dumps(report))
+    return path
+
+
+def plain_cell(value: Any) -> str:
+    """A figure as the tables show it: "–" for none, a list as sizes in MiB."""
+    if value is None:
+        return "–"
+    if isinstance(value, list):
+        return ", ".join(f"{v:.0f}" for v in value) + " MiB"
+    return f"{value}"
+
+
+def table_lines(
+    titles: list[str],
+    rows: list[tuple[str, str]],
+    columns: list[str],
+    cell: Callable[[str, str], str],
+) -> list[str]:
+    """A Markdown table: one column per target, one row per (label, figure's name)."""
+    lines = ["| | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
+    for label, name in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(c, name) for c in columns) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     results = {r["target"]: r for r in report["results"]}
     bare = results.get("bare")
@@ -618,12 +668,7 @@ def markdown(report: dict[str, Any]) -> str:
                 return f"{total:.2f} ms"
             web = ratio(r["web_cpu_ms"], bare["web_cpu_ms"] if bare else None)
             return f"web {r['web_cpu_ms']:.2f}{web} + worker {r['worker_cpu_ms']:.2f} ms"
-        value = r.get(name)
-        if value is None:
-            return "–"
-        if isinstance(value, list):
-            return ", ".join(f"{v:.0f}" for v in value) + " MiB"
-        return f"{value}"
+        return plain_cell(r.get(name))
 
     rows = [
         ("accepted submissions/s", "accepted_per_s"),
@@ -646,11 +691,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['settings']['web_workers']}, Celery --concurrency "
         f"{report['settings']['worker_concurrency']}.",
         "",
-        "| | " + " | ".join(title[c] for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        *table_lines([title[c] for c in columns], rows, columns, cell),
     ]
-    for label, name in rows:
-        lines.append(f"| {label} | " + " | ".join(cell(c, name) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -705,22 +747,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = run_intake(target, args, run_folder, redis_url)
             except Exception:
-                for log in sorted(run_folder.glob("*.log")):
-                    print(
-                        f"--- {log.name}\n"
-                        + "\n".join(log.read_text(errors="replace").splitlines()[-30:]),
-                        file=sys.stderr,
-                    )
+                print_logs(run_folder)
                 raise
             report["results"].append(result.as_dict())
             print(json.dumps(result.as_dict()), file=sys.stderr, flush=True)
-    table = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (args.out / f"pipeline-{stamp}.md").write_text(table)
-    (args.out / f"pipeline-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(table)
-    print(json.dumps(report))
+    write_results(args.out, "pipeline", markdown(report), report)
     return 0
 
 
