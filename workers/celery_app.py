@@ -10,11 +10,13 @@ installed.
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import (
     beat_init,
     task_postrun,
@@ -90,6 +92,12 @@ def celery_init_app(flask_app: Flask) -> Celery:
         task_publish_retry=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=2,
+        # On a lost broker connection, let running tasks finish rather than cancel them: a
+        # routing commits during a Redis outage (the patient's request reaches its queue), a
+        # notice already handed to the mail server is not cut off half-way, and the ack that
+        # cannot be sent only means one idempotent redelivery. Set explicitly, the choice is
+        # ours, not Celery 6's changed default (its warning is silenced once the worker is ready).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         beat_schedule_filename=str((Path(settings.data_dir) / "celerybeat-schedule").resolve()),
@@ -183,6 +191,14 @@ def _unbind_trace(**_kwargs: object) -> None:
 def _worker_ready(**_kwargs: object) -> None:
     from intake.ops import readiness
 
+    # Celery warns on every lost broker connection that the default of
+    # worker_cancel_long_running_tasks_on_connection_loss changes in 6.0; we set it. Its
+    # logging set-up turns its own warnings to "always", so this comes after it.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"\s*In Celery 5\.1 we introduced an optional breaking change",
+        category=CPendingDeprecationWarning,
+    )
     readiness.mark_ready("worker")
 
 
