@@ -56,8 +56,17 @@ def find_data_dir(env: Mapping[str, str], cwd: Path) -> Path | None:
 
 
 def asks_only_for_help(args: Sequence[str]) -> bool:
-    """``intake``, ``intake --help`` or ``intake CMD --help``: nothing runs but the help text."""
-    return not args or "--help" in args
+    """``intake``, ``intake --help`` or ``intake CMD --help``: nothing runs but the help text.
+
+    Only command words may come before ``--help``: after an option (``--display-name --help``)
+    or after ``--`` it is a value, and the command runs for real, so it must not be given a
+    throwaway data folder and keyring.
+    """
+    if not args:
+        return True
+    if "--help" not in args:
+        return False
+    return not any(word.startswith("-") for word in args[: args.index("--help")])
 
 
 def _embedded() -> bool:
@@ -66,16 +75,21 @@ def _embedded() -> bool:
 
 def main() -> None:
     args = sys.argv[1:]
-    if asks_only_for_help(args) and _embedded() and find_data_dir(os.environ, Path.cwd()) is None:
+    if asks_only_for_help(args):
         # Listing the commands builds the app, and an app with no data folder would generate
-        # one, with new keys, wherever the help was asked for. Give it a throwaway folder and
-        # throwaway secrets instead: nothing is left behind and nothing is announced.
+        # one, with new keys, wherever the help was asked for; the production profile would
+        # refuse to build without its secrets. The commands are the same in every profile, so
+        # help is built from a throwaway embedded installation: it reads and writes nothing of a
+        # real one (not its keys, not its database) and announces nothing.
         from intake.crypto.phi import Keyring
 
         with tempfile.TemporaryDirectory(prefix="intake-help-") as scratch:
+            for name in [name for name in os.environ if name.startswith("INTAKE_")]:
+                if name != "INTAKE_LOG_LEVEL":
+                    del os.environ[name]
             os.environ["INTAKE_DATA_DIR"] = scratch
-            os.environ.setdefault("INTAKE_SECRET_KEY", os.urandom(32).hex())
-            os.environ.setdefault("INTAKE_KEYRING", Keyring.generate().to_json())
+            os.environ["INTAKE_SECRET_KEY"] = os.urandom(32).hex()
+            os.environ["INTAKE_KEYRING"] = Keyring.generate().to_json()
             cli(prog_name="intake")
         return
     command = args[0] if args else ""
