@@ -129,7 +129,10 @@ class ConsentAcceptance(db.Model):  # type: ignore[name-defined]
     __tablename__ = "consent_acceptances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    # Indexed: the request page reads a request's consents by it.
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True
+    )
     document: Mapped[str] = mapped_column(String(32))
     version: Mapped[str] = mapped_column(String(32))
     language: Mapped[str] = mapped_column(String(8))
