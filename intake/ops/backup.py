@@ -93,6 +93,23 @@ DAMAGED = (
     "found {found}); nothing was restored"
 )
 NOT_RECORDED = "the {action} audit event could not be written ({error})"
+SAME_MOMENT = (
+    "{final} already exists or is being made by another backup; wait a second or choose "
+    "another --out"
+)
+BESIDE_THE_KEYS = (
+    "--out {out} is inside the data folder {data_dir}, beside the keyring: a backup must be "
+    "kept apart from the keys (whoever holds both reads every patient's PHI); choose a folder "
+    "outside it"
+)
+SYMLINK = (
+    "damaged backup: {name} is a symbolic link, not a file of the backup; nothing was restored"
+)
+NEWER_SCHEMA = (
+    "the backup's database is at revision {revision}, which this version of Intake does not "
+    "know (a newer Intake made it); upgrade Intake to that version or newer, then restore; "
+    "nothing was restored"
+)
 
 
 class BackupError(RuntimeError):
@@ -440,13 +457,22 @@ def create_backup(
     url = settings.effective_database_url
     kind = database_kind(url)
     moment = (clock or (lambda: datetime.now(UTC)))()
+    _check_out_dir(settings, Path(out_dir))
     final = Path(out_dir) / f"{FOLDER_PREFIX}{moment.strftime('%Y%m%dT%H%M%SZ')}"
     if final.exists():
-        raise BackupError(f"{final} already exists; wait a second or choose another --out")
+        raise BackupError(SAME_MOMENT.format(final=final))
     Path(out_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(mode=0o700)
+    # Exclusive: a .partial that exists is another backup of this second being made (never
+    # remove it), and once ours is made, checking ``final`` again sees one that finished
+    # meanwhile. So two backups never share a folder, nor an event for one folder.
+    try:
+        partial.mkdir(mode=0o700)
+    except FileExistsError:
+        raise BackupError(SAME_MOMENT.format(final=final)) from None
+    if final.exists():
+        partial.rmdir()
+        raise BackupError(SAME_MOMENT.format(final=final))
     try:
         result = _fill(settings, partial, kind, url, moment)
         total = sum(f["bytes"] for f in result.manifest["files"].values())
@@ -480,6 +506,14 @@ def create_backup(
         event_seq=result.event_seq,
     )
     return result
+
+
+def _check_out_dir(settings: Settings, out_dir: Path) -> None:
+    """Refuse an --out in the data folder, where the keyring and the other secrets live."""
+    data_dir = Path(settings.data_dir).resolve()
+    out = out_dir.resolve()
+    if out == data_dir or data_dir in out.parents:
+        raise BackupError(BESIDE_THE_KEYS.format(out=out_dir, data_dir=settings.data_dir))
 
 
 def _fill(settings: Settings, folder: Path, kind: str, url: str, moment: datetime) -> BackupResult:
@@ -583,6 +617,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if name not in KNOWN_FILES or not isinstance(entry, dict):
             raise BackupError(f"damaged backup: the manifest lists an unknown file {name!r}")
         path = folder / name
+        if path.is_symlink():
+            # Its sha256 is the target's: a link to the keyring or /etc/passwd would be restored.
+            raise BackupError(SYMLINK.format(name=name))
         if not path.is_file():
             raise BackupError(f"damaged backup: {name} is missing; nothing was restored")
         found = sha256_of(path)
@@ -604,6 +641,20 @@ class RestoreResult:
     event_seq: int | None = None
 
 
+def known_revisions() -> set[str]:
+    """The alembic revisions of this version's migrations."""
+    from alembic.script import ScriptDirectory
+
+    migrations = Path(__file__).resolve().parents[1] / "migrations"
+    return {script.revision for script in ScriptDirectory(str(migrations)).walk_revisions()}
+
+
+def _check_revision_known(revision: object) -> None:
+    """Refuse a backup whose schema is newer than this code: the app could not run on it."""
+    if revision is not None and revision not in known_revisions():
+        raise BackupError(NEWER_SCHEMA.format(revision=revision))
+
+
 def restore_backup(
     settings: Settings,
     folder: Path,
@@ -623,6 +674,7 @@ def restore_backup(
     started = time.monotonic()
     folder = Path(folder)
     manifest = read_manifest(folder)  # before anything is touched
+    _check_revision_known(manifest.get("alembic_revision"))
     kind = database_kind(database_url)
     if kind != manifest["database"]["kind"]:
         raise BackupError(
