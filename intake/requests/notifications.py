@@ -11,6 +11,8 @@ role, the reference and a link to the review page. Not the typed reason, not the
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import smtplib
 import urllib.request
@@ -252,17 +254,29 @@ def send_email(
 
 
 def send_webhook(url: str, notice: Deliverable) -> None:
+    """POST ``notice`` to an https webhook; ``https://user:password@host/...`` is Basic auth.
+
+    Why the credentials are taken out of the URL: urllib would take ``password@host`` for the
+    host and fail with an InvalidURL quoting it, into the worker's log. Errors are reported by
+    class only, never with the URL.
+    """
     if not url.startswith("https://"):
         raise NotificationError("webhooks must use https")
+    headers = {"Content-Type": "application/json"}
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     data = json.dumps(notice.as_json()).encode()
     request = urllib.request.Request(  # noqa: S310 - scheme checked above
-        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+        url, data=data, method="POST", headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT_SECONDS) as response:  # noqa: S310
             if response.status >= 300:
                 raise NotificationError(f"webhook answered {response.status}")
-    except OSError as error:
+    except (OSError, http.client.HTTPException, ValueError) as error:
         raise NotificationError(f"webhook: {type(error).__name__}") from error
 
 

@@ -25,10 +25,11 @@ def settings(base_settings, database_url, tmp_path):
     )
 
 
-def routed(app, patient) -> tuple[str, str, int]:
+def routed(app, patient, **fields) -> tuple[str, str, int]:
+    """A contact request (``fields`` over the defaults) submitted and routed; its outbox row."""
     from workers.tasks import route_request
 
-    reference = reference_from(patient.contact(topic="copay"))
+    reference = reference_from(patient.contact(**{"topic": "copay", **fields}))
     with app.app_context():
         request_id = db.session.execute(
             sa.select(Request.id).where(Request.reference == reference)
