@@ -166,7 +166,11 @@ class OutboxMessage(db.Model):  # type: ignore[name-defined]
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ix_outbox_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_outbox_status_id", "status", "id"),
+        # Routing and notices close a request's rows by it (intake.requests.outbox.mark_done).
+        Index("ix_outbox_request_task", "request_id", "task"),
+    )
 
 
 class AuditEvent(db.Model):  # type: ignore[name-defined]

@@ -166,8 +166,10 @@ def record_event(
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
-    _lock_chain(session)
+    # The caller's pending writes go first: the chain's lock, taken next, is held until commit,
+    # and every writer of the trail waits on it.
     session.flush()
+    _lock_chain(session)
     last = session.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()

@@ -667,13 +667,6 @@ def route_request(
         )
     elif table.teams[plan.team].assigns:
         details["assignment"] = table.teams[plan.team].assignment
-    record_event(
-        session,
-        actor=f"system:{ROUTE_TASK}",
-        action="request.routed",
-        reference=row.reference,
-        details=details,
-    )
     outbox.mark_done(session, request_id, ROUTE_TASK)
     # Published by the caller after commit (Routed.outgoing), so written as published now.
     message = outbox.enqueue(session, request_id, NOTIFY_TASK, published_by_caller=True)
@@ -683,6 +676,15 @@ def route_request(
         else None
     )
     session.flush()
+    # Last: the event takes the audit chain's lock, held until commit, so the other writes of
+    # this transaction are done before it and the lock is held for the event alone.
+    record_event(
+        session,
+        actor=f"system:{ROUTE_TASK}",
+        action="request.routed",
+        reference=row.reference,
+        details=details,
+    )
     routed = Routed(
         row.reference,
         plan.team,
