@@ -200,6 +200,17 @@ class AuditEvent(db.Model):  # type: ignore[name-defined]
     )
 
 
+class AuditListing(db.Model):  # type: ignore[name-defined]
+    """One reference a queue view or search listed, and its event (see intake.audit.listings)."""
+
+    __tablename__ = "audit_listings"
+
+    reference: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # No foreign key: events are never deleted, and one would put system triggers on
+    # audit_events and a lookup in every listing's insert.
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+
+
 class Team(db.Model):  # type: ignore[name-defined]
     """A team of pharmacy staff; its id matches a team of the routing file."""
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, case, func, literal, select, text, type_coerce
 
-from intake.audit import anchor
+from intake.audit import anchor, listings
 from intake.clock import utcnow
 from intake.extensions import DbSession
 from intake.models import AuditEvent
@@ -174,6 +174,7 @@ def record_event(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
     seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+    checked = _check_details(details or {})
     event = AuditEvent(
         seq=seq,
         created_at=utcnow(),
@@ -182,13 +183,14 @@ def record_event(
         action=action,
         reference=reference,
         outcome=outcome,
-        details=json.dumps(_check_details(details or {}), sort_keys=True, separators=(",", ":")),
+        details=json.dumps(checked, sort_keys=True, separators=(",", ":")),
         ip_hmac=ip_hmac,
         prev_hash=prev_hash,
     )
     event.hash = event_hash(prev_hash, event)
     session.add(event)
     session.flush()
+    listings.record_listing(session, seq, listings.listed_references(action, reference, checked))
     # Still under the writers' lock: the (seq, hash) is durable outside the database before
     # this transaction can commit (intake.audit.anchor).
     anchor.prepare_event(session, seq, event.hash, (seq - 1, prev_hash))

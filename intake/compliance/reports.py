@@ -34,8 +34,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from intake.audit.anomalies import HourCount
+from intake.audit.listings import LISTING_ACTIONS
 from intake.extensions import DbSession
-from intake.models import OPEN_STATUSES, AuditEvent, Request, User
+from intake.models import OPEN_STATUSES, AuditEvent, AuditListing, Request, User
 
 PAGE = 100
 SEQ_MAX = 2**63 - 1  # audit_events.seq is a BIGINT; a larger number cannot even be asked about
@@ -74,8 +75,6 @@ PHI_VIEW = and_(
 LIST_VIEW = and_(AuditEvent.action == "phi.viewed", AuditEvent.reference.is_(None))
 SEARCH_RESULT = AuditEvent.action == "request.searched"
 BREAK_GLASS = and_(AuditEvent.action == "phi.break_glass", AuditEvent.outcome == "success")
-# Events that list many requests and name them in their details rather than in ``reference``.
-LISTING_ACTIONS = ("phi.viewed", "request.searched")
 KINDS_OF_EVENT = {
     "phi_view": "PHI view",
     "list_view": "queue list view",
@@ -139,15 +138,28 @@ def action_name(action: str, details: dict[str, Any] | None = None) -> str:
     return ACTION_NAMES.get(action, action)
 
 
-def names_reference(reference: str) -> ColumnElement[bool]:
-    """The events that name ``reference``: as their target, or among the requests a queue page
-    or a search listed (their details hold the references shown, never the search terms)."""
-    return or_(
-        AuditEvent.reference == reference,
-        and_(
-            AuditEvent.reference.is_(None),
-            AuditEvent.action.in_(LISTING_ACTIONS),
-            AuditEvent.details.contains(f'"{reference}"', autoescape=True),
+def names_reference(reference: str | list[str]) -> ColumnElement[bool]:
+    """The events that name ``reference`` (or any of several): as their target, or among the
+    requests a queue page or a search listed (their details hold the references shown, never
+    the search terms).
+
+    The events are found by seq through two indexes, ``ix_audit_events_reference_seq`` and
+    the listings index (intake.audit.listings), never by reading details. Each event found is
+    then held against itself, reference or details, so an index row that does not match its
+    event (added by hand) names nothing.
+    """
+    references = [reference] if isinstance(reference, str) else list(reference)
+    named = select(AuditEvent.seq).where(AuditEvent.reference.in_(references))
+    listed = select(AuditListing.seq).where(AuditListing.reference.in_(references))
+    return and_(
+        AuditEvent.seq.in_(named.union(listed)),
+        or_(
+            AuditEvent.reference.in_(references),
+            and_(
+                AuditEvent.reference.is_(None),
+                AuditEvent.action.in_(LISTING_ACTIONS),
+                or_(*(AuditEvent.details.contains(f'"{r}"', autoescape=True) for r in references)),
+            ),
         ),
     )
 
@@ -687,9 +699,7 @@ def request_events(session: DbSession, references: list[str]) -> list[AuditRow]:
     if not references:
         return []
     query = (
-        audit_query(AuditFilter())
-        .where(or_(*(names_reference(r) for r in references)))
-        .order_by(AuditEvent.seq.asc())
+        audit_query(AuditFilter()).where(names_reference(references)).order_by(AuditEvent.seq.asc())
     )
     return [_audit_row(row) for row in session.execute(query).all()]
 

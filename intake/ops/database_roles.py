@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 # Tables the app may only read and append to.
-APPEND_ONLY_TABLES = ("audit_events",)
+# audit_listings is the trail's index of listed references (intake.audit.listings).
+APPEND_ONLY_TABLES = ("audit_events", "audit_listings")
 # Tables the app may only read: Alembic's record of the schema version.
 READ_ONLY_TABLES = ("alembic_version",)
 FULL_DML = ("SELECT", "INSERT", "UPDATE", "DELETE")
