@@ -9,6 +9,11 @@ between machines and versions; events per second depend on the machine.
     .venv/bin/python bench/audit_verify.py                      # 300,000 events, SQLite
     .venv/bin/python bench/audit_verify.py --postgres           # and the local PostgreSQL
     .venv/bin/python bench/audit_verify.py --events 1000000 --postgres postgresql+psycopg://...
+    .venv/bin/python bench/audit_verify.py --listing-every 20   # a queue view of 25 every 20th
+
+Verify holds ``audit_listings`` against the listing events' details in the same pass; with
+``--listing-every N`` every Nth event is a queue view listing LISTED references, indexed as
+record_event indexes it, so the cost of that cross-check shows.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from intake.audit.chain import (
     event_hash,
     verify_chain,
 )
-from intake.models import AuditEvent
+from intake.audit.listings import listed_references
+from intake.models import AuditEvent, AuditListing
 
 DEFAULT_POSTGRES = os.environ.get(
     "INTAKE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -53,15 +59,22 @@ ACTIONS = (
     ("user.login", "staff:31", "compliance"),
 )
 INSERT_BATCH = 5_000
+LISTED = 25  # references on one queue page in the --listing-every events
 
 
-def fake_events(count: int) -> Iterator[dict[str, Any]]:
+def fake_events(count: int, listing_every: int = 0) -> Iterator[dict[str, Any]]:
     """Events shaped like the real trail (no PHI exists here either), hashed as the writer does."""
     prev = GENESIS_HASH
     start = datetime(2026, 1, 1, tzinfo=UTC)
     for seq in range(1, count + 1):
         action, actor, role = ACTIONS[seq % len(ACTIONS)]
         details: dict[str, Any] = {"team": "ivig-es" if seq % 3 else "specialty"}
+        queue_view = listing_every > 0 and seq % listing_every == 0
+        if queue_view:
+            action, actor, role = "phi.viewed", "staff:17", "staff"
+            details["references"] = [
+                f"R-{(seq + i) % 9000 + 1000:04d}-Q9P{i % 10}" for i in range(LISTED)
+            ]
         if action == "request.status_changed":
             details |= {"from": "queued", "to": "in_progress"}
         if action == "note.added":
@@ -72,7 +85,9 @@ def fake_events(count: int) -> Iterator[dict[str, Any]]:
             actor=actor,
             actor_role=role,
             action=action,
-            reference=f"R-{seq % 9000 + 1000:04d}-Q9P{seq % 10}" if actor != "staff:31" else None,
+            reference=None
+            if queue_view or actor == "staff:31"
+            else f"R-{seq % 9000 + 1000:04d}-Q9P{seq % 10}",
             outcome="success",
             details=json.dumps(details, sort_keys=True, separators=(",", ":")),
             ip_hmac=hashlib.sha256(str(seq % 50).encode()).hexdigest() if role else None,
@@ -82,25 +97,35 @@ def fake_events(count: int) -> Iterator[dict[str, Any]]:
         yield vars(event)
 
 
-def fill(engine: sa.Engine, count: int) -> None:
+def fill(engine: sa.Engine, count: int, listing_every: int = 0) -> None:
     table = AuditEvent.__table__
+    listing_table = AuditListing.__table__
     table.create(engine)  # type: ignore[attr-defined]
+    listing_table.create(engine)  # type: ignore[attr-defined]
     with engine.begin() as conn:
         batch: list[dict[str, Any]] = []
-        for row in fake_events(count):
+        listed: list[dict[str, Any]] = []
+        for row in fake_events(count, listing_every):
             batch.append(row)
+            refs = listed_references(row["action"], row["reference"], json.loads(row["details"]))
+            listed.extend({"reference": r, "seq": row["seq"]} for r in refs)
             if len(batch) == INSERT_BATCH:
                 conn.execute(table.insert(), batch)  # type: ignore[attr-defined]
-                batch = []
+                if listed:
+                    conn.execute(listing_table.insert(), listed)  # type: ignore[attr-defined]
+                batch, listed = [], []
         if batch:
             conn.execute(table.insert(), batch)  # type: ignore[attr-defined]
+        if listed:
+            conn.execute(listing_table.insert(), listed)  # type: ignore[attr-defined]
         if engine.dialect.name == "postgresql":
             conn.exec_driver_sql("ANALYZE audit_events")
+            conn.exec_driver_sql("ANALYZE audit_listings")
 
 
 def run_verify(engine: sa.Engine) -> int:
     with Session(engine) as session:
-        report = verify_chain(session)
+        report = verify_chain(session, with_listings=True)
         if not report.ok:
             raise SystemExit(f"verify failed on a clean chain: {report}")
         return report.events
@@ -159,9 +184,11 @@ def postgres_engine(url: str) -> Iterator[sa.Engine]:
         admin.dispose()
 
 
-def measure(label: str, engine: sa.Engine, count: int, repeat: int) -> dict[str, Any]:
+def measure(
+    label: str, engine: sa.Engine, count: int, repeat: int, listing_every: int = 0
+) -> dict[str, Any]:
     started = time.perf_counter()
-    fill(engine, count)
+    fill(engine, count, listing_every)
     filled = time.perf_counter() - started
     run_baseline(engine)  # warm the caches for both
     verify_s, verified = best_of(repeat, lambda: run_verify(engine))
@@ -210,16 +237,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help="also measure PostgreSQL (a server URL; a temporary database is made and dropped)",
     )
+    parser.add_argument(
+        "--listing-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"make every Nth event a queue view listing {LISTED} requests (default: none)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1:
         parser.error("--events and --repeat must be at least 1")
     results = []
     with sqlite_engine() as engine:
-        results.append(measure("sqlite", engine, args.events, args.repeat))
+        results.append(measure("sqlite", engine, args.events, args.repeat, args.listing_every))
     if args.postgres:
         with postgres_engine(args.postgres) as engine:
-            results.append(measure("postgresql", engine, args.events, args.repeat))
+            results.append(
+                measure("postgresql", engine, args.events, args.repeat, args.listing_every)
+            )
     print_table(results)
     if args.json:
         print(json.dumps(results))

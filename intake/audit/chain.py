@@ -21,19 +21,31 @@ of intake.audit.checkpoints when given them, and names the first bad seq and wha
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, case, func, literal, select, text, type_coerce
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    and_,
+    case,
+    func,
+    literal,
+    select,
+    text,
+    type_coerce,
+)
 
 from intake.audit import anchor, listings
 from intake.clock import utcnow
 from intake.extensions import DbSession
-from intake.models import AuditEvent
+from intake.models import AuditEvent, AuditListing
 
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the PostgreSQL advisory lock that serializes chain writers.
@@ -295,13 +307,54 @@ def _row_hash(prev_hash: str, *fields: Any) -> str:
     return hashlib.sha256(f"{prev_hash}\n{_canonical(*fields)}".encode()).hexdigest()
 
 
+def _listing_problem(
+    seq: int, action: str, reference: str | None, details: str, stored: set[str]
+) -> str | None:
+    """What is wrong with event ``seq``'s rows in ``audit_listings`` (``stored``), if anything."""
+    try:
+        parsed = json.loads(details)
+    except ValueError:
+        parsed = None
+    expected = set(
+        listings.listed_references(action, reference, parsed if isinstance(parsed, dict) else {})
+    )
+    if stored == expected:
+        return None
+    missing, extra = sorted(expected - stored), sorted(stored - expected)
+    if missing:
+        return (
+            f"listings index does not match event {seq}: it lists {', '.join(missing)} "
+            "but audit_listings has no row for that (rows deleted)"
+        )
+    return (
+        f"listings index does not match event {seq}: audit_listings names {', '.join(extra)}, "
+        "which the event does not list (rows added)"
+    )
+
+
+_NO_LISTING = (2**63, "")  # past any seq: the listings stream is exhausted
+
+
 def _verify_rows(
     rows: Iterator[Row],
     claims: Sequence[CheckpointClaim] | None,
     start: tuple[int, str] = (0, GENESIS_HASH),
+    listed: Iterator[tuple[int, str]] | None = None,
+    first_orphan: Callable[[list[int]], int | None] | None = None,
 ) -> ChainReport:
-    """Recompute the chain over ``rows`` and hold it against every trustworthy checkpoint."""
+    """Recompute the chain over ``rows`` and hold it against every trustworthy checkpoint.
+
+    ``listed``, the ``audit_listings`` rows (seq, reference) in seq order, is merged with the
+    events as they stream by: each listing event's references are derived from its details the
+    way record_event derived them, and any row missing or extra is named at its event. Rows
+    left past the chain's end go to ``first_orphan``, which names the first that has no event.
+    """
     trusted, file_finding = _claims_in_order(claims or ())
+    listing_actions = frozenset(listings.LISTING_ACTIONS)
+    check_listings = listed is not None
+    listed = listed if listed is not None else iter(())
+    next_listed, next_listed_ref = next(listed, _NO_LISTING)
+    listing_finding: _Finding | None = None
     marks = iter(trusted)
     mark = next(marks, None)
     mark_seq = mark.seq if mark else -1
@@ -343,6 +396,19 @@ def _verify_rows(
                 mark_seq = mark.seq if mark else -1
             if action == CHECKPOINT_ACTION:
                 named.append((seq, details))
+            if check_listings and (action in listing_actions or seq >= next_listed):
+                if next_listed < seq:
+                    # A row for a seq the chain skipped over cannot be; the chain would break.
+                    listing_finding = listing_finding or (next_listed, _orphan(next_listed))
+                    while next_listed < seq:
+                        next_listed, next_listed_ref = next(listed, _NO_LISTING)
+                stored: set[str] = set()
+                while next_listed == seq:
+                    stored.add(next_listed_ref)
+                    next_listed, next_listed_ref = next(listed, _NO_LISTING)
+                problem = _listing_problem(seq, action, ref, details, stored)
+                if problem is not None and listing_finding is None:
+                    listing_finding = (seq, problem)
             prev_seq, prev_hash = seq, row_hash
     except (TypeError, AttributeError):
         # A column holding a value of the wrong type (SQLite stores what it is given).
@@ -350,6 +416,14 @@ def _verify_rows(
     findings: list[_Finding] = []
     if file_finding:
         findings.append(file_finding)
+    if check_listings and chain_finding is None and next_listed < _NO_LISTING[0]:
+        assert first_orphan is not None
+        beyond = sorted({next_listed, *(seq for seq, _reference in listed)})
+        orphan = first_orphan(beyond)
+        if orphan is not None:
+            listing_finding = listing_finding or (orphan, _orphan(orphan))
+    if listing_finding:
+        findings.append(listing_finding)
     if chain_finding:
         findings.append(chain_finding)
     elif mark is not None:
@@ -368,6 +442,10 @@ def _verify_rows(
     # Report the earliest damage; a line that names no seq only when nothing else is wrong.
     first_seq, problem = min(findings, key=lambda f: float("inf") if f[0] is None else f[0])
     return ChainReport(False, count, first_seq, problem, prev_seq, prev_hash, matched)
+
+
+def _orphan(seq: int) -> str:
+    return f"listings index names event {seq}, which the chain does not hold (rows added)"
 
 
 def _unfiled_checkpoints(
@@ -458,22 +536,33 @@ def stored_row_columns(session: DbSession) -> tuple[ColumnElement[Any], ...]:
 def _stored_rows(session: DbSession, after_seq: int) -> Generator[Row, None, None]:
     """Stream the chain's raw rows after ``after_seq`` (a server-side cursor on PostgreSQL)."""
     c = AuditEvent.__table__.c
-    statement = (
-        select(*stored_row_columns(session))
-        .where(c.seq > after_seq)
-        .order_by(c.seq)
-    )
+    statement = select(*stored_row_columns(session)).where(c.seq > after_seq).order_by(c.seq)
+    return _stream(session, statement, f"intake_audit_verify_{after_seq}")
+
+
+def _listing_rows(session: DbSession, after_seq: int) -> Generator[Any, None, None]:
+    """Stream ``audit_listings`` as (seq, reference) after ``after_seq``, in seq order (all of
+    it from the start: a row at seq 0 or below names no event either)."""
+    c = AuditListing.__table__.c
+    statement = select(c.seq, c.reference).order_by(c.seq)
+    if after_seq:
+        statement = statement.where(c.seq > after_seq)
+    return _stream(session, statement, f"intake_audit_listings_{after_seq}")
+
+
+def _stream(session: DbSession, statement: Select[Any], name: str) -> Generator[Any, None, None]:
+    """Rows of ``statement`` straight from the driver, in the session's transaction."""
     connection = session.connection()
     compiled = statement.compile(dialect=connection.dialect)
     params = compiled.construct_params()
-    args = [params[name] for name in compiled.positiontup or ()] if compiled.positional else params
+    args = [params[key] for key in compiled.positiontup or ()] if compiled.positional else params
     driver = connection.connection.dbapi_connection
     assert driver is not None
-    # Rows straight from the driver, in the session's transaction: building SQLAlchemy rows
-    # would cost more than hashing them. On PostgreSQL a named (server-side) cursor keeps the
-    # memory flat however long the chain is.
+    # Rows straight from the driver: building SQLAlchemy rows would cost more than hashing
+    # them. On PostgreSQL a named (server-side) cursor keeps the memory flat however long the
+    # chain is.
     if connection.dialect.name == "postgresql":
-        cursor = driver.cursor(name=f"intake_audit_verify_{after_seq}")
+        cursor = driver.cursor(name=name)
     else:
         cursor = driver.cursor()
     try:
@@ -489,11 +578,17 @@ def verify_chain(
     checkpoints: Sequence[CheckpointClaim] | None = None,
     *,
     after: tuple[int, str] | None = None,
+    with_listings: bool = False,
 ) -> ChainReport:
     """Verify the chain stored in the database, against ``checkpoints`` when given.
 
     ``after`` is a (seq, hash) already proven, for instance by the last checkpoint: only the
     events after it are read, once the event at that seq is found to still carry that hash.
+
+    ``with_listings`` also holds ``audit_listings`` against the events' details, in the same
+    pass (intake.audit.listings). Why: the table is not hashed, so a database owner who deletes
+    a reference's rows hides a queue view from that patient's access report while the chain
+    stays intact; this names the first event whose rows are missing or extra.
     """
     start = (0, GENESIS_HASH) if after is None else after
     if start[0]:
@@ -502,7 +597,37 @@ def verify_chain(
             problem = "missing event" if stored is None else "chain does not match the checkpoint"
             return ChainReport(False, 0, start[0], problem)
     rows = _stored_rows(session, start[0])
+    listed = None
     try:
+        if with_listings:
+            # The events' query runs first, so under READ COMMITTED the listings' (later)
+            # snapshot holds the rows of every event read: each event and its rows commit
+            # together. Rows of events committed in between sort after the chain's end.
+            first = next(rows, None)
+            listed = _listing_rows(session, start[0])
+            return _verify_rows(
+                itertools.chain(() if first is None else (first,), rows),
+                checkpoints,
+                start,
+                listed,
+                lambda seqs: _first_without_event(session, seqs),
+            )
         return _verify_rows(rows, checkpoints, start)
     finally:
         rows.close()
+        if listed is not None:
+            listed.close()
+
+
+def _first_without_event(session: DbSession, seqs: list[int]) -> int | None:
+    """The first of ``seqs`` (listing rows past the chain read) that no event holds now.
+
+    Rows of an event committed after the chain was read are fine; rows of no event are not.
+    """
+    for at in range(0, len(seqs), 1000):
+        chunk = seqs[at : at + 1000]
+        held = set(session.scalars(select(AuditEvent.seq).where(AuditEvent.seq.in_(chunk))))
+        orphan = next((seq for seq in chunk if seq not in held), None)
+        if orphan is not None:
+            return orphan
+    return None

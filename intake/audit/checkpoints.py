@@ -586,7 +586,7 @@ def verify_trail(
     # next holds them, even while another process appends a checkpoint.
     lines = read_lines(path, trusted_verifiers(settings))
     claims = [claim for claim, _head in lines]
-    report = verify_chain(session, claims)
+    report = verify_chain(session, claims, with_listings=True)
     report = _check_roots(session, report, [head for _claim, head in lines if head is not None])
     seqs = [claim.seq for claim in claims if claim.seq is not None]
     last_seq = max(seqs) if seqs else None

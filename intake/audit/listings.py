@@ -12,8 +12,8 @@ still checks each event it finds against the event itself (``compliance.reports`
 added by hand cannot make an event name a reference its details do not list. The table is
 append-only like the trail (triggers; the app role may only SELECT and INSERT), so only the
 schema's owner could delete a row, and that would hide one listing from the filtered views
-only: the event stays in the chain, in the unfiltered search and in ``intake audit verify``
-(which does not yet hold this table against the details; see docs/audit-trail.md).
+only, and ``intake audit verify`` names the event whose rows are missing or extra (it holds this
+table against the details in its pass over the chain: intake.audit.chain.verify_chain).
 """
 
 from __future__ import annotations
