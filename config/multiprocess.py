@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -28,6 +29,13 @@ def prepare_multiprocess_dir(purpose: str) -> str:
         # Removed when the process that made it exits; forked children (gunicorn's workers,
         # Celery's pool) inherit this handler and must leave the shared folder alone.
         atexit.register(_remove_if_owner, folder, os.getpid())
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        # Imported already, so it chose in-process values: Flower, installed as a `celery`
+        # command plugin, imports prometheus_client when the Celery CLI starts, before
+        # `-A workers` gets here. Metrics made from now on (all of Intake's) must still count
+        # into the folder, or the worker's metrics port never sees its pool's counts.
+        values.ValueClass = values.get_value_class()
     return os.environ[ENV]
 
 
