@@ -29,8 +29,9 @@ def prepare_multiprocess_dir(purpose: str) -> str:
         # Removed when the process that made it exits; forked children (gunicorn's workers,
         # Celery's pool) inherit this handler and must leave the shared folder alone.
         atexit.register(_remove_if_owner, folder, os.getpid())
-    values = sys.modules.get("prometheus_client.values")
-    if values is not None:
+    if "prometheus_client.values" in sys.modules:
+        from prometheus_client import values
+
         # Imported already, so it chose in-process values: Flower, installed as a `celery`
         # command plugin, imports prometheus_client when the Celery CLI starts, before
         # `-A workers` gets here. Metrics made from now on (all of Intake's) must still count
