@@ -165,6 +165,9 @@ class OutboxMessage(db.Model):  # type: ignore[name-defined]
     # Set with status "sending" by the worker that took the row to send it (intake.requests.outbox).
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The trace id (intake.ops.tracing) bound when the row was written: a task published from
+    # elsewhere (the sweep, a routing batch) still logs under the trace of what caused it.
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         Index("ix_outbox_status_id", "status", "id"),

@@ -12,7 +12,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from intake.clock import now, utcnow
 from intake.extensions import db
-from intake.ops import metrics
+from intake.ops import metrics, tracing
 from intake.requests import assignment, casework, outbox, routing
 from intake.requests.notifications import RetryLater, send_account_alert, send_outbox_notice
 
@@ -44,31 +44,42 @@ notify_task = shared_task(
     max_retries=20,
 )
 def route_request(request_id: str, outbox_id: int | None = None) -> None:
-    """Route a received request to its team (idempotent), then publish its notification."""
+    """Route a received request to its team (idempotent), with up to ROUTING_BATCH others
+    waiting, then publish their notifications."""
     structlog.contextvars.bind_contextvars(task="route_request", request_id=request_id)
     try:
         table = current_app.extensions["intake.routing"]
-        routed = routing.route_request(db.session, table, request_id, utcnow())
-        if routed is None:
+        batch = routing.route_received(db.session, table, request_id, utcnow())
+        if not batch:
             log.info("route_skipped", reason="already routed or unknown")
             return
-        log.info(
-            "request_routed",
-            reference=routed.reference,
-            team=routed.team,
-            priority=routed.priority,
-            language_outcome=routed.language_outcome,
-        )
-        outbox.publish_outgoing(db.session, routed.outgoing)
-        metrics.ROUTED.labels(routed.team).inc()
-        if routed.received_at is not None:
-            received = routed.received_at
-            received = received if received.tzinfo else received.replace(tzinfo=UTC)
-            metrics.ROUTING_LATENCY.observe(max((utcnow() - received).total_seconds(), 0.0))
-        if routed.assignee is None and table.teams[routed.team].assigns:
-            _assign(table, request_id, trigger="routed", record_unassigned=True)
+        for routed in batch:
+            structlog.contextvars.bind_contextvars(request_id=routed.request_id)
+            with tracing.bound(routed.trace_id):
+                _routed(table, routed, batched=routed.request_id != request_id)
     finally:
         structlog.contextvars.unbind_contextvars("task", "request_id")
+
+
+def _routed(table: routing.RoutingTable, routed: routing.Routed, *, batched: bool) -> None:
+    """What follows one request's routing commit: its log line, its notices, its metrics, and
+    for a team that assigns automatically, its assignment."""
+    log.info(
+        "request_routed",
+        reference=routed.reference,
+        team=routed.team,
+        priority=routed.priority,
+        language_outcome=routed.language_outcome,
+        **({"batched": True} if batched else {}),
+    )
+    outbox.publish_outgoing(db.session, routed.outgoing)
+    metrics.ROUTED.labels(routed.team).inc()
+    if routed.received_at is not None:
+        received = routed.received_at
+        received = received if received.tzinfo else received.replace(tzinfo=UTC)
+        metrics.ROUTING_LATENCY.observe(max((utcnow() - received).total_seconds(), 0.0))
+    if routed.assignee is None and table.teams[routed.team].assigns:
+        _assign(table, routed.request_id, trigger="routed", record_unassigned=True)
 
 
 def _assign(table: routing.RoutingTable, request_id: str, **options: Any) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -34,6 +36,30 @@ def task_headers() -> dict[str, str]:
     """Headers for a task published now: the current trace id, when there is one."""
     trace = current()
     return {HEADER: trace} if trace else {}
+
+
+@contextmanager
+def bound(trace: str | None) -> Iterator[None]:
+    """Log (and publish tasks) under ``trace`` for the block, or under no trace when it is None
+    or malformed; the trace bound before is back afterwards. For work done on behalf of another
+    request than the one that started this context: a sweep publishing old rows, a routing
+    batch."""
+    before = current()
+    wanted = trace if isinstance(trace, str) and _FORM.fullmatch(trace) else None
+    if wanted == before:
+        yield
+        return
+    if wanted is None:
+        structlog.contextvars.unbind_contextvars(LOG_KEY)
+    else:
+        structlog.contextvars.bind_contextvars(**{LOG_KEY: wanted})
+    try:
+        yield
+    finally:
+        if before is None:
+            structlog.contextvars.unbind_contextvars(LOG_KEY)
+        else:
+            structlog.contextvars.bind_contextvars(**{LOG_KEY: before})
 
 
 def bind_from_task(request: Any) -> None:

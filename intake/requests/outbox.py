@@ -23,7 +23,7 @@ from sqlalchemy import and_, or_, select, update
 from intake.clock import utcnow
 from intake.extensions import DbSession
 from intake.models import OutboxMessage
-from intake.ops import metrics
+from intake.ops import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -111,7 +111,7 @@ def enqueue(
     republishes the row once ``INTAKE_OUTBOX_REPUBLISH_SECONDS`` have passed, as it does a
     message the broker lost; a publish that fails marks the row unpublished at once.
     """
-    message = OutboxMessage(request_id=request_id, task=task)
+    message = OutboxMessage(request_id=request_id, task=task, trace_id=tracing.current())
     if published_by_caller:
         message.published_at = utcnow()
         message.attempts = 1
@@ -122,7 +122,13 @@ def enqueue(
 def enqueue_account_alert(session: DbSession, user_id: int, alert: str) -> OutboxMessage:
     """Record, in the caller's transaction, an alert to the supervisors about a staff account
     (``alert`` names what happened, e.g. ``mfa_frozen``); it carries no request and no PHI."""
-    message = OutboxMessage(request_id=None, user_id=user_id, alert=alert, task=ACCOUNT_ALERT_TASK)
+    message = OutboxMessage(
+        request_id=None,
+        user_id=user_id,
+        alert=alert,
+        task=ACCOUNT_ALERT_TASK,
+        trace_id=tracing.current(),
+    )
     session.add(message)
     return message
 
@@ -138,14 +144,20 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
         return 0
     rows = session.execute(
         select(
-            OutboxMessage.id, OutboxMessage.task, OutboxMessage.request_id, OutboxMessage.user_id
+            OutboxMessage.id,
+            OutboxMessage.task,
+            OutboxMessage.request_id,
+            OutboxMessage.user_id,
+            OutboxMessage.trace_id,
         ).where(OutboxMessage.id.in_(message_ids), OutboxMessage.status.in_(OPEN))
     ).all()
     published: list[int] = []
     for row in rows:
         subject = row.request_id if row.request_id is not None else str(row.user_id)
         try:
-            publisher(row.task, subject, row.id)
+            # Under the trace the row was written in, not the sweep's or the caller's.
+            with tracing.bound(row.trace_id):
+                publisher(row.task, subject, row.id)
         except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
             log.warning("outbox_publish_failed", outbox_id=row.id, error=type(error).__name__)
             metrics.PUBLISH_FAILURES.labels(row.task).inc()
@@ -250,5 +262,22 @@ def mark_done(
         condition.append(OutboxMessage.id == outbox_id)
     result = session.execute(
         update(OutboxMessage).where(*condition).values(status=status, done_at=utcnow())
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def mark_done_for(session: DbSession, request_ids: Sequence[str], task: str) -> int:
+    """Mark the open ``task`` rows of several requests done in one statement, in the consumer's
+    transaction; return how many were open."""
+    if not request_ids:
+        return 0
+    result = session.execute(
+        update(OutboxMessage)
+        .where(
+            OutboxMessage.request_id.in_(request_ids),
+            OutboxMessage.task == task,
+            OutboxMessage.status.in_(OPEN),
+        )
+        .values(status="done", done_at=utcnow())
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -15,7 +15,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from config.settings import DEFAULT_ROUTING_FILE
+
+log = structlog.get_logger(__name__)
 
 CONDITIONS = ("kind", "topic", "location", "language")
 PRIORITIES = ("urgent", "high", "normal", "low")
@@ -482,6 +486,11 @@ def load_routing(path: Path = DEFAULT_ROUTING_FILE) -> RoutingTable:
 ROUTE_TASK = "route_request"
 NOTIFY_TASK = "notify_team"
 LANGUAGE_NOTICE_TASK = "notify_language_need"
+# How many waiting requests one routing task routes in its transaction (its own first). One
+# commit, one turn of the audit chain's lock and one anchor write then serve them all, which is
+# what lets routing keep up with a burst; the tasks of the others find them routed and stop.
+# A batch of 25 holds its rows and the chain's lock for about 50 ms on the benchmark machine.
+ROUTING_BATCH = 25
 
 
 @dataclass(frozen=True)
@@ -497,6 +506,9 @@ class Routed:
     language_outbox_id: int | None = None
     request_id: str = ""
     received_at: datetime | None = None
+    # The trace its submission was logged under (intake.ops.tracing), also when it was routed
+    # in another request's batch: its notices are published, and its lines logged, under it.
+    trace_id: str | None = None
 
     @property
     def outgoing(self) -> list[Any]:
@@ -584,41 +596,209 @@ def plan_language(session: Any, table: RoutingTable, rule: Rule, need: str) -> L
 def route_request(
     session: Any, table: RoutingTable, request_id: str, now: datetime
 ) -> Routed | None:
-    """Route one ``received`` request, exactly once, in one transaction.
+    """Route one ``received`` request, exactly once, in one transaction (see
+    :func:`route_received`); return what was done, or None when there was nothing to do."""
+    routed = route_received(session, table, request_id, now, batch=1)
+    return routed[0] if routed else None
 
-    Locks the row (``FOR UPDATE`` on PostgreSQL; SQLite transactions here hold the write lock
-    from their first statement), and changes it only with a conditional update on its status, so
-    a second delivery of the same task, or two workers racing, change nothing and notify nobody
-    twice. Returns what was done, or None when there was nothing to do.
+
+def route_received(
+    session: Any,
+    table: RoutingTable,
+    request_id: str,
+    now: datetime,
+    *,
+    batch: int = ROUTING_BATCH,
+) -> list[Routed]:
+    """Route ``request_id`` and up to ``batch - 1`` other ``received`` requests (the oldest),
+    each exactly once, in one transaction; return what was done, the task's own request first,
+    or [] when it was routed already (by another task's batch, a second delivery) or is gone.
+
+    Rows are locked (``FOR UPDATE`` on PostgreSQL: the task's own request waiting for a worker
+    that holds it, the others ``SKIP LOCKED`` so two batches never wait on each other; SQLite
+    transactions here hold the write lock from their first statement) and changed only by a
+    conditional update on their status, so a second delivery, or two workers racing, change
+    nothing and notify nobody twice. Each routed request gets its own ``request.routed`` event
+    and team notice, written as if routed alone.
 
     A request needing a language other than English (its form's, or the interpreter asked for)
     goes to someone who speaks it (:func:`plan_language`); when nobody does, it is flagged in
     ``language_need`` and the supervisors get a notice (reference and link only).
     """
-    from sqlalchemy import select, update
+    from sqlalchemy import select
+
+    from intake.models import OutboxMessage, Request
+    from intake.requests import outbox
+
+    # Unlocked first: a request leaves "received" once and never comes back, so a task whose
+    # request was routed by someone else's batch stops here without waiting for that batch,
+    # and without writing anything when its routing row was closed with the routing.
+    found = session.execute(
+        select(
+            Request.status,
+            select(OutboxMessage.id)
+            .where(
+                OutboxMessage.request_id == request_id,
+                OutboxMessage.task == ROUTE_TASK,
+                OutboxMessage.status.in_(outbox.OPEN),
+            )
+            .limit(1)
+            .exists(),
+        ).where(Request.id == request_id)
+    ).first()
+    if found is None or found[0] != "received":
+        # Taken out of "received" by something that left its routing row open (cancelled
+        # before routing): close the row, or the sweep would publish it again and again.
+        if found is not None and found[1]:
+            outbox.mark_done(session, request_id, ROUTE_TASK)
+            session.commit()
+        else:
+            session.rollback()
+        return []
+    columns = _routing_columns()
+    own = session.execute(
+        select(*columns).where(Request.id == request_id).with_for_update()
+    ).first()
+    if own is None or own.status != "received":
+        outbox.mark_done(session, request_id, ROUTE_TASK)
+        session.commit()
+        return []
+    if batch > 1:
+        try:
+            return _route_batch(session, table, own, now, batch)
+        except Exception as error:  # noqa: BLE001 - one bad row must not hold up the others
+            # Whatever broke (one request the rules cannot route, a deadlock) broke the whole
+            # batch; route the task's own request alone, so a request that cannot be routed
+            # fails its own task only, and every other task still routes its own.
+            session.rollback()
+            log.warning("routing_batch_failed", error=type(error).__name__)
+        own = session.execute(
+            select(*columns).where(Request.id == request_id).with_for_update()
+        ).first()
+        if own is None or own.status != "received":
+            session.rollback()
+            return []
+    return _route_batch(session, table, own, now, 1)
+
+
+def _route_batch(
+    session: Any, table: RoutingTable, own: Any, now: datetime, batch: int
+) -> list[Routed]:
+    """Route the locked row ``own`` and up to ``batch - 1`` other waiting requests, commit."""
+    from sqlalchemy import select
 
     from intake.audit.chain import record_event
     from intake.models import Request
+    from intake.ops import tracing
     from intake.requests import outbox
 
-    row = session.execute(
-        select(
-            Request.reference,
-            Request.status,
-            Request.kind,
-            Request.topic,
-            Request.location,
-            Request.language,
-            Request.interpreter_language,
-            Request.created_at,
+    request_id = own.id
+    rows = [own]
+    if batch > 1:
+        rows += session.execute(
+            select(*_routing_columns())
+            .where(Request.status == "received", Request.id != request_id)
+            .order_by(Request.created_at, Request.id)
+            .limit(batch - 1)
+            .with_for_update(skip_locked=True)
+        ).all()
+    planned = [(row, change) for row in rows if (change := _route_row(session, table, row, now))]
+    if not planned:
+        session.rollback()
+        return []
+    routed_ids = [row.id for row, _planned in planned]
+    outbox.mark_done_for(session, routed_ids, ROUTE_TASK)
+    # Each request's notices and log lines go under the trace of its own submission: the
+    # task's own request under the trace it carried, the others' as their routing rows say.
+    traces = _routing_traces(session, [i for i in routed_ids if i != request_id])
+    traces[request_id] = tracing.current()
+    # Written as published: the caller publishes them after commit (Routed.outgoing).
+    notices = []
+    for row, (_details, plan, _speaker) in planned:
+        with tracing.bound(traces.get(row.id)):
+            notice = outbox.enqueue(session, row.id, NOTIFY_TASK, published_by_caller=True)
+            language_notice = (
+                outbox.enqueue(session, row.id, LANGUAGE_NOTICE_TASK, published_by_caller=True)
+                if plan.outcome == "unmet"
+                else None
+            )
+        notices.append((notice, language_notice))
+    session.flush()
+    # Last: the events take the audit chain's lock, held until commit, so the other writes of
+    # this transaction are done before them and the lock is held for the events alone.
+    for row, (details, _plan, _speaker) in planned:
+        record_event(
+            session,
+            actor=f"system:{ROUTE_TASK}",
+            action="request.routed",
+            reference=row.reference,
+            details=details,
         )
-        .where(Request.id == request_id)
-        .with_for_update()
-    ).first()
-    if row is None or row.status != "received":
-        outbox.mark_done(session, request_id, ROUTE_TASK)
-        session.commit()
-        return None
+    routed = [
+        Routed(
+            row.reference,
+            plan.team,
+            details["priority"],
+            notice.id,
+            plan.outcome,
+            speaker.username if speaker else None,
+            language_notice.id if language_notice else None,
+            row.id,
+            row.created_at,
+            traces.get(row.id),
+        )
+        for (row, (details, plan, speaker)), (notice, language_notice) in zip(
+            planned, notices, strict=True
+        )
+    ]
+    session.commit()
+    return routed
+
+
+def _routing_columns() -> tuple[Any, ...]:
+    from intake.models import Request
+
+    return (
+        Request.id,
+        Request.reference,
+        Request.status,
+        Request.kind,
+        Request.topic,
+        Request.location,
+        Request.language,
+        Request.interpreter_language,
+        Request.created_at,
+    )
+
+
+def _routing_traces(session: Any, request_ids: list[str]) -> dict[str, str | None]:
+    """The trace ids the routing rows of ``request_ids`` were written under."""
+    if not request_ids:
+        return {}
+    from sqlalchemy import select
+
+    from intake.models import OutboxMessage
+
+    found = session.execute(
+        select(OutboxMessage.request_id, OutboxMessage.trace_id).where(
+            OutboxMessage.request_id.in_(request_ids),
+            OutboxMessage.task == ROUTE_TASK,
+            OutboxMessage.trace_id.is_not(None),
+        )
+    ).all()
+    return {row.request_id: row.trace_id for row in found}
+
+
+def _route_row(
+    session: Any, table: RoutingTable, row: Any, now: datetime
+) -> tuple[dict[str, Any], LanguagePlan, Speaker | None] | None:
+    """Route one locked ``received`` row inside the caller's transaction: the decision and the
+    conditional update. Returns the details of its ``request.routed`` event, its language plan
+    and the member it was given to, or None if the row was not changed."""
+    from sqlalchemy import update
+
+    from intake.models import Request
+
     need = needed_language(row.language, row.interpreter_language)
     decision = table.decide(
         {"kind": row.kind, "topic": row.topic, "location": row.location, "language": need},
@@ -641,12 +821,9 @@ def route_request(
     if speaker is not None:
         values.update(assignee_id=speaker.user_id, claimed_at=now, last_activity_at=now)
     changed = session.execute(
-        update(Request)
-        .where(Request.id == request_id, Request.status == "received")
-        .values(**values)
+        update(Request).where(Request.id == row.id, Request.status == "received").values(**values)
     ).rowcount
     if changed != 1:
-        session.rollback()
         return None
     details: dict[str, Any] = {
         "team": plan.team,
@@ -667,34 +844,4 @@ def route_request(
         )
     elif table.teams[plan.team].assigns:
         details["assignment"] = table.teams[plan.team].assignment
-    outbox.mark_done(session, request_id, ROUTE_TASK)
-    # Published by the caller after commit (Routed.outgoing), so written as published now.
-    message = outbox.enqueue(session, request_id, NOTIFY_TASK, published_by_caller=True)
-    language_message = (
-        outbox.enqueue(session, request_id, LANGUAGE_NOTICE_TASK, published_by_caller=True)
-        if plan.outcome == "unmet"
-        else None
-    )
-    session.flush()
-    # Last: the event takes the audit chain's lock, held until commit, so the other writes of
-    # this transaction are done before it and the lock is held for the event alone.
-    record_event(
-        session,
-        actor=f"system:{ROUTE_TASK}",
-        action="request.routed",
-        reference=row.reference,
-        details=details,
-    )
-    routed = Routed(
-        row.reference,
-        plan.team,
-        decision.priority,
-        message.id,
-        plan.outcome,
-        speaker.username if speaker else None,
-        language_message.id if language_message else None,
-        request_id,
-        row.created_at,
-    )
-    session.commit()
-    return routed
+    return details, plan, speaker

@@ -99,3 +99,33 @@ def test_a_forged_trace_header_is_not_bound_in_a_task():
     assert tracing.current() == "a" * 32
     tracing.bind_from_task(None)
     assert tracing.current() is None
+
+
+def test_requests_routed_in_one_batch_keep_their_own_traces(
+    app, patient, celery_processes, settings, smtp_server
+):
+    """Submitted while no worker runs, the requests are routed together by whichever task comes
+    first; each one's routed line and e-mail notice are still under its own submission's trace."""
+    _url, mailbox = smtp_server
+    traces = {}
+    for _ in range(4):
+        response = patient.contact(topic="copay")
+        traces[reference_from(response)] = response.headers[tracing.RESPONSE_HEADER]
+    worker = celery_processes(settings).wait_ready()
+    wait_until(lambda: all_queued(app, list(traces)), 60, message="routed")
+    wait_until(lambda: len(mailbox.messages) >= 4, 60, message="the teams' e-mails")
+
+    def by_reference(event: str) -> dict[str, str | None]:
+        wait_until(
+            lambda: sum(line["event"] == event for line in json_lines(worker.log_path)) >= 4,
+            15,
+            message=f"four {event} lines",
+        )
+        found = [line for line in json_lines(worker.log_path) if line["event"] == event]
+        assert len(found) == 4, found
+        return {line["reference"]: line.get(tracing.LOG_KEY) for line in found}
+
+    routed = [line for line in json_lines(worker.log_path) if line["event"] == "request_routed"]
+    assert any(line.get("batched") for line in routed), "one task routed several requests"
+    assert by_reference("request_routed") == traces
+    assert by_reference("notification_sent") == traces
