@@ -89,14 +89,21 @@ def error_page(status: int) -> tuple[str, int]:
 # Patient forms clean their own fields (intake.patient.forms), so a stray character pasted by a
 # patient gets a message in the page's language beside the field, not a generic error page.
 PATIENT_FORMS = frozenset({"patient.refill", "patient.contact", "patient.status"})
+# Search forms that refuse a control character beside the field themselves, by endpoint: the
+# query fields each one checks (intake.compliance.forms). Anywhere else in their query, a
+# control character still gets the plain 400 page.
+FIELD_CHECKED_QUERIES = {
+    "compliance.audit": frozenset({"actor", "action", "reference", "since", "until"}),
+}
 
 
 def control_characters_in_request() -> str | None:
     """Where the request carries a control character: "path", "query", "form", or None."""
     if CONTROL_RE.search(request.path):
         return "path"
+    checked = FIELD_CHECKED_QUERIES.get(request.endpoint or "", frozenset())
     for name, value in request.args.items(multi=True):
-        if CONTROL_RE.search(name) or CONTROL_RE.search(value):
+        if CONTROL_RE.search(name) or (name not in checked and CONTROL_RE.search(value)):
             return "query"
     if request.endpoint in PATIENT_FORMS:
         return None  # the patient forms drop such characters and answer beside the field

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from flask_wtf import FlaskForm
 from wtforms import Field, Form, RadioField, SelectField, StringField, TextAreaField
-from wtforms.validators import DataRequired, Length, Optional, ValidationError
+from wtforms.validators import DataRequired, Length, Optional, StopValidation, ValidationError
 
 from intake.audit.chain import ACTIONS
 from intake.compliance.break_glass import MAX_COMMENT, MIN_COMMENT, OUTCOMES
@@ -22,6 +22,13 @@ TIME_HINT = "Use YYYY-MM-DD or YYYY-MM-DD HH:MM (UTC)."
 YEARS = (2000, 2200)
 YEARS_HINT = f"Use a date between {YEARS[0]} and {YEARS[1]}."
 REFERENCE_HINT = "A reference looks like R-7K3M-Q9P2."
+REVERSED_HINT = "Until is before From, so no event can match: swap them or choose a later time."
+CONTROL_HINT = (
+    "This held an invisible control character (such as NUL), which is now removed: "
+    "check the value and search again."
+)
+# C0 control characters and DEL: no actor, action, reference or time holds one.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_utc(text: str, *, end: bool = False) -> datetime:
@@ -67,6 +74,21 @@ def _valid_reference(_form: Form, field: Field) -> None:
         raise ValidationError(REFERENCE_HINT)
 
 
+def _no_control_characters(_form: Form, field: Field) -> None:
+    """Refuse a control character beside the field, showing the value without it.
+
+    Why: a NUL cannot even be sent to PostgreSQL, and the app answers one anywhere else in a
+    query with its plain 400 page (intake.web.refuse_control_characters). The audit filter's
+    fields are let through to here (intake.web.FIELD_CHECKED_QUERIES) so that the officer sees
+    which field was wrong; validation stops at this validator, so the value never reaches a
+    query, and the page does not echo the character back.
+    """
+    if any(CONTROL_RE.search(value) for value in field.raw_data or () if isinstance(value, str)):
+        if isinstance(field.data, str):
+            field.data = CONTROL_RE.sub("", field.data)
+        raise StopValidation(CONTROL_HINT)
+
+
 def _strip(value: str | None) -> str | None:
     return value.strip() if isinstance(value, str) else value
 
@@ -76,16 +98,34 @@ class AuditFilterForm(FlaskForm):
         csrf = False  # a GET form that changes nothing
 
     actor = StringField(
-        "Actor or username", validators=[Optional(), Length(max=64)], filters=[_strip]
+        "Actor or username",
+        validators=[_no_control_characters, Optional(), Length(max=64)],
+        filters=[_strip],
     )
     action = SelectField(
         "Action",
         choices=options([("", "any action"), *((a, a) for a in ACTIONS)]),
-        validators=[Optional()],
+        validators=[_no_control_characters, Optional()],
     )
-    reference = StringField("Reference", validators=[Optional(), Length(max=20), _valid_reference])
-    since = StringField("From (UTC)", validators=[Optional(), Length(max=25), _valid_time])
-    until = StringField("Until (UTC)", validators=[Optional(), Length(max=25), _valid_time])
+    reference = StringField(
+        "Reference",
+        validators=[_no_control_characters, Optional(), Length(max=20), _valid_reference],
+    )
+    since = StringField(
+        "From (UTC)", validators=[_no_control_characters, Optional(), Length(max=25), _valid_time]
+    )
+    until = StringField(
+        "Until (UTC)",
+        validators=[_no_control_characters, Optional(), Length(max=25), _valid_time],
+    )
+
+    def validate_until(self, field: Field) -> None:
+        """A window that ends before it starts would show an empty page: say why instead."""
+        since_text = (self.since.data or "").strip()
+        if self.since.errors or not since_text:
+            return
+        if parse_utc(field.data.strip(), end=True) <= parse_utc(since_text):
+            raise ValidationError(REVERSED_HINT)
 
     def to_filter(self) -> AuditFilter:
         """The validated filter."""

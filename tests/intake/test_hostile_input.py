@@ -4,7 +4,8 @@ documented alternative), never a 500, and change nothing.
 The documented alternatives: a queue cursor that is not one the app issues is ignored (the
 first page is shown, as for no cursor); an audit ``seq`` in a path that cannot exist is a 404
 (outside 0..2**63-1 in the ``before``/``after`` query it is a 400); an audit filter date outside
-2000..2200 is a 400 with a message beside the field.
+2000..2200, or a control character in an audit filter field, is a 400 with a message beside the
+field.
 A login refused for control characters never reaches authentication, so it writes nothing, not
 even the ``user.login_failed`` event an ordinary wrong password writes.
 """
@@ -143,9 +144,11 @@ def test_control_characters_in_the_path_are_a_400(app, sign_in, who, path):
 
 
 @pytest.mark.parametrize("who, query", [
-    ("olivia", "/compliance/audit?actor=a%00"),
+    # The audit filter's own fields answer beside the field (tests/intake/compliance/
+    # test_audit_search.py); the rest of its query, and its export, are refused here.
+    ("olivia", "/compliance/audit?actor=a&before=1%00"),
     ("olivia", "/compliance/audit.csv?actor=a%00"),  # an export that is refused is not recorded
-    ("olivia", "/compliance/audit?reference=R-%00"),
+    ("olivia", "/compliance/audit?reference=R-1&x%00=1"),
     ("olivia", "/compliance/access?reference=%00"),
     ("sam", "/staff/queue?after=%00"),  # the queue view would record phi.viewed
     ("sam", "/staff/queue?team=refills-main&x%00=1"),  # in a name, too

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from intake.audit.chain import record_event
 from intake.audit.listings import LISTING_ACTIONS
 from intake.compliance import reports
+from intake.compliance.forms import CONTROL_HINT
 from intake.compliance.reports import AuditFilter
 from intake.extensions import db
 from intake.models import AuditEvent
@@ -83,12 +84,13 @@ def stepping_trail(app):
 def field_message(value: str, page: str, limit: int, *hints: str) -> bool:
     """Whether ``page`` tells the officer what was wrong with ``value``.
 
-    A control character is refused before any view runs, with the plain 400 page
-    (intake.web.refuse_control_characters), which names no field; a value over the field's
-    ``limit`` gets WTForms' length message; anything else the field's hint.
+    A control character gets the form's own message beside the field (the app's plain 400
+    page, intake.web.refuse_control_characters, lets the filter's fields through to the form);
+    a value over the field's ``limit`` gets WTForms' length message; anything else the field's
+    hint.
     """
     if "\x00" in value:
-        return "<form" not in page  # the plain error page, not the search form
+        return "<form" in page and CONTROL_HINT in page and "\x00" not in page
     if len(value) > limit:
         return "characters" in page
     return any(hint in page for hint in hints)

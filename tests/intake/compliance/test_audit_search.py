@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
+from html import unescape
 
 import pytest
 from sqlalchemy import select
@@ -13,7 +15,7 @@ from sqlalchemy import select
 from intake.audit import chain as audit
 from intake.audit.chain import record_event
 from intake.compliance import reports
-from intake.compliance.forms import parse_utc
+from intake.compliance.forms import CONTROL_HINT, CONTROL_RE, REVERSED_HINT, parse_utc
 from intake.compliance.reports import AUDIT_COLUMNS
 from intake.extensions import db
 from intake.models import AuditEvent
@@ -92,7 +94,6 @@ def test_time_range_is_utc_and_until_includes_the_day_or_minute(app, officer_cli
     assert count("since=2026-03-10&until=2026-03-10") == 2
     assert count("since=2026-03-10T10:15&until=2026-03-10 10:15") == 2
     assert count("since=2026-03-10 10:16") == 4
-    assert count("since=2026-03-11&until=2026-03-10") == 0
     assert count("until=2026-03-09 00:00:05Z") == 1
 
 
@@ -103,6 +104,104 @@ def test_bad_filters_come_back_with_a_message_and_400(officer_client, query):
     html = response.get_data(as_text=True)
     assert 'aria-invalid="true"' in html and "field__error" in html
     assert officer_client.get("/compliance/audit.csv?" + query).status_code == 400
+
+
+def field_error(html: str, name: str) -> str | None:
+    """The message shown beside filter field ``name``, or None."""
+    found = re.search(rf'id="{name}-error">(?:<span[^>]*>[^<]*</span>)?([^<]*)</span>', html)
+    return unescape(found.group(1)).strip() if found else None
+
+
+def field_value(html: str, name: str) -> str | None:
+    found = re.search(rf'<input[^>]*id="{name}"[^>]*value="([^"]*)"', html)
+    return unescape(found.group(1)) if found else None
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [
+        ("2026-03-11", "2026-03-10"),
+        ("2026-03-10 10:16", "2026-03-10 10:15"),  # until includes 10:15, which ends at 10:16
+        ("2026-03-10 10:15:01", "2026-03-10 10:15:00"),
+        ("2026-03-10T00:00:01Z", "2026-03-09"),
+    ],
+)
+def test_a_window_that_ends_before_it_starts_is_named_beside_until(
+    app, officer_client, monkeypatch, since, until
+):
+    write_events(app, 3, datetime(2026, 3, 10, 10, 15, tzinfo=UTC), monkeypatch)
+    query = {"since": since, "until": until}
+    response = officer_client.get("/compliance/audit", query_string=query)
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert field_error(html, "until") == REVERSED_HINT
+    assert field_error(html, "since") is None
+    # The form keeps what was typed, so the officer can swap the two.
+    assert (field_value(html, "since"), field_value(html, "until")) == (since, until)
+    assert table_rows(html, "audit-events") == [["No events match."]]
+    # The export of such a filter is refused like any other bad filter, and not recorded.
+    before = len(events(app, action="audit.exported"))
+    assert officer_client.get("/compliance/audit.csv", query_string=query).status_code == 400
+    assert len(events(app, action="audit.exported")) == before
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "found"),
+    [
+        ("2026-03-10 10:15", "2026-03-10 10:15", 3),  # one minute: both ends the same
+        ("2026-03-10 10:15:02", "2026-03-10 10:15:02", 1),
+        ("2026-03-10", "2026-03-10", 3),
+        ("2026-03-11", None, 0),  # one end only: never reversed
+        (None, "2026-03-09", 0),
+    ],
+)
+def test_a_window_of_one_minute_or_one_end_is_not_reversed(
+    app, officer_client, monkeypatch, since, until, found
+):
+    write_events(app, 3, datetime(2026, 3, 10, 10, 15, tzinfo=UTC), monkeypatch)
+    query = "&".join(f"{k}={v}" for k, v in (("since", since), ("until", until)) if v)
+    assert len(page_rows(officer_client, "?action=request.routed&" + query)) == found
+
+
+CONTROL_VALUES = ["a\x00b", "\x00", "R-7K3M-Q9P2\x00", "2026-03-10\x00", "\x1b[2J", "a\tb", "x\x7f"]
+
+
+@pytest.mark.parametrize("name", ["actor", "reference", "since", "until"])
+@pytest.mark.parametrize("value", CONTROL_VALUES, ids=range(len(CONTROL_VALUES)))
+def test_a_control_character_in_a_filter_field_is_named_beside_it(app, officer_client, name, value):
+    before = len(events(app))
+    response = officer_client.get("/compliance/audit", query_string={name: value, "action": ""})
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert field_error(html, name) == CONTROL_HINT
+    assert 'aria-invalid="true"' in html and "<form" in html  # the search form, not the 400 page
+    # The page never echoes the character: the field shows the value without it.
+    assert not {"\x00", "\x1b", "\x7f"} & set(html)
+    assert field_value(html, name) == CONTROL_RE.sub("", value).strip()
+    assert len(events(app)) == before  # searching writes nothing; nor does this refusal
+    # The export, which the page links to only for a valid filter, still gets the plain 400.
+    export = officer_client.get("/compliance/audit.csv", query_string={name: value})
+    assert export.status_code == 400 and "<form" not in export.get_data(as_text=True)
+
+
+def test_a_nul_in_the_action_is_named_beside_it(officer_client):
+    response = officer_client.get("/compliance/audit", query_string={"action": "phi.viewed\x00"})
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert field_error(html, "action") and "\x00" not in html
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"actor": "ana", "before": "1\x00"}, {"actor": "ana", "x\x00": "1"}, {"lang": "\x00"}],
+)
+def test_a_control_character_elsewhere_in_the_audit_query_still_gets_the_plain_400(
+    officer_client, query
+):
+    response = officer_client.get("/compliance/audit", query_string=query)
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert "Something was wrong with that request" in html and "<form" not in html
 
 
 def test_keyset_pages_newest_first_without_gaps_or_repeats(app, officer_client, monkeypatch):
