@@ -60,3 +60,77 @@ def test_upgrading_keeps_requests_and_their_consents(base_settings, empty_databa
             assert conn.execute(sa.text("SELECT priority_rank FROM requests")).scalar() == 2
             assert conn.execute(sa.text("SELECT count(*) FROM consent_acceptances")).scalar() == 1
             assert conn.execute(sa.text("SELECT count(*) FROM outbox")).scalar() == 1
+
+
+def _listings(conn: sa.Connection) -> list[tuple[str, int]]:
+    rows = conn.execute(sa.text("SELECT reference, seq FROM audit_listings"))
+    return sorted((str(reference), int(seq)) for reference, seq in rows)
+
+
+# Events as the app writes them, and the listings each must give: queue views and searches
+# index the string references their details list (once each); anything else indexes nothing.
+LISTING_TRAIL: list[tuple[str, str | None, dict[str, object], list[str]]] = [
+    ("phi.viewed", None, {"view": "queue", "references": ["R-AAAA-0001", "R-AAAA-0002"]},
+     ["R-AAAA-0001", "R-AAAA-0002"]),
+    ("request.searched", None, {"by": "phone", "references": ["C-BBBB-0003"]}, ["C-BBBB-0003"]),
+    # The same reference twice, values that are not strings, an escaped character.
+    ("phi.viewed", None, {"view": "queue", "references": ["R-AAAA-0001", 7, None, True,
+                                                          "R-AAAA-0001", "R-Ñ\"-0004"]},
+     ["R-AAAA-0001", "R-Ñ\"-0004"]),
+    ("phi.viewed", None, {"view": "queue", "references": []}, []),
+    ("phi.viewed", "R-AAAA-0005", {"references": ["R-AAAA-0006"]}, []),  # names its own request
+    ("audit.exported", None, {"references": ["R-AAAA-0007"]}, []),  # not a listing action
+    ("request.searched", None, {"references": "R-AAAA-0008"}, []),  # not a list
+    ("request.searched", None, {"by": "name"}, []),
+]  # fmt: skip
+
+
+def test_migration_0014_derives_the_listings_record_event_writes_and_downgrades(
+    base_settings, empty_database_url, tmp_path, make_app, backend
+):
+    from flask_migrate import downgrade
+
+    from intake.audit.chain import record_event
+
+    app = make_app(base_settings.replace(database_url=empty_database_url,
+                                         data_dir=tmp_path / "data"))
+    with app.app_context():
+        upgrade()
+        seqs = []
+        for action, reference, details, _listed in LISTING_TRAIL:
+            event = record_event(db.session, actor="user:1", action=action, reference=reference,
+                                 details=details)
+            seqs.append(event.seq)
+        db.session.commit()
+        expected = sorted((r, seq) for seq, (*_e, listed) in zip(seqs, LISTING_TRAIL, strict=True)
+                          for r in listed)
+        with db.engine.connect() as conn:
+            written = _listings(conn)
+        assert written == expected  # record_event's own rows, the reference for the migration
+
+        downgrade(revision="0013")
+        with db.engine.connect() as conn:
+            assert "audit_listings" not in sa.inspect(conn).get_table_names()
+            if backend == "postgresql":  # the trigger function goes with the table
+                assert conn.execute(sa.text(
+                    "SELECT count(*) FROM pg_proc WHERE proname = 'audit_listings_append_only'"
+                )).scalar() == 0
+            # The trail itself is untouched by the downgrade.
+            assert conn.execute(sa.text("SELECT count(*) FROM audit_events")).scalar() == len(seqs)
+
+        upgrade(revision="0014")
+        with db.engine.connect() as conn:
+            assert _listings(conn) == written
+        # The derived rows are as append-only as the ones record_event writes.
+        for statement in ("UPDATE audit_listings SET seq = seq + 1000",
+                          "DELETE FROM audit_listings"):
+            with pytest.raises(sa.exc.DatabaseError), db.engine.begin() as conn:
+                conn.execute(sa.text(statement))
+
+        # A second round trip over the derived table gives the same rows again.
+        downgrade(revision="0013")
+        upgrade()
+        with db.engine.connect() as conn:
+            assert _listings(conn) == written
+        db.session.remove()
+        db.engine.dispose()
