@@ -186,20 +186,26 @@ def _sink(session: DbSession) -> AnchorSink | None:
 
 
 def prepare_event(session: DbSession, seq: int, digest: str, prev: Entry) -> None:
-    """Make (seq, hash) durable in the anchor before the event's transaction can commit.
+    """Make (seq, hash) durable in the anchor before the event's transaction can commit."""
+    prepare_events(session, [(seq, digest)], prev)
 
-    Called by record_event with the chain writers' lock held, so prepared entries go out in
-    chain order. ``prev`` is the chain head before this event: written as the baseline when
-    the anchor is new, so a trail older than the anchor is not reported as unanchored.
+
+def prepare_events(session: DbSession, entries: Sequence[Entry], prev: Entry) -> None:
+    """Make each (seq, hash) of ``entries`` durable in the anchor, in one write, before their
+    transaction can commit.
+
+    Called by record_events with the chain writers' lock held, so prepared entries go out in
+    chain order. ``prev`` is the chain head before the first of them: written as the baseline
+    when the anchor is new, so a trail older than the anchor is not reported as unanchored.
     """
     sink = _sink(session)
-    if sink is None:
+    if sink is None or not entries:
         return
     baseline = None if sink.exists() else prev
     if baseline is not None:
         log.warning("audit_anchor_started", anchor=sink.describe(), after_seq=prev[0])
-    sink.prepare([(seq, digest)], baseline)
-    session.info.setdefault(PENDING_KEY, []).append((seq, digest))
+    sink.prepare(entries, baseline)
+    session.info.setdefault(PENDING_KEY, []).extend(entries)
 
 
 @sa_event.listens_for(Session, "after_commit")
