@@ -148,12 +148,18 @@ def test_a_worker_survives_redis_outages_idle_and_holding_unacked_tasks(
     after = [submit(patient, "contact", {"topic": "question"}, "en") for _ in range(3)]
     wait_until(alive(worker, lambda: all_queued(app, after)), 30, 0.5, "new requests routed")
 
+    # Their lines are written after the commit that queued them (a batch's one after another).
+    wait_until(
+        lambda: all(reference in worker.log_path.read_text() for reference in after),
+        10,
+        0.2,
+        "routed by this worker",
+    )
     log = worker.log_path.read_text()
     assert worker.process.poll() is None and worker.process.pid == pid
     assert log.count(" ready.") == 1, "the worker started once and was never restarted"
     assert "Unrecoverable error" not in log, log[-4000:]
     # Running tasks are let finish on a lost connection, by our setting, not by default.
     assert "CPendingDeprecationWarning" not in log
-    assert all(reference in log for reference in after), "routed by this worker"
     events = routed_events(app)
     assert {r: events[r] for r in held + after} == {r: 1 for r in held + after}
