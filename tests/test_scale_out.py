@@ -156,6 +156,13 @@ def test_two_web_instances_and_two_workers_route_every_request_once(
 
         accepted = [events(f"web-{i}", "submission_decision") for i in range(2)]
         assert accepted == [SUBMISSIONS // 2, SUBMISSIONS // 2]
+        # The routed lines follow the commits (a batch's one after another): wait for them all.
+        wait_until(
+            lambda: sum(events(f"worker-{i}", "request_routed") for i in range(2)) >= SUBMISSIONS,
+            20,
+            0.5,
+            "a routed line for every request",
+        )
         by_worker = [events(f"worker-{i}", "request_routed") for i in range(2)]
         assert sum(by_worker) == SUBMISSIONS and min(by_worker) > 0, by_worker
     finally:
