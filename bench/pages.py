@@ -1076,7 +1076,6 @@ def explain_pages(
     from intake.compliance import forms as compliance_forms
     from intake.compliance import reports
     from intake.extensions import db
-    from intake.models import Request
     from intake.requests import casework
 
     app = app_for(env)
@@ -1113,20 +1112,17 @@ def explain_pages(
                 "language_need": None,
                 "assignee": None,
             } | filters
-            query = casework.queue_query(actor, after=None, sort="priority", **full)
-            db.session.execute(query.with_only_columns(Request.id)).all()
-            rows = casework.queue_page(db.session, keyring, actor, sort="priority", **full)
-            casework.queue_counts(
-                db.session, actor, now, **{k: v for k, v in full.items() if k != "assignee"}
-            )
+            # As the queue view runs them: the page's rows and counts (its version stamp is
+            # derived from them), then the audited view.
+            view = casework.queue_view(db.session, keyring, actor, now, sort="priority", **full)
             actor.record(
                 db.session,
                 "phi.viewed",
                 None,
                 view="queue",
-                rows=len(rows),
+                rows=len(view.rows),
                 after=False,
-                references=[r.reference for r in rows],
+                references=[r.reference for r in view.rows],
             )
             db.session.commit()
 

@@ -14,13 +14,14 @@ went idle) may be worked by anyone on its team, as before: the claim is how staf
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal, or_, select, tuple_, update
+from sqlalchemy import Row, and_, case, func, literal, or_, select, tuple_, update
 
 from intake.audit.chain import record_event
 from intake.clock import UTCDateTime
@@ -880,7 +881,7 @@ def _sort_columns(sort: str) -> list[Any]:
     return [*columns, Request.id]
 
 
-def _sort_values(request: Request, sort: str) -> list[Any]:
+def _sort_values(request: Request | Row[Any], sort: str) -> list[Any]:
     due = request.sla_due_at or NO_DUE_TIME
     table: dict[str, list[Any]] = {
         "priority": [request.priority_rank, due],
@@ -891,7 +892,7 @@ def _sort_values(request: Request, sort: str) -> list[Any]:
     return [*table[sort.removeprefix("-")], request.id]
 
 
-def _cursor(request: Request, sort: str = "priority") -> str:
+def _cursor(request: Request | Row[Any], sort: str = "priority") -> str:
     if sort == "priority":
         due = request.sla_due_at.isoformat() if request.sla_due_at else ""
         return f"{request.priority_rank}|{due}|{request.id}"
@@ -1116,6 +1117,106 @@ def queue_counts(
     return QueueCounts(*(int(n or 0) for n in row))
 
 
+# What the queue's version stamp fingerprints of each row shown (with the counts above them):
+# its id, its updated_at (which every change to a request moves) and what the page shows of it
+# that can change. A page whose stamp differs from its poller's reloads its rows.
+VERSION_COLUMNS = (
+    Request.id,
+    Request.status,
+    Request.priority,
+    Request.assignee_id,
+    Request.updated_at,
+    Request.language_need,
+)
+# What the queue page reads of a request: what it shows, sorts and pages by, the sealed display
+# name with the wrapped data key that opens it, and the version's columns. Not the sealed PHI
+# document, the notes or the blind indexes.
+PAGE_COLUMNS = (
+    *VERSION_COLUMNS,
+    Request.reference,
+    Request.kind,
+    Request.topic,
+    Request.language,
+    Request.interpreter_language,
+    Request.priority_rank,
+    Request.team,
+    Request.sla_due_at,
+    Request.created_at,
+    Request.kek_id,
+    Request.wrapped_key,
+    Request.display_name,
+)
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """One queue page: its rows, the counts above them, and the version stamp of both."""
+
+    rows: list[QueueRow]
+    counts: QueueCounts
+    version: str
+
+
+def queue_fingerprint(rows: Sequence[Any], counts: QueueCounts) -> str:
+    """The version stamp of a page of ``rows`` (``VERSION_COLUMNS`` first) under ``counts``.
+
+    No PHI goes in: ids, statuses, priorities, assignees, times and numbers only.
+    """
+    width = len(VERSION_COLUMNS)
+    fingerprint = repr(([tuple(map(str, row[:width])) for row in rows], counts))
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+def _counted(filters: Mapping[str, Any]) -> dict[str, Any]:
+    """The filters ``queue_counts`` takes: all but the assignee one, whose choices it counts."""
+    return {key: value for key, value in filters.items() if key != "assignee"}
+
+
+def queue_version(
+    session: DbSession,
+    actor: Actor,
+    now: datetime,
+    *,
+    sort: str | None = None,
+    after: str | None = None,
+    limit: int = 50,
+    **filters: Any,
+) -> str:
+    """The version stamp ``queue_view`` gives the same page, read without opening any PHI."""
+    query = queue_query(actor, sort=sort, after=after, limit=limit, **filters)
+    rows = session.execute(query.with_only_columns(*VERSION_COLUMNS)).all()
+    return queue_fingerprint(rows, queue_counts(session, actor, now, **_counted(filters)))
+
+
+def queue_view(
+    session: DbSession,
+    keyring: phi.Keyring,
+    actor: Actor,
+    now: datetime,
+    *,
+    sort: str | None = None,
+    after: str | None = None,
+    limit: int = 50,
+    **filters: Any,
+) -> QueueView:
+    """A page of the queue with its counts and version stamp: two statements, no ORM objects.
+
+    The version is the fingerprint of the very rows and counts the page shows, so it equals
+    ``queue_version`` until one of them changes, and a change made between the two statements
+    makes the page's poller see a difference and reload once more: it is never missed.
+    """
+    order = sort_key(sort)
+    query = (
+        queue_query(actor, sort=order, after=after, limit=limit, **filters)
+        .with_only_columns(*PAGE_COLUMNS, User.username)
+        .outerjoin(User, User.id == Request.assignee_id)
+    )
+    found = session.execute(query).all()
+    counts = queue_counts(session, actor, now, **_counted(filters))
+    rows = [_queue_row(keyring, row, row.username, order) for row in found]
+    return QueueView(rows, counts, queue_fingerprint(found, counts))
+
+
 def queue_page(
     session: DbSession,
     keyring: phi.Keyring,
@@ -1139,38 +1240,44 @@ def queue_rows_for(
     sort: str = "priority",
 ) -> list[QueueRow]:
     usernames = _usernames(session, [r.assignee_id for r in requests])
-    rows = []
-    for request in requests:
-        name = "?"
-        if request.display_name and request.wrapped_key and request.kek_id:
-            try:
-                name = phi.open_sealed(
-                    _data_key(keyring, request),
-                    request.id,
-                    phi.DISPLAY_PURPOSE,
-                    request.display_name,
-                )["name"]
-            except phi.SealError:
-                name = "(unreadable)"
-        rows.append(
-            QueueRow(
-                reference=request.reference,
-                kind=request.kind,
-                topic=request.topic,
-                language=request.language,
-                status=request.status,
-                priority=request.priority,
-                team=request.team,
-                sla_due_at=request.sla_due_at,
-                assignee=usernames.get(request.assignee_id) if request.assignee_id else None,
-                display_name=name,
-                cursor=_cursor(request, sort),
-                interpreter_language=request.interpreter_language,
-                language_need=request.language_need,
-                created_at=request.created_at,
+    return [
+        _queue_row(keyring, request, usernames.get(request.assignee_id or 0), sort)
+        for request in requests
+    ]
+
+
+def _queue_row(
+    keyring: phi.Keyring, request: Request | Row[Any], assignee: str | None, sort: str
+) -> QueueRow:
+    """A queue row of a request (an ORM object or a row of ``PAGE_COLUMNS``)."""
+    name = "?"
+    if request.display_name and request.wrapped_key and request.kek_id:
+        try:
+            data_key = phi.unwrap_data_key(
+                keyring, request.id, phi.WrappedKey(request.kek_id, request.wrapped_key)
             )
-        )
-    return rows
+            opened = phi.open_sealed(
+                data_key, request.id, phi.DISPLAY_PURPOSE, request.display_name
+            )
+            name = opened["name"]
+        except phi.SealError:
+            name = "(unreadable)"
+    return QueueRow(
+        reference=request.reference,
+        kind=request.kind,
+        topic=request.topic,
+        language=request.language,
+        status=request.status,
+        priority=request.priority,
+        team=request.team,
+        sla_due_at=request.sla_due_at,
+        assignee=assignee if request.assignee_id else None,
+        display_name=name,
+        cursor=_cursor(request, sort),
+        interpreter_language=request.interpreter_language,
+        language_need=request.language_need,
+        created_at=request.created_at,
+    )
 
 
 # -- finding a request -------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import structlog
@@ -246,12 +245,11 @@ def queue() -> ResponseReturnValue:
     after = request.args.get("after") or None
     when = now()
     actor = current_user.actor()
-    # Taken before the rows: a change in between makes the page refresh once more, never miss it.
-    version = _queue_version(filters, sort, after)
-    rows = casework.queue_page(db.session, _keyring(), actor, after=after, sort=sort, **filters)
-    counts = casework.queue_counts(
-        db.session, actor, when, **{k: v for k, v in filters.items() if k != "assignee"}
+    # The version stamp is that of the rows and counts shown (see casework.queue_view).
+    view = casework.queue_view(
+        db.session, _keyring(), actor, when, after=after, sort=sort, **filters
     )
+    rows = view.rows
     people = casework.assignable_people(db.session) if current_user.role == "supervisor" else []
     # The queue shows first name and last initial: a minimum-necessary view, still recorded.
     # The references shown go in the details so a patient's access report can list queue views.
@@ -274,7 +272,7 @@ def queue() -> ResponseReturnValue:
         filters=filters,
         sort=sort,
         queue_args=lambda **changes: _queue_args(filters, sort, **changes),
-        counts=counts,
+        counts=view.counts,
         people=people,
         now=when,
         teams=teams,
@@ -285,7 +283,7 @@ def queue() -> ResponseReturnValue:
         languages=_languages(),
         next_cursor=rows[-1].cursor if len(rows) == 50 else None,
         after=after,
-        version=version,
+        version=view.version,
         bulk_form=BulkForm(),
         transfer_teams=teams,
     )
@@ -304,26 +302,11 @@ def queue_version() -> ResponseReturnValue:
 
 def _queue_version(filters: dict[str, Any], sort: str, after: str | None) -> str:
     """The rows of the page and the counts above them: either changing refreshes the page."""
-    from intake.models import Request
-
-    actor = current_user.actor()
-    query = casework.queue_query(actor, after=after, sort=sort, **filters)
-    ids = db.session.execute(
-        query.with_only_columns(
-            Request.id,
-            Request.status,
-            Request.priority,
-            Request.assignee_id,
-            Request.updated_at,
-            Request.language_need,
-        )
-    ).all()
-    counts = casework.queue_counts(
-        db.session, actor, now(), **{k: v for k, v in filters.items() if k != "assignee"}
+    version = casework.queue_version(
+        db.session, current_user.actor(), now(), sort=sort, after=after, **filters
     )
     db.session.rollback()
-    fingerprint = repr(([tuple(map(str, row)) for row in ids], counts))
-    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return version
 
 
 BULK_ACTIONS = ("claim", "assign", "transfer")

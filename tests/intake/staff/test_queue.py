@@ -7,7 +7,9 @@ import re
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
+from intake.extensions import db
 from tests.intake.staff.conftest import queue_references, request_state
 
 NEXT_RE = re.compile(r'<a href="([^"]*)">Next page</a>')
@@ -148,3 +150,112 @@ def test_unrouted_requests_page_too(app, patient, make_user, staff_login):
     page_one, page_two = queue_references(first), queue_references(second)
     assert len(page_one) == 50 and len(page_two) == 2
     assert sorted(page_one + page_two) == sorted(made)
+
+
+# -- what one page costs (issue 14, target 5) ---------------------------------------------------
+
+VERSION_URL_RE = re.compile(r'data-version-url="([^"]*)"')
+ROW_LINK_RE = re.compile(r'<td class="queue__reference"><a href="([^"]*)"')
+
+
+def _statements(app) -> list[str]:
+    """Every statement the app's engine runs from now on."""
+    seen: list[str] = []
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", lambda _c, _k, sql, *_r: seen.append(sql))
+    return seen
+
+
+def test_a_queue_page_reads_the_requests_twice_and_never_their_phi(app, mixed, ana):
+    ana.act(mixed["high"], "claim")
+    seen = _statements(app)
+
+    html = ana.queue_html("?kind=contact")
+
+    assert "ana" in html  # the assignee's name, joined into the page's select
+    on_requests = [sql for sql in seen if "FROM requests" in sql]
+    # One select of the rows shown, one count: the version stamp is derived from those two.
+    assert len(on_requests) == 2, on_requests
+    assert not [sql for sql in seen if "WHERE users.id IN" in sql]
+    for column in ("phi_encrypted", "phone_index", "email_index", "name_dob_index"):
+        assert not [sql for sql in on_requests if column in sql], column
+
+
+def test_every_page_carries_the_version_its_poller_computes(app, mixed, route, clock, ana):
+    # Enough for a second page, so its cursor is part of what the version is taken over.
+    for minutes in range(50):
+        route("refill", location="main", at=clock() + timedelta(minutes=minutes))
+    ana.act(mixed["high"], "claim")
+    first = ana.queue_html()
+    second = htmllib.unescape(NEXT_RE.search(first).group(1)).removeprefix("/staff/queue")
+    queries = [
+        "",
+        second,
+        "?kind=contact",
+        "?status=queued&team=clinical&kind=contact",
+        "?assignee=mine",
+        "?assignee=unassigned&sort=-received",
+        "?sort=due",
+        "?language_need=any",
+    ]
+    for query in queries:
+        page = ana.queue_html(query)
+        version = VERSION_ATTR_RE.search(page).group(1)
+        poll = ana.get(htmllib.unescape(VERSION_URL_RE.search(page).group(1)))
+        assert poll.get_json()["version"] == version, query
+
+    mine = ana.queue_html("?assignee=mine")
+    ana.act(mixed["high"], "status", status="in_progress")
+    poll = ana.get(htmllib.unescape(VERSION_URL_RE.search(mine).group(1)))
+    assert poll.get_json()["version"] != VERSION_ATTR_RE.search(mine).group(1)
+
+
+def test_a_change_between_the_rows_and_the_counts_is_not_missed(app, mixed, ana, monkeypatch):
+    """The page's version is that of what it shows: a change after its rows were read makes
+    the poller see a difference at once, and the page reloads with it."""
+    from intake.models import Request
+    from intake.requests import casework
+
+    counts = casework.queue_counts
+
+    def change_then_count(session, *args, **kwargs):
+        session.execute(
+            sa.update(Request)
+            .where(Request.reference == mixed["normal"])
+            .values(status="in_progress", updated_at=clock_now())
+        )
+        return counts(session, *args, **kwargs)
+
+    def clock_now():
+        return app.extensions["intake.clock"]() + timedelta(seconds=1)
+
+    def status_shown(html: str) -> str:
+        row = html.split(f'data-reference="{mixed["normal"]}"', 1)[1].split("</tr>", 1)[0]
+        return re.search(r'<td data-label="Status">([^<]*)</td>', row).group(1)
+
+    monkeypatch.setattr(casework, "queue_counts", change_then_count)
+    page = ana.queue_html()
+    monkeypatch.setattr(casework, "queue_counts", counts)
+
+    assert status_shown(page) == "queued"  # the rows were read before the change
+    shown = VERSION_ATTR_RE.search(page).group(1)
+    assert ana.get("/staff/queue/version").get_json()["version"] != shown
+    again = ana.queue_html()
+    assert status_shown(again) == "in progress"
+    assert ana.get("/staff/queue/version").get_json()["version"] == (
+        VERSION_ATTR_RE.search(again).group(1)
+    )
+
+
+def test_row_links_are_the_request_pages_under_any_script_root(app, mixed, ana):
+    expected = queue_references(ana.queue_html())
+    assert len(expected) == 4
+    for root in ("", "/pharmacy"):
+        response = ana.get("/staff/queue", environ_overrides={"SCRIPT_NAME": root})
+        html = response.get_data(as_text=True)
+        assert ROW_LINK_RE.findall(html) == [f"{root}/staff/requests/{ref}" for ref in expected]
+    with app.test_request_context(environ_overrides={"SCRIPT_NAME": "/pharmacy"}):
+        from flask import url_for
+
+        assert ROW_LINK_RE.findall(html)[0] == url_for("staff.request_page", reference=expected[0])

@@ -98,6 +98,38 @@ def test_counts_follow_the_filters_in_force(work, ana):
     }
 
 
+def test_counts_under_a_status_filter_come_from_one_count_query(app, work, ana, clock):
+    """All four numbers come from one count query, narrowed by status, team and kind together;
+    each is held here against the requests themselves."""
+    assert ana.act(work["hers"], "status", status="in_progress").status_code == 303
+    states = {
+        key: {**request_state(app, ref), "kind": "refill" if ref.startswith("R-") else "contact"}
+        for key, ref in work.items()
+        if key != "north"
+    }
+    for query, wanted in [
+        ("?status=in_progress", lambda s: s["status"] == "in_progress"),
+        ("?status=queued", lambda s: s["status"] == "queued"),
+        (
+            "?status=queued&team=refills-main&kind=refill",
+            lambda s: (
+                s["status"] == "queued" and s["team"] == "refills-main" and s["kind"] == "refill"
+            ),
+        ),
+        ("?status=completed", lambda s: False),
+    ]:
+        shown = [key for key, state in states.items() if wanted(state)]
+        overdue = [key for key in shown if states[key]["sla_due_at"] < clock()]
+        expected = {
+            "total": len(shown),
+            "overdue": len(overdue),
+            "mine": int("hers" in shown),
+            "unassigned": len([k for k in shown if k in ("overdue", "urgent", "free")]),
+        }
+        assert counts(ana.queue_html(query)) == expected, query
+    assert counts(ana.queue_html("?status=queued"))["total"] == 4
+
+
 def test_mine_and_unassigned_filters(work, ana, boris):
     assert queue_references(ana.queue_html("?assignee=mine")) == [work["hers"]]
     assert queue_references(boris.queue_html("?assignee=mine")) == [work["his"]]
