@@ -53,17 +53,24 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
         if not batch:
             log.info("route_skipped", reason="already routed or unknown")
             return
+        # Every request's notices first, then the assignments (each its own transaction): a
+        # slow or failing assignment of one request must not keep the others' teams waiting,
+        # and a retry of this task finds them all routed and would do none of it.
         for routed in batch:
             structlog.contextvars.bind_contextvars(request_id=routed.request_id)
             with tracing.bound(routed.trace_id):
-                _routed(table, routed, batched=routed.request_id != request_id)
+                _routed(routed, batched=routed.request_id != request_id)
+        for routed in batch:
+            if routed.assignee is None and table.teams[routed.team].assigns:
+                structlog.contextvars.bind_contextvars(request_id=routed.request_id)
+                with tracing.bound(routed.trace_id):
+                    _assign_routed(table, routed)
     finally:
         structlog.contextvars.unbind_contextvars("task", "request_id")
 
 
-def _routed(table: routing.RoutingTable, routed: routing.Routed, *, batched: bool) -> None:
-    """What follows one request's routing commit: its log line, its notices, its metrics, and
-    for a team that assigns automatically, its assignment."""
+def _routed(routed: routing.Routed, *, batched: bool) -> None:
+    """What follows one request's routing commit: its log line, its notices, its metrics."""
     log.info(
         "request_routed",
         reference=routed.reference,
@@ -78,8 +85,17 @@ def _routed(table: routing.RoutingTable, routed: routing.Routed, *, batched: boo
         received = routed.received_at
         received = received if received.tzinfo else received.replace(tzinfo=UTC)
         metrics.ROUTING_LATENCY.observe(max((utcnow() - received).total_seconds(), 0.0))
-    if routed.assignee is None and table.teams[routed.team].assigns:
+
+
+def _assign_routed(table: routing.RoutingTable, routed: routing.Routed) -> None:
+    """Give a just-routed request of an assigning team to a member. A database error here is
+    left to the assignment sweep (beat), which gives out every unassigned request: retrying
+    the task would not, as it finds its request routed and stops."""
+    try:
         _assign(table, routed.request_id, trigger="routed", record_unassigned=True)
+    except TRANSIENT as error:
+        db.session.rollback()
+        log.warning("assignment_deferred", reference=routed.reference, error=type(error).__name__)
 
 
 def _assign(table: routing.RoutingTable, request_id: str, **options: Any) -> None:

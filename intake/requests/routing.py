@@ -614,12 +614,18 @@ def route_received(
     each exactly once, in one transaction; return what was done, the task's own request first,
     or [] when it was routed already (by another task's batch, a second delivery) or is gone.
 
-    Rows are locked (``FOR UPDATE`` on PostgreSQL: the task's own request waiting for a worker
-    that holds it, the others ``SKIP LOCKED`` so two batches never wait on each other; SQLite
-    transactions here hold the write lock from their first statement) and changed only by a
-    conditional update on their status, so a second delivery, or two workers racing, change
-    nothing and notify nobody twice. Each routed request gets its own ``request.routed`` event
-    and team notice, written as if routed alone.
+    Rows are locked (``FOR NO KEY UPDATE`` on PostgreSQL: the task's own request waiting for a
+    worker that holds it, the others ``SKIP LOCKED`` so two batches never wait on each other;
+    SQLite transactions here hold the write lock from their first statement) and changed only
+    by a conditional update on their status, so a second delivery, or two workers racing,
+    change nothing and notify nobody twice. Each routed request gets its own
+    ``request.routed`` event and team notice, written as if routed alone.
+
+    Why NO KEY UPDATE: the batch holds its rows while it waits for the audit chain's lock, and
+    a transaction already holding that lock may still insert a row pointing at one of them (a
+    break-glass opening's alert in the outbox), whose foreign key takes a key-share lock on the
+    request. ``FOR UPDATE`` blocks that lock, and the two deadlock; routing changes no key, so
+    the weaker lock, which still keeps out every other writer of the row, lets it through.
 
     A request needing a language other than English (its form's, or the interpreter asked for)
     goes to someone who speaks it (:func:`plan_language`); when nobody does, it is flagged in
@@ -657,7 +663,7 @@ def route_received(
         return []
     columns = _routing_columns()
     own = session.execute(
-        select(*columns).where(Request.id == request_id).with_for_update()
+        select(*columns).where(Request.id == request_id).with_for_update(key_share=True)
     ).first()
     if own is None or own.status != "received":
         outbox.mark_done(session, request_id, ROUTE_TASK)
@@ -673,7 +679,7 @@ def route_received(
             session.rollback()
             log.warning("routing_batch_failed", error=type(error).__name__)
         own = session.execute(
-            select(*columns).where(Request.id == request_id).with_for_update()
+            select(*columns).where(Request.id == request_id).with_for_update(key_share=True)
         ).first()
         if own is None or own.status != "received":
             session.rollback()
@@ -700,7 +706,7 @@ def _route_batch(
             .where(Request.status == "received", Request.id != request_id)
             .order_by(Request.created_at, Request.id)
             .limit(batch - 1)
-            .with_for_update(skip_locked=True)
+            .with_for_update(key_share=True, skip_locked=True)
         ).all()
     planned = [(row, change) for row in rows if (change := _route_row(session, table, row, now))]
     if not planned:
