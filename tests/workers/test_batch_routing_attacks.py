@@ -9,6 +9,7 @@ import contextlib
 import json
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,12 +20,36 @@ from intake.clock import utcnow
 from intake.extensions import db
 from intake.models import OutboxMessage, Request
 from intake.ops import metrics, tracing
-from intake.requests import casework, routing
+from intake.requests import casework, outbox, routing
+from tests.conftest import reference_from
 from tests.intake.compliance.conftest import Staff
-from tests.workers.conftest import wait_until
-from tests.workers.test_batch_routing import outbox_rows, routed_events, settings, submitted
+from tests.intake.crypto.test_phi_canary import CONTACT_CANARIES, leaked
+from tests.workers.conftest import (
+    email_routing_file,
+    free_port,
+    pipeline_settings,
+    wait_until,
+)
+from tests.workers.test_batch_routing import outbox_rows, routed_events, submitted
 
-__all__ = ["settings"]  # the fixture of test_batch_routing: no broker, e-mail routing rules
+# Tests that run real worker processes over a throwaway redis-server and SMTP server; the
+# others run the routing tasks here by hand, with no broker (as tests/workers/test_batch_routing).
+PIPELINE_TESTS = {"test_a_worker_killed_mid_batch_routes_every_request_once"}
+
+
+@pytest.fixture
+def settings(request, base_settings, database_url, tmp_path):
+    if request.function.__name__ in PIPELINE_TESTS:
+        redis = request.getfixturevalue("redis_server")
+        smtp_url, _mailbox = request.getfixturevalue("smtp_server")
+        return pipeline_settings(base_settings, database_url, tmp_path, redis.url, smtp_url)
+    return base_settings.replace(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        smtp_url=f"smtp://127.0.0.1:{free_port()}",
+        routing_file=email_routing_file(tmp_path),
+    )
+
 
 REASON = "Patient called the after-hours line about a refill that is not routed yet"
 
@@ -145,12 +170,14 @@ def test_a_break_glass_beside_a_batch_neither_deadlocks_nor_fails(app, patient, 
     assert_trail_intact(app)
 
 
-def queued_messages(app) -> list[dict[str, Any]]:
-    """The headers of the tasks waiting in the embedded broker's queue folder."""
-    from pathlib import Path
+def broker_queue(app) -> Path:
+    """The embedded broker's queue folder (kombu's filesystem transport: a file a message)."""
+    return Path(app.extensions["intake.settings"].data_dir) / "broker" / "queue"
 
-    folder = Path(app.extensions["intake.settings"].data_dir) / "broker" / "queue"
-    return [json.loads(path.read_text())["headers"] for path in folder.glob("*.msg")]
+
+def queued_messages(app) -> list[dict[str, Any]]:
+    """The headers of the tasks waiting in the embedded broker."""
+    return [json.loads(path.read_text())["headers"] for path in broker_queue(app).glob("*.msg")]
 
 
 def queued_tasks(app) -> dict[str, list[str]]:
@@ -268,8 +295,20 @@ def test_a_forged_outbox_trace_never_reaches_the_logs_or_a_message(app, patient,
                 .values(trace_id=value)
             )
         db.session.commit()
-    with app.app_context(), tracing.bound(leader_trace), logs_with_context() as logs:
+    # The sweep republishing the routing rows publishes each under the trace its row holds:
+    # the forged ones under none. (The messages the submissions published are dropped first.)
+    for path in broker_queue(app).glob("*.msg"):
+        path.unlink()
+    with app.app_context(), logs_with_context() as logs:
+        assert outbox.sweep(db.session, republish_after=0) == len(requests)
+    republished = {
+        ast.literal_eval(message["argsrepr"])[0]: message.get(tracing.HEADER)
+        for message in queued_messages(app)
+    }
+    assert republished == {**{request_id: None for request_id in forged}, leader: leader_trace}
+    with app.app_context(), tracing.bound(leader_trace), logs_with_context() as more:
         route_request.run(leader)
+    logs += more
     by_reference = {reference: request_id for reference, request_id, _t in requests}
     lines = [line for line in logs if line["event"] == "request_routed"]
     assert len(lines) == len(requests)
@@ -294,3 +333,169 @@ def test_a_forged_outbox_trace_never_reaches_the_logs_or_a_message(app, patient,
     }
     assert headers == {**{request_id: None for request_id in forged}, leader: leader_trace}
     assert set(by_reference.values()) == set(headers)
+
+
+def test_workers_routing_overlapping_batches_route_each_request_once(app, patient):
+    """Four workers take the routing tasks of 36 waiting requests at once, each its own batch
+    over the same oldest rows, and every task is delivered twice (acks_late redelivery): each
+    request is still routed once, with one event, one notice and one routed line, and the
+    chain and its anchor agree afterwards."""
+    from workers.tasks import route_request
+
+    requests = submitted(app, patient, 36)
+    ids = [request_id for _reference, request_id, _trace in requests]
+    deliveries = [ids[i::4][::-1] * 2 for i in range(4)]  # newest first: batches overlap
+    counted = {team: _routed_count(team) for team in app.extensions["intake.routing"].teams}
+    results: dict[str, Any] = {}
+    start = threading.Barrier(4)
+
+    def work(mine: list[str]):
+        def run() -> int:
+            start.wait()
+            for request_id in mine:
+                route_request.run(request_id)
+            return len(mine)
+
+        return run
+
+    with capture_logs() as logs:
+        threads = [
+            _in_thread(app, results, f"worker{n}", work(mine)) for n, mine in enumerate(deliveries)
+        ]
+        for thread in threads:
+            thread.join(120)
+    assert all(results[f"worker{n}"] == 18 for n in range(4)), results
+    assert routed_events(app) == Counter({reference: 1 for reference, _i, _t in requests})
+    lines = Counter(line["reference"] for line in logs if line["event"] == "request_routed")
+    assert lines == Counter({reference: 1 for reference, _i, _t in requests})
+    assert not [line for line in logs if line["event"] == "routing_batch_failed"]
+    assert len(outbox_rows(app, routing.NOTIFY_TASK)) == 36
+    assert {status for status, _t in outbox_rows(app, routing.ROUTE_TASK).values()} == {"done"}
+    with app.app_context():
+        teams = Counter(db.session.execute(sa.select(Request.team)).scalars())
+    assert {team: _routed_count(team) - counted[team] for team in teams} == dict(teams)
+    assert_trail_intact(app)
+
+
+def test_a_backlog_drains_in_batches_of_at_most_the_batch_size(app, patient):
+    """A task routes its own request and at most ROUTING_BATCH - 1 others, the oldest: a
+    backlog of any size never makes one transaction (and one hold of the chain's lock) longer."""
+    from workers.tasks import route_request
+
+    requests = submitted(app, patient, routing.ROUTING_BATCH + 5)
+    ids = [request_id for _reference, request_id, _trace in requests]
+    with app.app_context():
+        route_request.run(ids[-1])
+        waiting = list(
+            db.session.execute(
+                sa.select(Request.id)
+                .where(Request.status == "received")
+                .order_by(Request.created_at, Request.id)
+            ).scalars()
+        )
+    # Its own, then the 24 oldest; the five after them wait for their own tasks.
+    assert waiting == ids[routing.ROUTING_BATCH - 1 : -1]
+    assert sum(routed_events(app).values()) == routing.ROUTING_BATCH
+    with app.app_context():
+        route_request.run(waiting[0])
+    assert sum(routed_events(app).values()) == len(requests)
+    assert_trail_intact(app)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_worker_killed_mid_batch_routes_every_request_once(
+    app, patient, database_url, celery_processes, settings, smtp_server
+):
+    """A worker is SIGKILLed while its batch is half written (its request rows updated, held
+    on a routing row the sweep has locked). Nothing of the batch commits; the redelivered
+    tasks (acks_late) and the sweep then route every request exactly once, with one e-mail
+    each, an audit chain and anchor that agree, and no PHI in any worker's log."""
+    _url, mailbox = smtp_server
+    references = [
+        reference_from(patient.contact(topic="copay", **CONTACT_CANARIES)) for _ in range(6)
+    ]
+    with app.app_context():
+        ids = list(
+            db.session.execute(
+                sa.select(Request.id).order_by(Request.created_at, Request.id)
+            ).scalars()
+        )
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as sweep:
+            sweep.execute(
+                sa.text(
+                    "SELECT id FROM outbox WHERE request_id = :id AND task = 'route_request' "
+                    "FOR UPDATE"
+                ),
+                {"id": ids[1]},
+            )
+            first = celery_processes(settings).wait_ready()
+            wait_until(
+                lambda: _waiting_on_lock(engine, "UPDATE outbox"), 60, message="a batch held"
+            )
+            first.kill()
+            sweep.rollback()
+        # The killed worker's sessions end without a commit.
+        wait_until(lambda: not _waiting_on_lock(engine, ""), 30, message="the sessions gone")
+    finally:
+        engine.dispose()
+    with app.app_context():
+        statuses = set(db.session.execute(sa.select(Request.status)).scalars())
+    assert statuses == {"received"}, "the killed batch committed"
+
+    second = celery_processes(settings).wait_ready()
+    beat = celery_processes(settings, "beat")
+    wait_until(
+        lambda: sum(routed_events(app).values()) >= len(references), 90, message="all routed"
+    )
+    wait_until(lambda: len(mailbox.messages) >= len(references), 60, message="the e-mails")
+    assert routed_events(app) == Counter({reference: 1 for reference in references})
+    mailed = Counter(
+        next(reference for reference in references if reference in body)
+        for body in mailbox.bodies()
+    )
+    assert mailed == Counter({reference: 1 for reference in references})
+    assert_trail_intact(app)
+    for process in (first, second, beat):
+        assert leaked(process.log_path.read_bytes()) == []
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_request_cancelled_while_its_task_waits_for_the_lock_is_not_routed(
+    app, patient, database_url
+):
+    """The task's unlocked read sees its request waiting; before it has the row, a supervisor's
+    transaction holding it cancels it. The task must then route nothing of it, write no event,
+    and close its routing row so the sweep stops publishing it."""
+    requests = submitted(app, patient, 3)
+    reference, cancelled, _trace = requests[1]
+    table = app.extensions["intake.routing"]
+    engine = sa.create_engine(database_url)
+    results: dict[str, Any] = {}
+    try:
+        with engine.connect() as supervisor:
+            supervisor.execute(
+                sa.text("SELECT id FROM requests WHERE id = :id FOR UPDATE"), {"id": cancelled}
+            )
+            task = _in_thread(
+                app,
+                results,
+                "task",
+                lambda: routing.route_received(db.session, table, cancelled, utcnow()),
+            )
+            wait_until(lambda: _waiting_on_lock(engine, "SELECT"), 20, message="the task")
+            supervisor.execute(
+                sa.text("UPDATE requests SET status = 'cancelled' WHERE id = :id"),
+                {"id": cancelled},
+            )
+            supervisor.commit()
+        task.join(30)
+    finally:
+        engine.dispose()
+    assert results["task"] == []
+    assert reference not in routed_events(app)
+    assert outbox_rows(app, routing.ROUTE_TASK)[cancelled][0] == "done"
+    with app.app_context():
+        assert db.session.get(Request, cancelled).status == "cancelled"
+    assert_trail_intact(app)
