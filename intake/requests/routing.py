@@ -708,10 +708,14 @@ def _route_batch(
             .limit(batch - 1)
             .with_for_update(key_share=True, skip_locked=True)
         ).all()
-    planned = [(row, change) for row in rows if (change := _route_row(session, table, row, now))]
+    deferred: list[dict[str, Any]] = []
+    planned = [
+        (row, change) for row in rows if (change := _route_row(session, table, row, now, deferred))
+    ]
     if not planned:
         session.rollback()
         return []
+    _update_deferred(session, deferred)
     routed_ids = [row.id for row, _planned in planned]
     outbox.mark_done_for(session, routed_ids, ROUTE_TASK)
     # Each request's notices and log lines go under the trace of its own submission: the
@@ -761,6 +765,34 @@ def _route_batch(
     return routed
 
 
+def _update_deferred(session: Any, deferred: list[dict[str, Any]]) -> None:
+    """One executemany UPDATE for the batch's rows (pipelined by psycopg, one statement for
+    SQLite), grouped by the columns they set. The rows are locked and were ``received``, so
+    the condition on the status holds for each; if it did not, the batch is rolled back."""
+    from sqlalchemy import bindparam, update
+
+    from intake.models import Request
+
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for values in deferred:
+        groups.setdefault(tuple(sorted(values)), []).append(values)
+    table = Request.__table__
+    for columns, rows in groups.items():
+        names = [name for name in columns if name != "routed_id"]
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("routed_id"), table.c.status == "received")
+            .values({name: bindparam(f"new_{name}", type_=table.c[name].type) for name in names})
+        )
+        params = [
+            {"routed_id": row["routed_id"], **{f"new_{name}": row[name] for name in names}}
+            for row in rows
+        ]
+        changed = session.execute(statement, params).rowcount
+        if changed != len(rows):
+            raise RuntimeError(f"routing updated {changed} of {len(rows)} locked requests")
+
+
 def _routing_columns() -> tuple[Any, ...]:
     from intake.models import Request
 
@@ -796,11 +828,12 @@ def _routing_traces(session: Any, request_ids: list[str]) -> dict[str, str | Non
 
 
 def _route_row(
-    session: Any, table: RoutingTable, row: Any, now: datetime
+    session: Any, table: RoutingTable, row: Any, now: datetime, deferred: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], LanguagePlan, Speaker | None] | None:
     """Route one locked ``received`` row inside the caller's transaction: the decision and the
-    conditional update. Returns the details of its ``request.routed`` event, its language plan
-    and the member it was given to, or None if the row was not changed."""
+    conditional update, or its values added to ``deferred`` for the caller's one UPDATE of the
+    batch. Returns the details of its ``request.routed`` event, its language plan and the
+    member it was given to, or None if the row was not changed."""
     from sqlalchemy import update
 
     from intake.models import Request
@@ -826,11 +859,18 @@ def _route_row(
     speaker = plan.speaker if not table.teams[plan.team].assigns else None
     if speaker is not None:
         values.update(assignee_id=speaker.user_id, claimed_at=now, last_activity_at=now)
-    changed = session.execute(
-        update(Request).where(Request.id == row.id, Request.status == "received").values(**values)
-    ).rowcount
-    if changed != 1:
-        return None
+    if speaker is None:
+        # Written with the rest of the batch, in one statement (the caller's).
+        deferred.append({"routed_id": row.id, **values})
+    else:
+        # At once: the next request's choice of speaker counts this one as open work.
+        changed = session.execute(
+            update(Request)
+            .where(Request.id == row.id, Request.status == "received")
+            .values(**values)
+        ).rowcount
+        if changed != 1:
+            return None
     details: dict[str, Any] = {
         "team": plan.team,
         "priority": decision.priority,

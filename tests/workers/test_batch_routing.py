@@ -204,10 +204,10 @@ def test_a_request_that_cannot_be_routed_holds_up_no_other(app, patient, monkeyp
     poison = requests[0][1]  # the oldest: every batch picks it first
     route_row = routing._route_row
 
-    def failing(session, table, row, now):
+    def failing(session, table, row, *args):
         if row.id == poison:
             raise ValueError("this row cannot be routed")
-        return route_row(session, table, row, now)
+        return route_row(session, table, row, *args)
 
     monkeypatch.setattr(routing, "_route_row", failing)
     with app.app_context(), capture_logs() as logs:

@@ -407,3 +407,20 @@ def test_a_spanish_interpreter_on_the_english_form_goes_to_spanish_speakers(app,
     )
     route(app, reference)
     assert state(app, reference)["team"] == "bilingual"
+
+
+def test_a_batch_shares_spanish_requests_between_speakers_as_one_at_a_time_would(
+    app, patient, teams
+):
+    """Routed in one batch, each request's speaker is chosen counting the ones the batch
+    already gave out, so the work is shared, not all given to whoever was idlest first."""
+    add_user(app, "pilar", ["benefits"], ["es", "en"])
+    add_user(app, "lucia", ["benefits"], ["en", "es"])
+    references = [submit(patient, "contact", topic="copay") for _ in range(4)]
+    english = submit(patient, "contact", lang="en", topic="copay")
+    route(app, references[0])
+    assignees = [state(app, reference)["assignee"] for reference in references]
+    assert assignees == ["lucia", "pilar", "lucia", "pilar"]
+    # The English one, routed in the same batch, is with the team and nobody in particular.
+    assert state(app, english)["status"] == "queued" and state(app, english)["assignee"] is None
+    assert all(len(routed_details(app, reference)) == 1 for reference in [*references, english])
