@@ -499,3 +499,30 @@ def test_a_request_cancelled_while_its_task_waits_for_the_lock_is_not_routed(
     with app.app_context():
         assert db.session.get(Request, cancelled).status == "cancelled"
     assert_trail_intact(app)
+
+
+def test_an_assigning_team_gives_out_every_request_of_a_batch(app, patient):
+    """Patient services assigns automatically (least loaded): the requests routed in another
+    request's batch are assigned as if each had been routed alone, spread over its people."""
+    from intake.models import AuditEvent
+    from tests.intake.requests.test_assignment import add_user, create_teams
+    from workers.tasks import route_request
+
+    create_teams(app)
+    add_user(app, "ann", ["patient-services"])
+    add_user(app, "bob", ["patient-services"])
+    references = [reference_from(patient.contact(topic="question")) for _ in range(4)]
+    with app.app_context():
+        newest = db.session.execute(
+            sa.select(Request.id).where(Request.reference == references[-1])
+        ).scalar_one()
+        route_request.run(newest)
+        assigned = {
+            event.reference: json.loads(event.details)
+            for event in db.session.execute(
+                sa.select(AuditEvent).where(AuditEvent.action == "request.assigned")
+            ).scalars()
+        }
+    assert set(assigned) == set(references)
+    assert {details["trigger"] for details in assigned.values()} == {"routed"}
+    assert Counter(details["assignee"] for details in assigned.values()) == {"ann": 2, "bob": 2}
