@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_string
@@ -341,53 +341,20 @@ def _row_hash(prev_hash: str, *fields: Any) -> str:
     return hashlib.sha256(f"{prev_hash}\n{_canonical(*fields)}".encode()).hexdigest()
 
 
-def _listing_problem(
-    seq: int, action: str, reference: str | None, details: str, stored: set[str]
-) -> str | None:
-    """What is wrong with event ``seq``'s rows in ``audit_listings`` (``stored``), if anything."""
-    try:
-        parsed = json.loads(details)
-    except ValueError:
-        parsed = None
-    expected = set(
-        listings.listed_references(action, reference, parsed if isinstance(parsed, dict) else {})
-    )
-    if stored == expected:
-        return None
-    missing, extra = sorted(expected - stored), sorted(stored - expected)
-    if missing:
-        return (
-            f"listings index does not match event {seq}: it lists {', '.join(missing)} "
-            "but audit_listings has no row for that (rows deleted)"
-        )
-    return (
-        f"listings index does not match event {seq}: audit_listings names {', '.join(extra)}, "
-        "which the event does not list (rows added)"
-    )
-
-
-_NO_LISTING = (2**63, "")  # past any seq: the listings stream is exhausted
-
-
 def _verify_rows(
     rows: Iterator[Row],
     claims: Sequence[CheckpointClaim] | None,
     start: tuple[int, str] = (0, GENESIS_HASH),
-    listed: Iterator[tuple[int, str]] | None = None,
-    first_orphan: Callable[[list[int]], int | None] | None = None,
+    listed: listings.ListingCheck | None = None,
 ) -> ChainReport:
     """Recompute the chain over ``rows`` and hold it against every trustworthy checkpoint.
 
-    ``listed``, the ``audit_listings`` rows (seq, reference) in seq order, is merged with the
-    events as they stream by: each listing event's references are derived from its details the
-    way record_event derived them, and any row missing or extra is named at its event. Rows
-    left past the chain's end go to ``first_orphan``, which names the first that has no event.
+    ``listed`` holds ``audit_listings`` against the events as they stream by: each listing
+    event, and each event the table has rows for, goes to it, and it names the first event
+    whose rows are missing or extra (intake.audit.listings.ListingCheck).
     """
     trusted, file_finding = _claims_in_order(claims or ())
     listing_actions = frozenset(listings.LISTING_ACTIONS)
-    check_listings = listed is not None
-    listed = listed if listed is not None else iter(())
-    next_listed, next_listed_ref = next(listed, _NO_LISTING)
     listing_finding: _Finding | None = None
     marks = iter(trusted)
     mark = next(marks, None)
@@ -430,19 +397,9 @@ def _verify_rows(
                 mark_seq = mark.seq if mark else -1
             if action == CHECKPOINT_ACTION:
                 named.append((seq, details))
-            if check_listings and (action in listing_actions or seq >= next_listed):
-                if next_listed < seq:
-                    # A row for a seq the chain skipped over cannot be; the chain would break.
-                    listing_finding = listing_finding or (next_listed, _orphan(next_listed))
-                    while next_listed < seq:
-                        next_listed, next_listed_ref = next(listed, _NO_LISTING)
-                stored: set[str] = set()
-                while next_listed == seq:
-                    stored.add(next_listed_ref)
-                    next_listed, next_listed_ref = next(listed, _NO_LISTING)
-                problem = _listing_problem(seq, action, ref, details, stored)
-                if problem is not None and listing_finding is None:
-                    listing_finding = (seq, problem)
+            if listed is not None and (action in listing_actions or seq >= listed.next_seq):
+                found = listed.at(seq, action, ref, details)
+                listing_finding = listing_finding or found
             prev_seq, prev_hash = seq, row_hash
     except (TypeError, AttributeError):
         # A column holding a value of the wrong type (SQLite stores what it is given).
@@ -450,12 +407,8 @@ def _verify_rows(
     findings: list[_Finding] = []
     if file_finding:
         findings.append(file_finding)
-    if check_listings and chain_finding is None and next_listed < _NO_LISTING[0]:
-        assert first_orphan is not None
-        beyond = sorted({next_listed, *(seq for seq, _reference in listed)})
-        orphan = first_orphan(beyond)
-        if orphan is not None:
-            listing_finding = listing_finding or (orphan, _orphan(orphan))
+    if listed is not None and chain_finding is None:
+        listing_finding = listing_finding or listed.after_chain()
     if listing_finding:
         findings.append(listing_finding)
     if chain_finding:
@@ -476,10 +429,6 @@ def _verify_rows(
     # Report the earliest damage; a line that names no seq only when nothing else is wrong.
     first_seq, problem = min(findings, key=lambda f: float("inf") if f[0] is None else f[0])
     return ChainReport(False, count, first_seq, problem, prev_seq, prev_hash, matched)
-
-
-def _orphan(seq: int) -> str:
-    return f"listings index names event {seq}, which the chain does not hold (rows added)"
 
 
 def _unfiled_checkpoints(
@@ -575,13 +524,15 @@ def _stored_rows(session: DbSession, after_seq: int) -> Generator[Row, None, Non
 
 
 def _listing_rows(session: DbSession, after_seq: int) -> Generator[Any, None, None]:
-    """Stream ``audit_listings`` as (seq, reference) after ``after_seq``, in seq order (all of
-    it from the start: a row at seq 0 or below names no event either)."""
-    c = AuditListing.__table__.c
-    statement = select(c.seq, c.reference).order_by(c.seq)
-    if after_seq:
-        statement = statement.where(c.seq > after_seq)
+    """Stream ``audit_listings`` grouped by event after ``after_seq``, in seq order."""
+    statement = listings.listings_by_event(session.get_bind().dialect.name, after_seq)
     return _stream(session, statement, f"intake_audit_listings_{after_seq}")
+
+
+def _listing_references(session: DbSession, seq: Any) -> set[Any]:
+    """Event ``seq``'s rows of ``audit_listings``, one by one, as the driver hands them over."""
+    c = AuditListing.__table__.c
+    return set(session.execute(select(c.reference).where(c.seq == seq)).scalars())
 
 
 def _stream(session: DbSession, statement: Select[Any], name: str) -> Generator[Any, None, None]:
@@ -639,12 +590,13 @@ def verify_chain(
             # together. Rows of events committed in between sort after the chain's end.
             first = next(rows, None)
             listed = _listing_rows(session, start[0])
-            return _verify_rows(
-                itertools.chain(() if first is None else (first,), rows),
-                checkpoints,
-                start,
+            check = listings.ListingCheck(
                 listed,
+                lambda seq: _listing_references(session, seq),
                 lambda seqs: _first_without_event(session, seqs),
+            )
+            return _verify_rows(
+                itertools.chain(() if first is None else (first,), rows), checkpoints, start, check
             )
         return _verify_rows(rows, checkpoints, start)
     finally:

@@ -13,15 +13,18 @@ added by hand cannot make an event name a reference its details do not list. The
 append-only like the trail (triggers; the app role may only SELECT and INSERT), so only the
 schema's owner could delete a row, and that would hide one listing from the filtered views
 only, and ``intake audit verify`` names the event whose rows are missing or extra (it holds this
-table against the details in its pass over the chain: intake.audit.chain.verify_chain).
+table against the details in its pass over the chain: :class:`ListingCheck`, called from
+intake.audit.chain.verify_chain).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
-from sqlalchemy import Connection, insert, text
+from sqlalchemy import ColumnElement, Connection, Select, case, func, insert, literal, select, text
 
 from intake.extensions import DbSession
 from intake.models import AuditListing
@@ -74,3 +77,143 @@ BACKFILL = {
 def backfill_listings(connection: Connection, after: int = 0) -> None:
     """Index every listing event with ``seq > after`` that is not indexed yet."""
     connection.execute(text(BACKFILL[connection.dialect.name]), {"after": after})
+
+
+# Joins one event's stored references for the check below; a reference holding it is caught by
+# the row count and read again row by row, so the joined text is never ambiguous.
+_JOIN = ","
+_NOT_LISTED: frozenset[Any] = frozenset()
+
+
+def listings_by_event(dialect: str, after_seq: int) -> Select[Any]:
+    """``audit_listings`` grouped by event, in seq order: (seq, references joined, rows, rows
+    that are not text).
+
+    One row per listing event rather than per reference: the database joins the references,
+    so verify handles a queue view of 25 in one row instead of 25. Every seq from the start
+    (unless ``after_seq``): a row at seq 0 or below names no event either.
+    """
+    c = AuditListing.__table__.c
+    joined: ColumnElement[Any]
+    not_text: ColumnElement[Any]
+    if dialect == "postgresql":
+        joined, not_text = func.string_agg(c.reference, literal(_JOIN)), literal(0)
+    else:
+        # SQLite stores what it is given: a BLOB row would join as its bytes, yet never match
+        # a search for the reference, so such rows are counted and read one by one.
+        joined = func.group_concat(c.reference, literal(_JOIN))
+        not_text = func.count() - func.sum(case((func.typeof(c.reference) == "text", 1), else_=0))
+    statement = select(c.seq, joined, func.count(), not_text).group_by(c.seq).order_by(c.seq)
+    return statement.where(c.seq > after_seq) if after_seq else statement
+
+
+def _referenced_in(details: str) -> list[Any] | None:
+    """The ``references`` value of an event's stored details, as ``json.loads`` reads it."""
+    try:
+        parsed = json.loads(details)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    listed = parsed.get("references")
+    return listed if isinstance(listed, list) else None
+
+
+_END = 2**63  # past any seq: the listings stream is exhausted
+
+
+class ListingCheck:
+    """Hold ``audit_listings`` against the listing events' details while the chain streams by.
+
+    Why: the table is not hashed, so a database owner who deletes a reference's rows hides a
+    queue view from that patient's access report while the chain stays intact. Events arrive in
+    seq order, and so do the grouped rows (:func:`listings_by_event`); :meth:`at` is called for
+    every listing event and every event at or past :attr:`next_seq`, and names what is missing
+    or extra. Derivation is :func:`listed_references` on the details as ``json.loads`` reads
+    them, exactly what ``record_event`` indexed.
+    """
+
+    def __init__(
+        self,
+        grouped: Iterator[tuple[Any, ...]],
+        rows_of: Callable[[Any], set[Any]],
+        first_without_event: Callable[[list[int]], int | None],
+    ) -> None:
+        self._grouped = grouped
+        self._rows_of = rows_of
+        self._first_without_event = first_without_event
+        self._row: tuple[Any, ...] = ()
+        self.next_seq: int = _END
+        self._advance()
+
+    def _advance(self) -> None:
+        self._row = next(self._grouped, (_END, "", 0, 0))
+        self.next_seq = self._row[0]
+
+    def _stored(self) -> tuple[AbstractSet[Any], bool]:
+        """The current event's stored references, and whether they are all text."""
+        seq, joined, rows, not_text = self._row
+        self._advance()
+        if not not_text:
+            references = joined.split(_JOIN)
+            if len(references) == rows:
+                return set(references), True
+        # A reference holding the separator, or not text: the rows as the driver reads them.
+        return self._rows_of(seq), False
+
+    def at(
+        self, seq: int, action: str, reference: str | None, details: str
+    ) -> tuple[int, str] | None:
+        """What is wrong with event ``seq``'s rows, as (seq, problem), if anything."""
+        finding = None
+        if self.next_seq < seq:
+            # A row for a seq the chain skipped over cannot be; the chain would break.
+            finding = (self.next_seq, orphan_problem(self.next_seq))
+            while self.next_seq < seq:
+                self._advance()
+        stored, text_only = self._stored() if self.next_seq == seq else (_NOT_LISTED, True)
+        listed = None
+        if reference is None and action in LISTING_ACTIONS:
+            listed = _referenced_in(details)  # otherwise listed_references lists nothing
+        if listed is None:
+            expected: AbstractSet[Any] = _NOT_LISTED
+        else:
+            if text_only:
+                # The usual case, without filtering: a list equal as a set to text alone holds
+                # text alone, so it is what listed_references would keep.
+                try:
+                    if set(listed) == stored:
+                        return finding
+                except TypeError:  # an unhashable item (a list or an object)
+                    pass
+            expected = set(listed_references(action, None, {"references": listed}))
+        if finding is None and stored != expected:
+            finding = (seq, _mismatch(seq, expected, stored))
+        return finding
+
+    def after_chain(self) -> tuple[int, str] | None:
+        """Name the first row left past the chain's end that no event holds (committed later
+        is fine)."""
+        if self.next_seq == _END:
+            return None
+        beyond = sorted({self.next_seq, *(row[0] for row in self._grouped)})
+        orphan = self._first_without_event(beyond)
+        return None if orphan is None else (orphan, orphan_problem(orphan))
+
+
+def _mismatch(seq: int, expected: AbstractSet[Any], stored: AbstractSet[Any]) -> str:
+    missing = sorted(map(str, expected - stored))
+    if missing:
+        return (
+            f"listings index does not match event {seq}: it lists {', '.join(missing)} "
+            "but audit_listings has no row for that (rows deleted)"
+        )
+    extra = sorted(map(str, stored - expected))
+    return (
+        f"listings index does not match event {seq}: audit_listings names {', '.join(extra)}, "
+        "which the event does not list (rows added)"
+    )
+
+
+def orphan_problem(seq: int) -> str:
+    return f"listings index names event {seq}, which the chain does not hold (rows added)"

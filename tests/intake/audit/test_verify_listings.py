@@ -88,8 +88,43 @@ def list_before_the_chain() -> None:
     as_listings_owner(f"INSERT INTO audit_listings (reference, seq) VALUES ('{STRANGER}', 0)")
 
 
+def move_a_row_to_the_next_listing() -> None:
+    as_listings_owner(
+        f"DELETE FROM audit_listings WHERE reference = '{VIEWED}' AND seq = 2",
+        f"INSERT INTO audit_listings (reference, seq) VALUES ('{VIEWED}', 3)",
+    )
+
+
+def merge_two_rows_into_one_joined() -> None:
+    # Verify reads each event's rows joined by a comma: one row holding both references
+    # joined must not pass for the two rows it replaced.
+    as_listings_owner(
+        "DELETE FROM audit_listings WHERE seq = 2",
+        f"INSERT INTO audit_listings (reference, seq) VALUES ('{VIEWED},{OTHER}', 2)",
+    )
+
+
+def add_a_joined_row() -> None:
+    as_listings_owner(f"INSERT INTO audit_listings (reference, seq) VALUES ('{VIEWED},', 2)")
+
+
+def replace_a_row_by_its_bytes() -> None:
+    # SQLite keeps a BLOB in a text column: it joins as the same text, yet a search for the
+    # reference never finds it. PostgreSQL casts it to text, so the row is found there.
+    if db.session.get_bind().dialect.name == "postgresql":
+        pytest.skip("PostgreSQL stores text in audit_listings.reference, whatever is inserted")
+    as_listings_owner(
+        f"DELETE FROM audit_listings WHERE reference = '{VIEWED}' AND seq = 2",
+        f"INSERT INTO audit_listings (reference, seq) VALUES (CAST('{VIEWED}' AS BLOB), 2)",
+    )
+
+
 # (attack, first bad seq, what the problem names)
 ATTACKS: list[tuple[Callable[[], None], int, str]] = [
+    (move_a_row_to_the_next_listing, 2, f"it lists {VIEWED} but audit_listings has no row"),
+    (merge_two_rows_into_one_joined, 2, "but audit_listings has no row for that (rows deleted)"),
+    (add_a_joined_row, 2, f"audit_listings names {VIEWED},, which the event does not list"),
+    (replace_a_row_by_its_bytes, 2, f"it lists {VIEWED} but audit_listings has no row"),
     (delete_a_reference, 2, f"it lists {VIEWED} but audit_listings has no row"),
     (delete_with_triggers_dropped, 2, f"it lists {VIEWED} but audit_listings has no row"),
     (add_another_reference, 2, f"audit_listings names {STRANGER}, which the event does not"),
@@ -143,3 +178,40 @@ def test_a_broken_link_before_a_listing_problem_is_named_first(app, runner):
         as_database_owner("UPDATE audit_events SET actor = 'x' WHERE seq = 1")
     out = json.loads(runner.invoke(args=["audit", "verify", "--json"]).stdout)
     assert out["ok"] is False and out["first_bad_seq"] == 1, out
+
+
+def test_listings_of_any_shape_that_record_event_indexed_verify(app, runner):
+    """References with the separator verify joins by, repeated ones, and items that are not
+    references: each event's rows are exactly what record_event derived, so verify passes."""
+    with app.app_context():
+        listing_trail()
+        record_event(
+            db.session,
+            actor="user:1",
+            action="phi.viewed",
+            details={"references": [f"{VIEWED},{OTHER}", VIEWED, VIEWED, 7, None, ""]},
+        )
+        record_event(db.session, actor="user:1", action="request.searched", details={"n": 1})
+        record_event(db.session, actor="user:1", action="phi.viewed", details={"references": "R-1"})
+        db.session.commit()
+        rows = db.session.execute(text("SELECT reference FROM audit_listings WHERE seq = 5"))
+        assert sorted(r for (r,) in rows) == ["", VIEWED, f"{VIEWED},{OTHER}"]
+    result = runner.invoke(args=["audit", "verify", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"] is True
+
+
+def test_a_listing_without_its_joined_reference_is_named(app, runner):
+    with app.app_context():
+        listing_trail()
+        record_event(
+            db.session,
+            actor="user:1",
+            action="phi.viewed",
+            details={"references": [f"{VIEWED},{OTHER}", VIEWED]},
+        )
+        db.session.commit()
+        as_listings_owner(f"DELETE FROM audit_listings WHERE reference = '{VIEWED},{OTHER}'")
+    out = json.loads(runner.invoke(args=["audit", "verify", "--json"]).stdout)
+    assert out["ok"] is False and out["first_bad_seq"] == 5, out
+    assert f"it lists {VIEWED},{OTHER} but audit_listings has no row" in out["problem"], out
