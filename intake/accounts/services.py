@@ -29,6 +29,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import joinedload
 from zxcvbn import zxcvbn
 
 from intake.audit.chain import record_event
@@ -731,12 +732,20 @@ def load_session(
     ``refresh=False`` is for requests a page makes on its own (the queue polling for changes):
     they must not count as activity, or an open queue would never idle out.
     """
-    row = session.execute(
-        select(StaffSession).where(StaffSession.token_hash == hash_token(token))
-    ).scalar_one_or_none()
-    if row is None or row.ended_at is not None:
+    # One statement for the session, its user and the user's teams: every staff page runs it.
+    found = (
+        session.execute(
+            select(StaffSession, User)
+            .outerjoin(User, User.id == StaffSession.user_id)
+            .where(StaffSession.token_hash == hash_token(token))
+            .options(joinedload(User.teams))
+        )
+        .unique()
+        .one_or_none()
+    )
+    if found is None or found[0].ended_at is not None:
         return None
-    user = session.get(User, row.user_id)
+    row, user = found
     reason = None
     if user is None or user.disabled:
         reason = "disabled"

@@ -229,6 +229,27 @@ def test_an_idle_session_ends_after_15_minutes(app, clock, staff_login, lena):
     assert is_login_redirect(staff.get("/staff/queue"))
 
 
+def test_a_page_reads_the_session_its_user_and_teams_in_one_statement(app, staff_login, make_user):
+    """Every staff page loads its session: the row, the user and the user's teams together."""
+    import sqlalchemy as sa
+
+    from intake.extensions import db
+
+    staff = staff_login(make_user("nadia", teams=("refills-main", "infusion")))
+    seen: list[str] = []
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", lambda _c, _k, sql, *_r: seen.append(sql))
+
+    html = staff.get("/staff/queue?team=infusion").get_data(as_text=True)
+
+    reads = [sql for sql in seen if "staff_sessions" in sql or "user_teams" in sql]
+    assert len(reads) == 1 and "JOIN user_teams" in reads[0], reads
+    # Both teams came with it: the filter offers them, and a team of hers is allowed.
+    assert 'value="refills-main"' in html and 'value="infusion" selected' in html
+    assert staff.get("/staff/queue?team=clinical").status_code == 404
+
+
 def test_the_queue_refreshing_itself_does_not_keep_an_idle_session_alive(
     app, clock, staff_login, lena
 ):
