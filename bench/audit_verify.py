@@ -195,9 +195,13 @@ def measure(
     baseline_s, hashed = best_of(repeat, lambda: run_baseline(engine))
     read_s, read = best_of(repeat, lambda: run_read(engine))
     assert verified == hashed == read == count, (verified, hashed, read, count)
+    with engine.connect() as conn:
+        listed = conn.scalar(sa.select(sa.func.count()).select_from(AuditListing.__table__))
     return {
         "backend": label,
         "events": count,
+        "listing_every": listing_every,
+        "listing_rows": listed,
         "fill_s": filled,
         "verify_s": verify_s,
         "events_per_s": count / verify_s,
@@ -218,6 +222,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"{r['events_per_s']:>11,.0f}{r['baseline_s']:>12.3f}{r['ratio']:>8.2f}"
             f"{r['read_s']:>13.3f}"
         )
+    shapes = {(r["listing_every"], r["listing_rows"]) for r in results}
+    for every, rows in sorted(shapes):
+        trail = f"one event in {every} a queue view of {LISTED}" if every else "no queue views"
+        print(f"\ntrail: {trail}; {rows:,} audit_listings rows checked against the details")
     print(
         "\nbaseline: the same rows through the same query, one SHA-256 over each row's fields."
         "\nratio = verify s / baseline s. read only: the same rows, nothing done with them."

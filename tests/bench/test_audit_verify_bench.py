@@ -32,6 +32,7 @@ def test_the_benchmark_runs_on_sqlite():
     [result] = run_bench()
     assert result["backend"] == "sqlite" and result["events"] == 2000
     assert result["ratio"] > 0 and result["events_per_s"] > 0
+    assert result["listing_every"] == 0 and result["listing_rows"] == 0
 
 
 def test_the_benchmark_runs_on_postgresql(postgres_template):
@@ -39,6 +40,13 @@ def test_the_benchmark_runs_on_postgresql(postgres_template):
     results = run_bench("--postgres", POSTGRES_URL)
     assert [r["backend"] for r in results] == ["sqlite", "postgresql"]
     assert all(r["events"] == 2000 for r in results)
+
+
+def test_the_benchmark_checks_a_queue_view_heavy_trail():
+    # Every tenth event lists 25 references: verify holds 2,000 / 10 * 25 listing rows against
+    # the details (the run fails if verify finds the clean trail broken).
+    [result] = run_bench("--listing-every", "10")
+    assert result["listing_every"] == 10 and result["listing_rows"] == 5000, result
 
 
 @pytest.mark.parametrize("events", ["0", "-5"])
