@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import structlog
 from flask import Flask, current_app, has_app_context
@@ -165,13 +165,34 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
         published.append(row.id)
     session.rollback()
     if published:
+        locked = _lock_in_id_order(session, OutboxMessage.id.in_(published))
         session.execute(
             update(OutboxMessage)
-            .where(OutboxMessage.id.in_(published))
+            .where(OutboxMessage.id.in_(locked))
             .values(published_at=utcnow(), attempts=OutboxMessage.attempts + 1)
         )
         session.commit()
     return len(published)
+
+
+def _lock_in_id_order(session: DbSession, *conditions: Any) -> list[int]:
+    """Lock the rows matching ``conditions`` in id order, until commit; return their ids.
+
+    Why: an UPDATE of several rows locks them in the order its plan visits them (by id for
+    the sweep marking rows published, by request for a routing batch closing them, physical
+    order in a bitmap scan), and two transactions taking the same rows in opposite orders
+    deadlock: PostgreSQL kills one, a batch that then routes its own request alone or a
+    sweep whose rows are published again. Every UPDATE of several outbox rows locks them in
+    one order first. (SQLite runs one writer at a time.)
+    """
+    return list(
+        session.execute(
+            select(OutboxMessage.id)
+            .where(*conditions)
+            .order_by(OutboxMessage.id)
+            .with_for_update(key_share=True)
+        ).scalars()
+    )
 
 
 def publish_outgoing(session: DbSession, messages: Sequence[Outgoing]) -> int:
@@ -200,9 +221,12 @@ def publish_outgoing(session: DbSession, messages: Sequence[Outgoing]) -> int:
     unpublished = [message.id for message in messages[published:]]
     if unpublished:
         session.rollback()
+        locked = _lock_in_id_order(
+            session, OutboxMessage.id.in_(unpublished), OutboxMessage.status == "pending"
+        )
         session.execute(
             update(OutboxMessage)
-            .where(OutboxMessage.id.in_(unpublished), OutboxMessage.status == "pending")
+            .where(OutboxMessage.id.in_(locked), OutboxMessage.status == "pending")
             .values(published_at=None, attempts=OutboxMessage.attempts - 1)
         )
         session.commit()
@@ -271,13 +295,17 @@ def mark_done_for(session: DbSession, request_ids: Sequence[str], task: str) -> 
     transaction; return how many were open."""
     if not request_ids:
         return 0
+    locked = _lock_in_id_order(
+        session,
+        OutboxMessage.request_id.in_(request_ids),
+        OutboxMessage.task == task,
+        OutboxMessage.status.in_(OPEN),
+    )
+    if not locked:
+        return 0
     result = session.execute(
         update(OutboxMessage)
-        .where(
-            OutboxMessage.request_id.in_(request_ids),
-            OutboxMessage.task == task,
-            OutboxMessage.status.in_(OPEN),
-        )
+        .where(OutboxMessage.id.in_(locked), OutboxMessage.status.in_(OPEN))
         .values(status="done", done_at=utcnow())
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

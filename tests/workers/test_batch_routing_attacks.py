@@ -138,7 +138,8 @@ def test_a_break_glass_beside_a_batch_neither_deadlocks_nor_fails(app, patient, 
                 "batch",
                 lambda: routing.route_received(db.session, table, leader, utcnow()),
             )
-            wait_until(lambda: _waiting_on_lock(engine, "UPDATE outbox"), 20, message="batch")
+            # The batch alone waits, on that row.
+            wait_until(lambda: _waiters(engine) == 1, 20, message="the batch to wait")
             glass = _in_thread(
                 app,
                 results,
@@ -431,13 +432,12 @@ def test_a_worker_killed_mid_batch_routes_every_request_once(
                 {"id": ids[1]},
             )
             first = celery_processes(settings).wait_ready()
-            wait_until(
-                lambda: _waiting_on_lock(engine, "UPDATE outbox"), 60, message="a batch held"
-            )
+            # Every waiter waits on a batch held there (its own, or one holding its row).
+            wait_until(lambda: _waiters(engine) >= 1, 60, message="a batch held")
             first.kill()
             sweep.rollback()
         # The killed worker's sessions end without a commit.
-        wait_until(lambda: not _waiting_on_lock(engine, ""), 30, message="the sessions gone")
+        wait_until(lambda: _waiters(engine) == 0, 30, message="the sessions gone")
     finally:
         engine.dispose()
     with app.app_context():
@@ -526,3 +526,91 @@ def test_an_assigning_team_gives_out_every_request_of_a_batch(app, patient):
     assert set(assigned) == set(references)
     assert {details["trigger"] for details in assigned.values()} == {"routed"}
     assert Counter(details["assignee"] for details in assigned.values()) == {"ann": 2, "bob": 2}
+
+
+def _waiters(engine: sa.Engine) -> int:
+    """How many sessions of the test's database wait on a lock."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        )
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_sweep_marking_rows_published_never_deadlocks_a_batch_closing_them(
+    app, patient, database_url
+):
+    """After an outage the sweep publishes the waiting requests' routing rows and marks them
+    published in one UPDATE, while a batch marks the same rows done in one UPDATE. On a large
+    table each statement locks its rows in the order of its index (the sweep by id, the batch
+    by request id), so two rows in opposite orders deadlock and PostgreSQL kills the batch.
+    Both must lock in one order."""
+    with app.app_context():
+        database = db.engine.url.database
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        # What the planner does on a table of millions of rows: walk the indexes.
+        for setting in ("enable_seqscan", "enable_bitmapscan"):
+            conn.execute(sa.text(f'ALTER DATABASE "{database}" SET {setting} = off'))
+    admin.dispose()
+    # Requests until two routing rows come in opposite orders by id and by request id.
+    requests = submitted(app, patient, 2)
+    while True:
+        with app.app_context():
+            rows = db.session.execute(
+                sa.select(OutboxMessage.id, OutboxMessage.request_id)
+                .where(OutboxMessage.task == routing.ROUTE_TASK)
+                .order_by(OutboxMessage.id)
+            ).all()
+        pair = next(
+            (
+                (x.id, y.id)
+                for i, x in enumerate(rows)
+                for y in rows[i + 1 :]
+                if x.request_id > y.request_id and x.request_id != requests[-1][1]
+            ),
+            None,
+        )
+        if pair is not None and len(requests) >= 3:
+            break
+        requests += submitted(app, patient, 1)
+    first, second = pair  # the sweep locks ``first`` first; the batch ``second`` first
+    leader = requests[-1][1]
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+    table = app.extensions["intake.routing"]
+    engine = sa.create_engine(database_url)
+    results: dict[str, Any] = {}
+    try:
+        with engine.connect() as holder:
+            # Someone (the submission's own publish, a second sweep) has ``first`` a moment.
+            holder.execute(
+                sa.text("SELECT id FROM outbox WHERE id = :id FOR UPDATE"), {"id": first}
+            )
+            sweep = _in_thread(
+                app, results, "sweep", lambda: outbox.publish(db.session, [first, second])
+            )
+            wait_until(lambda: _waiters(engine) == 1, 20, message="the sweep to wait")
+            with capture_logs() as logs:
+                batch = _in_thread(
+                    app,
+                    results,
+                    "batch",
+                    lambda: routing.route_received(db.session, table, leader, utcnow()),
+                )
+                wait_until(lambda: _waiters(engine) == 2, 20, message="the batch to wait")
+                holder.rollback()
+                sweep.join(30)
+                batch.join(30)
+    finally:
+        engine.dispose()
+    assert results["sweep"] == 2, results["sweep"]
+    assert not [line for line in logs if line["event"] == "routing_batch_failed"], logs
+    assert {routed.request_id for routed in results["batch"]} == {r for _ref, r, _t in requests}
+    assert {status for status, _t in outbox_rows(app, routing.ROUTE_TASK).values()} == {"done"}
