@@ -19,7 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from intake.audit.listings import backfill_listings
-from intake.compliance.reports import AuditFilter, audit_page, audit_query, request_events
+from intake.compliance.reports import (
+    AuditFilter,
+    audit_page,
+    audit_query,
+    request_events,
+    resolve_window,
+)
 from intake.extensions import db
 from intake.models import AuditEvent
 
@@ -143,3 +149,40 @@ def test_a_reference_is_found_through_the_indexes_not_the_details(long_trail):
     ]:
         assert_reads_little(each, f"by reference: {what}", "pk_audit_listings")
     assert len(request_events(db.session, [reference])) == 30
+
+
+def test_a_time_window_reads_its_bounds_once_per_page(long_trail):
+    """The window's first and last seq are read by one statement per page, not by each of
+    the page's statements (six scans of the window's index entries before), and each of the
+    page's own statements walks only the window."""
+    since = START + (EVENTS // 2) * STEP
+    filt = AuditFilter(since=since, until=since + timedelta(days=2))
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        first = audit_page(db.session, filt)
+        second = audit_page(db.session, filt, before=first.older_than)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    assert len(first.rows) == len(second.rows) == 100
+    assert first.older_than is not None and second.newer_than is not None
+    window = [s for s in statements if "min(audit_events.seq +" in s or "min(audit_events_1" in s]
+    assert len(window) == 2, "\n\n".join(statements)  # one per page
+    resolved = resolve_window(db.session, filt)
+    assert resolved.window_seqs is not None
+    low, high = resolved.window_seqs
+    assert [r.seq for r in first.rows] == list(range(high, high - 100, -1))
+    query = audit_query(resolved)
+    oldest = first.rows[-1].seq
+    for what, each in [
+        ("the page", query.order_by(AuditEvent.seq.desc()).limit(100)),
+        ("older?", query.where(AuditEvent.seq < oldest).limit(1)),
+        ("newer?", query.where(AuditEvent.seq > high).limit(1)),
+        ("last page", query.where(AuditEvent.seq < low + 50).order_by(AuditEvent.seq.desc())),
+    ]:
+        assert_reads_little(each, f"since/until, bounds read: {what}", "pk_audit_events")
