@@ -213,6 +213,9 @@ class AuditListing(db.Model):  # type: ignore[name-defined]
     # audit_events and a lookup in every listing's insert.
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
 
+    # Verify reads the listings grouped by event, in seq order (intake.audit.listings).
+    __table_args__ = (Index("ix_audit_listings_seq_reference", "seq", "reference"),)
+
 
 class Team(db.Model):  # type: ignore[name-defined]
     """A team of pharmacy staff; its id matches a team of the routing file."""
