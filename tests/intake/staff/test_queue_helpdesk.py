@@ -56,7 +56,8 @@ def work(route, clock, ana, boris):
     """Ana's teams' queue: one overdue, one hers, one boris's, two nobody's; one elsewhere."""
     t0 = clock()
     made = {
-        "overdue": route("refill", location="main", at=t0 - timedelta(days=3)),
+        # Five days back: overdue on any weekday, its one business day over even from a Friday.
+        "overdue": route("refill", location="main", at=t0 - timedelta(days=5)),
         "urgent": route("contact", topic="side_effect", at=t0),
         "hers": route("contact", topic="specialist", at=t0),
         "his": route("refill", location="main", at=t0 + timedelta(minutes=5)),
