@@ -15,18 +15,9 @@ from intake.models import AuditEvent, OutboxMessage, Request
 from intake.ops import tracing
 from intake.requests import routing
 from tests.conftest import reference_from
-from tests.workers.conftest import email_routing_file, free_port
+from tests.workers.test_tasks import settings
 
-
-@pytest.fixture
-def settings(base_settings, database_url, tmp_path):
-    # No broker: nothing is published, and the routing tasks are run here by hand.
-    return base_settings.replace(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        smtp_url=f"smtp://127.0.0.1:{free_port()}",
-        routing_file=email_routing_file(tmp_path),
-    )
+__all__ = ["settings"]  # no broker (the tasks are run here by hand), e-mail routing rules
 
 
 def submitted(app, patient, count: int) -> list[tuple[str, str, str]]:
