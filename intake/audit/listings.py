@@ -97,7 +97,10 @@ def listings_by_event(dialect: str, after_seq: int) -> Select[Any]:
     joined: ColumnElement[Any]
     not_text: ColumnElement[Any]
     if dialect == "postgresql":
-        joined, not_text = func.string_agg(c.reference, literal(_JOIN)), literal(0)
+        # string_agg skips a NULL row that count() counts: "A,B" beside a NULL would split into
+        # as many pieces as there are rows. The owner can drop the NOT NULL, so count them.
+        joined = func.string_agg(c.reference, literal(_JOIN))
+        not_text = func.count() - func.count(c.reference)
     else:
         # SQLite stores what it is given: a BLOB row would join as its bytes, yet never match
         # a search for the reference, so such rows are counted and read one by one.
@@ -120,6 +123,7 @@ def _referenced_in(details: str) -> list[Any] | None:
 
 
 _END = 2**63  # past any seq: the listings stream is exhausted
+_TWICE = "audit_listings holds one of its rows twice (rows added)"
 
 
 class ListingCheck:
@@ -150,16 +154,19 @@ class ListingCheck:
         self._row = next(self._grouped, (_END, "", 0, 0))
         self.next_seq = self._row[0]
 
-    def _stored(self) -> tuple[AbstractSet[Any], bool]:
-        """The current event's stored references, and whether they are all text."""
+    def _stored(self) -> tuple[AbstractSet[Any], bool, bool]:
+        """The current event's stored references, whether they are all text, and whether
+        the table holds one of them twice (its primary key dropped)."""
         seq, joined, rows, not_text = self._row
         self._advance()
         if not not_text:
             references = joined.split(_JOIN)
             if len(references) == rows:
-                return set(references), True
+                distinct = set(references)
+                return distinct, True, len(distinct) != rows
         # A reference holding the separator, or not text: the rows as the driver reads them.
-        return self._rows_of(seq), False
+        stored = self._rows_of(seq)
+        return stored, False, len(stored) != rows
 
     def at(
         self, seq: int, action: str, reference: str | None, details: str
@@ -171,7 +178,11 @@ class ListingCheck:
             finding = (self.next_seq, orphan_problem(self.next_seq))
             while self.next_seq < seq:
                 self._advance()
-        stored, text_only = self._stored() if self.next_seq == seq else (_NOT_LISTED, True)
+        stored, text_only, twice = (
+            self._stored() if self.next_seq == seq else (_NOT_LISTED, True, False)
+        )
+        if twice and finding is None:
+            finding = (seq, f"listings index does not match event {seq}: {_TWICE}")
         listed = None
         if reference is None and action in LISTING_ACTIONS:
             listed = _referenced_in(details)  # otherwise listed_references lists nothing
