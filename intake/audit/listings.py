@@ -148,10 +148,18 @@ class ListingCheck:
         self._first_without_event = first_without_event
         self._row: tuple[Any, ...] = ()
         self.next_seq: int = _END
+        self._not_a_seq: Any = None
         self._advance()
 
     def _advance(self) -> None:
-        self._row = next(self._grouped, (_END, "", 0, 0))
+        row = next(self._grouped, None)
+        if row is not None and not isinstance(row[0], int | float):
+            # SQLite keeps text or a BLOB in the INTEGER column; they sort after every number,
+            # so the rest of the stream is no event's either. Compared with a seq, they would
+            # stop verify with a TypeError (or blame an intact event for a wrong type).
+            self._not_a_seq = row[0]
+            row = None
+        self._row = row or (_END, "", 0, 0)
         self.next_seq = self._row[0]
 
     def _stored(self) -> tuple[AbstractSet[Any], bool, bool]:
@@ -202,14 +210,27 @@ class ListingCheck:
             finding = (seq, _mismatch(seq, expected, stored))
         return finding
 
-    def after_chain(self) -> tuple[int, str] | None:
+    def after_chain(self) -> tuple[int | None, str] | None:
         """Name the first row left past the chain's end that no event holds (committed later
-        is fine)."""
-        if self.next_seq == _END:
-            return None
-        beyond = sorted({self.next_seq, *(row[0] for row in self._grouped)})
-        orphan = self._first_without_event(beyond)
-        return None if orphan is None else (orphan, orphan_problem(orphan))
+        is fine), or else a row whose seq is not a number."""
+        if self.next_seq != _END:
+            beyond = sorted({self.next_seq, *(row[0] for row in self._numbered())})
+            orphan = self._first_without_event(beyond)
+            if orphan is not None:
+                return orphan, orphan_problem(orphan)
+        if self._not_a_seq is not None:
+            return None, (
+                f"listings index names event {self._not_a_seq!r}, which is not a seq (rows added)"
+            )
+        return None
+
+    def _numbered(self) -> Iterator[tuple[Any, ...]]:
+        """The grouped rows left, up to the first whose seq is not a number."""
+        for row in self._grouped:
+            if not isinstance(row[0], int | float):
+                self._not_a_seq = row[0]
+                return
+            yield row
 
 
 def _mismatch(seq: int, expected: AbstractSet[Any], stored: AbstractSet[Any]) -> str:

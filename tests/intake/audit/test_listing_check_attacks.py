@@ -105,8 +105,37 @@ def add_a_blob_beside_its_text() -> None:
     )
 
 
+def sqlite_only() -> None:
+    if postgres():
+        pytest.skip("PostgreSQL's BIGINT seq holds integers only")
+
+
+def add_a_row_with_a_text_seq() -> None:
+    # SQLite keeps text that is no number in the INTEGER column; it sorts after every seq.
+    sqlite_only()
+    as_listings_owner(f"INSERT INTO audit_listings (reference, seq) VALUES ('{STRANGER}', 'x')")
+
+
+def add_a_text_seq_and_one_past_the_end() -> None:
+    sqlite_only()
+    as_listings_owner(
+        f"INSERT INTO audit_listings (reference, seq) VALUES ('{STRANGER}', 'x')",
+        f"INSERT INTO audit_listings (reference, seq) VALUES ('{STRANGER}', 99)",
+    )
+
+
+def add_a_row_with_a_blob_seq() -> None:
+    sqlite_only()
+    as_listings_owner(f"INSERT INTO audit_listings (reference, seq) VALUES ('{STRANGER}', x'02')")
+
+
+def add_a_row_with_a_fractional_seq() -> None:
+    sqlite_only()
+    as_listings_owner(f"INSERT INTO audit_listings (reference, seq) VALUES ('{STRANGER}', 2.5)")
+
+
 # (attack, first bad seq, what the problem names)
-ATTACKS: list[tuple[Callable[[], None], int, str]] = [
+ATTACKS: list[tuple[Callable[[], None], float | None, str]] = [
     (merge_two_rows_beside_a_null, 2, "listings index does not match event 2"),
     (add_a_null_row, 2, "listings index does not match event 2"),
     (duplicate_a_row, 2, "audit_listings holds one of its rows twice (rows added)"),
@@ -117,6 +146,12 @@ ATTACKS: list[tuple[Callable[[], None], int, str]] = [
     (add_a_row_far_past_the_end, 2**62, "which the chain does not hold"),
     (add_a_row_before_the_start, -5, "names event -5, which the chain does not hold"),
     (add_a_blob_beside_its_text, 2, "which the event does not list (rows added)"),
+    # Before: "event changed (a column holds a value of the wrong type)" at the intact seq 4.
+    (add_a_row_with_a_text_seq, None, "names event 'x', which is not a seq (rows added)"),
+    # Before: verify stopped with a TypeError, comparing 99 with 'x'.
+    (add_a_text_seq_and_one_past_the_end, 99, "names event 99, which the chain does not hold"),
+    (add_a_row_with_a_blob_seq, None, "names event b'\\x02', which is not a seq"),
+    (add_a_row_with_a_fractional_seq, 2.5, "names event 2.5, which the chain does not hold"),
 ]
 
 
