@@ -122,9 +122,11 @@ class AuditFilterForm(FlaskForm):
     def validate_until(self, field: Field) -> None:
         """A window that ends before it starts would show an empty page: say why instead."""
         since_text = (self.since.data or "").strip()
-        if self.since.errors or not since_text:
+        until_text = (field.data or "").strip()
+        # Either time unreadable: its own message says so (the field's validators ran first).
+        if self.since.errors or field.errors or not since_text or not until_text:
             return
-        if parse_utc(field.data.strip(), end=True) <= parse_utc(since_text):
+        if parse_utc(until_text, end=True) <= parse_utc(since_text):
             raise ValidationError(REVERSED_HINT)
 
     def to_filter(self) -> AuditFilter:
