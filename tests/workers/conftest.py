@@ -34,17 +34,23 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.2, message: str = "condition"
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.2,
+    message: str = "condition",
+    explain: Callable[[], str] | None = None,
 ) -> Any:
+    """Poll ``predicate`` until it is true; on timeout, fail with what ``explain`` says of the
+    state then (the queue, the processes' logs), for a failure seen only in CI."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            detail = f"\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}{detail}")
         time.sleep(interval)
-
 
 
 def stop_process_groups(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -58,6 +64,7 @@ def stop_process_groups(processes: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
 
 class RedisServer:
     """A redis-server of our own on a free port, which tests may stop and start again."""

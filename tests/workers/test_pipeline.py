@@ -156,13 +156,30 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(
     done_before = sum(1 for r in rows(app).values() if r.status == "queued")
     assert done_before < len(references), "the worker was killed after finishing everything"
 
-    celery_processes(settings).wait_ready()
-    celery_processes(settings, "beat")
-    wait_until(lambda: all_queued(app, references), 90, 0.5, "every request routed")
+    second = celery_processes(settings).wait_ready()
+    beat = celery_processes(settings, "beat")
+
+    def explain() -> str:
+        with app.app_context():
+            statuses = Counter(r.status for r in rows(app).values())
+            outbox = db.session.execute(
+                sa.select(OutboxMessage.task, OutboxMessage.status, sa.func.count()).group_by(
+                    OutboxMessage.task, OutboxMessage.status
+                )
+            ).all()
+        tails = "\n".join(
+            f"--- {p.log_path.name}\n" + "\n".join(p.log_path.read_text().splitlines()[-40:])
+            for p in (first, second, beat)
+        )
+        return f"requests {dict(statuses)}, outbox {outbox}, mails {len(mailbox.messages)}\n{tails}"
+
+    wait_until(lambda: all_queued(app, references), 90, 0.5, "every request routed", explain)
     events = routed_events(app)
     assert [r for r in references if events[r] != 1] == []
 
-    wait_until(lambda: len(mailbox.messages) >= len(references), 60, 0.5, "every notification")
+    wait_until(
+        lambda: len(mailbox.messages) >= len(references), 60, 0.5, "every notification", explain
+    )
     time.sleep(2)
     ids: dict[str, set[str]] = {r: set() for r in references}
     deliveries: Counter[str] = Counter()
