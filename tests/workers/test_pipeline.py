@@ -173,12 +173,14 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(
         )
         return f"requests {dict(statuses)}, outbox {outbox}, mails {len(mailbox.messages)}\n{tails}"
 
-    wait_until(lambda: all_queued(app, references), 90, 0.5, "every request routed", explain)
+    # Generous waits: this test is about losing and duplicating nothing, not about speed (the
+    # benchmark measures that); on a slow CI machine the redeliveries and sweeps take a while.
+    wait_until(lambda: all_queued(app, references), 180, 0.5, "every request routed", explain)
     events = routed_events(app)
     assert [r for r in references if events[r] != 1] == []
 
     wait_until(
-        lambda: len(mailbox.messages) >= len(references), 60, 0.5, "every notification", explain
+        lambda: len(mailbox.messages) >= len(references), 120, 0.5, "every notification", explain
     )
     time.sleep(2)
     ids: dict[str, set[str]] = {r: set() for r in references}
