@@ -307,8 +307,12 @@ class CeleryProcess:
             timeout,
             message=f"worker ready ({self.log_path})",
         )
-        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+        assert self.process.poll() is None, self.tail()
         return self
+
+    def tail(self, chars: int = 3000) -> str:
+        """The end of the process's log, for a failure message."""
+        return f"--- {self.log_path.name}\n" + self.log_path.read_text()[-chars:]
 
     def kill(self) -> None:
         """SIGKILL the whole process group: main process and pool children, no goodbyes."""

@@ -167,10 +167,7 @@ def test_a_killed_worker_loses_nothing_and_duplicates_nothing(
                     OutboxMessage.task, OutboxMessage.status
                 )
             ).all()
-        tails = "\n".join(
-            f"--- {p.log_path.name}\n" + "\n".join(p.log_path.read_text().splitlines()[-40:])
-            for p in (first, second, beat)
-        )
+        tails = "\n".join(process.tail() for process in (first, second, beat))
         return f"requests {dict(statuses)}, outbox {outbox}, mails {len(mailbox.messages)}\n{tails}"
 
     # Generous waits: this test is about losing and duplicating nothing, not about speed (the

@@ -81,7 +81,7 @@ def alive(worker: CeleryProcess, predicate: Callable[[], Any]) -> Callable[[], A
     """``predicate``, failing at once (with the worker's log) if the worker has exited."""
 
     def check() -> Any:
-        assert worker.process.poll() is None, worker.log_path.read_text()[-4000:]
+        assert worker.process.poll() is None, worker.tail(4000)
         return predicate()
 
     return check
