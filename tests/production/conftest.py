@@ -52,7 +52,14 @@ from intake.crypto.phi import Keyring, ip_pseudonym
 from intake_verify.note import generate_key
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, OUTPUT_ROOT
 from tests.conftest import HIDDEN_RE, IN_CI, POSTGRES_URL, _admin_engine, _with_database
-from tests.workers.conftest import Mailbox, RedisServer, email_routing_file, free_port, wait_until
+from tests.workers.conftest import (
+    Mailbox,
+    RedisServer,
+    email_routing_file,
+    free_port,
+    running_smtp,
+    wait_until,
+)
 
 ROOT = Path(__file__).parents[2]
 COMPOSE_SERVICES: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())[
@@ -502,8 +509,6 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
     except sa.exc.OperationalError as error:
         admin.dispose()
         missing(f"PostgreSQL unreachable at {POSTGRES_URL}: {error}")
-    from aiosmtpd.controller import Controller
-
     folder = tmp_path_factory.mktemp("production")
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(admin.dispose)
@@ -520,18 +525,11 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
         # The mail relay insists on STARTTLS before MAIL FROM, so every message that arrives
         # came encrypted, to a server the worker verified against the test CA.
         mailbox = Mailbox()
-        smtp_port = free_port()
         smtp_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         smtp_tls.load_cert_chain(certs / "fullchain.pem", certs / "privkey.pem")
-        smtp = Controller(
-            mailbox,
-            hostname="127.0.0.1",
-            port=smtp_port,
-            tls_context=smtp_tls,
-            require_starttls=True,
+        smtp = cleanup.enter_context(
+            running_smtp(mailbox, tls_context=smtp_tls, require_starttls=True)
         )
-        smtp.start()
-        cleanup.callback(smtp.stop)
 
         https_port, http_port, web_port = free_port(), free_port(), free_port()
         base_url = f"https://localhost:{https_port}"
@@ -560,7 +558,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produ
                 "INTAKE_AUDIT_CHECKPOINTS": str(audit_dir / "audit-checkpoints.jsonl"),
                 "INTAKE_PUBLIC_URL": base_url,
                 "INTAKE_TRUSTED_PROXIES": PROXY_ADDRESS,
-                "INTAKE_SMTP_URL": f"smtp+starttls://127.0.0.1:{smtp_port}",
+                "INTAKE_SMTP_URL": f"smtp+starttls://127.0.0.1:{smtp.port}",
                 "INTAKE_SMTP_CA_FILE": str(ca_file),
                 "INTAKE_SMTP_FROM": "intake@pharmacy.test",
                 "INTAKE_ROUTING_FILE": str(email_routing_file(folder)),

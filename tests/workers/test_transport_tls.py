@@ -8,6 +8,7 @@ other CA is refused, and nothing is sent in clear text instead.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from tests.workers.conftest import (
     RedisServer,
     TlsFiles,
     email_routing_file,
-    free_port,
     issue_tls_files,
+    running_smtp,
     wait_until,
 )
 
@@ -81,28 +82,22 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
 @pytest.fixture
 def smtp_servers() -> Iterator[Callable[..., tuple[int, TlsMailbox]]]:
     """Start aiosmtpd servers: ``starttls=files`` offers STARTTLS, ``implicit=files`` is SMTPS."""
-    from aiosmtpd.controller import Controller
+    with contextlib.ExitStack() as servers:
 
-    controllers: list[Any] = []
+        def start(
+            *, starttls: TlsFiles | None = None, implicit: TlsFiles | None = None
+        ) -> tuple[int, TlsMailbox]:
+            mailbox = TlsMailbox()
+            options: dict[str, Any] = {}
+            if starttls:
+                # Clear text stays allowed on purpose: a client that skipped TLS would be served.
+                options.update(tls_context=server_context(starttls), require_starttls=False)
+            if implicit:
+                options.update(ssl_context=server_context(implicit), server_hostname="127.0.0.1")
+            controller = servers.enter_context(running_smtp(mailbox, **options))
+            return controller.port, mailbox
 
-    def start(
-        *, starttls: TlsFiles | None = None, implicit: TlsFiles | None = None
-    ) -> tuple[int, TlsMailbox]:
-        mailbox, port = TlsMailbox(), free_port()
-        options: dict[str, Any] = {}
-        if starttls:
-            # Clear text stays allowed on purpose: a client that skipped TLS would be served.
-            options.update(tls_context=server_context(starttls), require_starttls=False)
-        if implicit:
-            options.update(ssl_context=server_context(implicit), server_hostname="127.0.0.1")
-        controller = Controller(mailbox, hostname="127.0.0.1", port=port, **options)
-        controller.start()
-        controllers.append(controller)
-        return port, mailbox
-
-    yield start
-    for controller in controllers:
-        controller.stop()
+        yield start
 
 
 NOTICE = Notice(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from tests.intake.staff.conftest import (
     login,
     post_login,
 )
-from tests.workers.conftest import Mailbox, free_port
+from tests.workers.conftest import smtp_server  # noqa: F401 - a fixture
 
 WRONG = "Wrong-password-4417"
 BUDGET = 20  # INTAKE_LOGIN_ACCOUNT_BUDGET's default
@@ -68,19 +67,6 @@ def hasher(monkeypatch) -> CountingHasher:
     spy = CountingHasher(accounts._hasher)
     monkeypatch.setattr(accounts, "_hasher", spy)
     return spy
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[tuple[str, Mailbox]]:
-    """A real SMTP server (aiosmtpd) that keeps what it receives."""
-    from aiosmtpd.controller import Controller
-
-    mailbox = Mailbox()
-    port = free_port()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield f"smtp://127.0.0.1:{port}", mailbox
-    controller.stop()
 
 
 @pytest.fixture
@@ -287,7 +273,12 @@ def _supervisor_email_routing(folder: Path) -> Path:
 
 
 def test_wrong_codes_after_the_right_password_freeze_the_second_factor(
-    app, clock, lena, runner, smtp_server, tmp_path
+    app,
+    clock,
+    lena,
+    runner,
+    smtp_server,  # noqa: F811 - the fixture
+    tmp_path,
 ):
     since = last_seq(app)
     right = lena.code(clock())
