@@ -12,8 +12,6 @@ from pathlib import Path
 
 import structlog
 
-_configured_files: set[Path] = set()
-
 # Celery says "received" and "succeeded" for every task and beat "Sending due task" for every
 # tick: the outbox sweep alone made three lines every 5 s, burying what matters. What a task
 # did is logged by Intake itself (request_routed, notification_sent, ...) and failures and
@@ -67,10 +65,8 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
     verbose = root.getEffectiveLevel() <= logging.DEBUG
     # Quiet chatter that tells an operator nothing.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    logging.getLogger("kombu.connection").addFilter(
-        lambda record: "No hostname was supplied" not in record.getMessage()
-    )
-    if not any(getattr(h, "_intake", False) for h in root.handlers):
+    logging.getLogger("kombu.connection").addFilter(_supplied_hostname)  # kept once, however often
+    if not any(_ours(h) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(console if sys.stderr.isatty() else formatter)
         stream._intake = True  # type: ignore[attr-defined]
@@ -79,12 +75,26 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
         root.addHandler(stream)
     if log_dir is not None:
         path = (log_dir / "intake.log").resolve()
-        if path not in _configured_files:
+        # One log file per process: an app made for another data folder (a command, a test)
+        # moves it there and closes the one before, rather than keeping every file open and
+        # writing each line to all of them.
+        current = [h for h in root.handlers if isinstance(h, logging.FileHandler) and _ours(h)]
+        if [Path(h.baseFilename) for h in current] != [path]:
+            for handler in current:
+                root.removeHandler(handler)
+                handler.close()
             log_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path, encoding="utf-8")
-            handler.setFormatter(formatter)
-            handler._intake = True  # type: ignore[attr-defined]
+            file_handler = logging.FileHandler(path, encoding="utf-8")
+            file_handler.setFormatter(formatter)
+            file_handler._intake = True  # type: ignore[attr-defined]
             if not verbose:
-                handler.addFilter(lambda record: not is_task_chatter(record))
-            root.addHandler(handler)
-            _configured_files.add(path)
+                file_handler.addFilter(lambda record: not is_task_chatter(record))
+            root.addHandler(file_handler)
+
+
+def _supplied_hostname(record: logging.LogRecord) -> bool:
+    return "No hostname was supplied" not in record.getMessage()
+
+
+def _ours(handler: logging.Handler) -> bool:
+    return bool(getattr(handler, "_intake", False))
