@@ -50,8 +50,10 @@ def broker_settings(flask_app: Flask) -> dict[str, Any]:
                 # A task taken by a worker that died is handed out again after this long.
                 "visibility_timeout": settings.broker_visibility_timeout,
                 "socket_connect_timeout": 2,
+                # No retry_on_timeout: a command that times out fails, and the outbox sweep
+                # publishes the row again (a retried write could land twice, as kombu notes);
+                # without it, kombu can send a routing batch's notices in one pipeline.
                 "socket_timeout": 5,
-                "retry_on_timeout": True,
             },
         }
     folder = (Path(settings.data_dir) / "broker").resolve()

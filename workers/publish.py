@@ -6,9 +6,12 @@ never imports this package.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
+from celery import Celery
 from flask import Flask
 from kombu.exceptions import OperationalError
 
@@ -29,34 +32,65 @@ def init_publisher(flask_app: Flask) -> outbox.Publisher:
     """Create the Celery app for ``flask_app`` and let the outbox publish through it."""
     from workers.celery_app import celery_init_app
 
-    celery = celery_init_app(flask_app)
+    publisher = CeleryPublisher(celery_init_app(flask_app))
+    flask_app.extensions["intake.broker_check"] = publisher.broker_reachable
+    return publisher
 
-    lock = threading.Lock()
-    broken_until = [0.0]
 
-    def publish(task: str, request_id: str, outbox_id: int) -> None:
-        if time.monotonic() < broken_until[0]:
+class CeleryPublisher:
+    """Sends outbox rows' tasks through Celery, one by one or in a batch."""
+
+    def __init__(self, celery: Celery) -> None:
+        self.celery = celery
+        self._lock = threading.Lock()
+        self._broken_until = 0.0
+        self._local = threading.local()
+
+    def __call__(self, task: str, request_id: str, outbox_id: int) -> None:
+        if time.monotonic() < self._broken_until:
             raise BrokerUnavailable("broker failed recently")
         try:
-            celery.send_task(
+            self.celery.send_task(
                 TASK_PREFIX + task,
                 args=[request_id],
                 kwargs={"outbox_id": outbox_id},
                 headers=tracing.task_headers(),
                 retry=False,
+                producer=getattr(self._local, "producer", None),
             )
         except Exception:
-            with lock:
-                broken_until[0] = time.monotonic() + COOL_OFF_SECONDS
+            self._broke()
             raise
 
-    def broker_reachable() -> bool:
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Send the tasks published in the block together, in one round trip to Redis, when
+        the block ends. Raises then if the broker failed; which of them reached it is not
+        known, so the caller treats them all as unpublished (workers are idempotent)."""
+        if getattr(self._local, "producer", None) is not None:  # already in a batch
+            yield
+            return
         try:
-            with celery.connection_for_write() as connection:
+            with self.celery.producer_or_acquire() as producer, producer.batch():
+                self._local.producer = producer
+                try:
+                    yield
+                finally:
+                    self._local.producer = None
+        except BrokerUnavailable:
+            raise
+        except Exception:
+            self._broke()
+            raise
+
+    def _broke(self) -> None:
+        with self._lock:
+            self._broken_until = time.monotonic() + COOL_OFF_SECONDS
+
+    def broker_reachable(self) -> bool:
+        try:
+            with self.celery.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, timeout=2)
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
         return True
-
-    flask_app.extensions["intake.broker_check"] = broker_reachable
-    return publish

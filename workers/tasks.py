@@ -51,15 +51,19 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
         table = current_app.extensions["intake.routing"]
         batch = routing.route_received(db.session, table, request_id, utcnow())
         if not batch:
-            log.info("route_skipped", reason="already routed or unknown")
+            # At debug: after a burst most routing tasks find their request routed by a batch.
+            log.debug("route_skipped", reason="already routed or unknown")
             return
         # Every request's notices first, then the assignments (each its own transaction): a
         # slow or failing assignment of one request must not keep the others' teams waiting,
-        # and a retry of this task finds them all routed and would do none of it.
+        # and a retry of this task finds them all routed and would do none of it. The notices
+        # go to the broker together, each under its own request's trace.
         for routed in batch:
             structlog.contextvars.bind_contextvars(request_id=routed.request_id)
             with tracing.bound(routed.trace_id):
                 _routed(routed, batched=routed.request_id != request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        outbox.publish_outgoing(db.session, [m for routed in batch for m in routed.outgoing])
         for routed in batch:
             if routed.assignee is None and table.teams[routed.team].assigns:
                 structlog.contextvars.bind_contextvars(request_id=routed.request_id)
@@ -70,7 +74,7 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
 
 
 def _routed(routed: routing.Routed, *, batched: bool) -> None:
-    """What follows one request's routing commit: its log line, its notices, its metrics."""
+    """What follows one request's routing commit: its log line and its metrics."""
     log.info(
         "request_routed",
         reference=routed.reference,
@@ -79,7 +83,6 @@ def _routed(routed: routing.Routed, *, batched: bool) -> None:
         language_outcome=routed.language_outcome,
         **({"batched": True} if batched else {}),
     )
-    outbox.publish_outgoing(db.session, routed.outgoing)
     metrics.ROUTED.labels(routed.team).inc()
     if routed.received_at is not None:
         received = routed.received_at

@@ -12,7 +12,9 @@ Celery or of ``workers/``: the shell (``create_app``) hands it a publisher (``in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -29,7 +31,9 @@ log = structlog.get_logger(__name__)
 
 Publisher = Callable[[str, str, int], None]
 """Publish task ``name`` for its subject (a request id, or a user id for an account alert) and
-outbox row id; raise if the broker fails."""
+outbox row id; raise if the broker fails. A publisher may also have a ``batch()`` context
+manager: what is published in it goes to the broker together when it ends, or it raises then
+(see :func:`_batch`)."""
 
 ACCOUNT_ALERT_TASK = "notify_account_alert"
 
@@ -98,6 +102,14 @@ class Outgoing(NamedTuple):
     id: int
     task: str
     subject: str
+    # The trace to publish it under; None: the current one.
+    trace_id: str | None = None
+
+
+def _batch(publisher: Publisher, count: int) -> AbstractContextManager[Any]:
+    """The publisher's batch, for several rows where it has one: one broker round trip."""
+    batch = getattr(publisher, "batch", None)
+    return batch() if batch is not None and count > 1 else contextlib.nullcontext()
 
 
 def enqueue(
@@ -151,18 +163,21 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
             OutboxMessage.trace_id,
         ).where(OutboxMessage.id.in_(message_ids), OutboxMessage.status.in_(OPEN))
     ).all()
-    published: list[int] = []
-    for row in rows:
-        subject = row.request_id if row.request_id is not None else str(row.user_id)
-        try:
-            # Under the trace the row was written in, not the sweep's or the caller's.
-            with tracing.bound(row.trace_id):
-                publisher(row.task, subject, row.id)
-        except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
-            log.warning("outbox_publish_failed", outbox_id=row.id, error=type(error).__name__)
-            metrics.PUBLISH_FAILURES.labels(row.task).inc()
-            break
-        published.append(row.id)
+    # Under the trace each row was written in, not the sweep's or the caller's.
+    sent = _send(
+        publisher,
+        [
+            Outgoing(
+                row.id,
+                row.task,
+                row.request_id if row.request_id is not None else str(row.user_id),
+                row.trace_id,
+            )
+            for row in rows
+        ],
+        bind_every_trace=True,
+    )
+    published = [row.id for row in rows[:sent]]
     session.rollback()
     if published:
         locked = _lock_in_id_order(session, OutboxMessage.id.in_(published))
@@ -206,18 +221,7 @@ def publish_outgoing(session: DbSession, messages: Sequence[Outgoing]) -> int:
     if not messages:
         return 0
     publisher = get_publisher()
-    published = 0
-    if publisher is not None:
-        for message in messages:
-            try:
-                publisher(message.task, message.subject, message.id)
-            except Exception as error:  # noqa: BLE001 - any broker failure means "try later"
-                log.warning(
-                    "outbox_publish_failed", outbox_id=message.id, error=type(error).__name__
-                )
-                metrics.PUBLISH_FAILURES.labels(message.task).inc()
-                break
-            published += 1
+    published = _send(publisher, messages) if publisher is not None else 0
     unpublished = [message.id for message in messages[published:]]
     if unpublished:
         session.rollback()
@@ -231,6 +235,35 @@ def publish_outgoing(session: DbSession, messages: Sequence[Outgoing]) -> int:
         )
         session.commit()
     return published
+
+
+def _send(
+    publisher: Publisher, messages: Sequence[Outgoing], *, bind_every_trace: bool = False
+) -> int:
+    """Publish ``messages`` in order, in one batch where the publisher has batches; return how
+    many the broker took: up to the first that failed, or none when the batch failed as a
+    whole. ``bind_every_trace``: publish each under its own trace, also a missing one."""
+    published = 0
+    try:
+        with _batch(publisher, len(messages)):
+            for message in messages:
+                bound = bind_every_trace or message.trace_id is not None
+                with tracing.bound(message.trace_id) if bound else contextlib.nullcontext():
+                    try:
+                        publisher(message.task, message.subject, message.id)
+                    except Exception as error:  # noqa: BLE001 - any broker failure: try later
+                        _failed(message, error)
+                        break
+                published += 1
+    except Exception as error:  # noqa: BLE001 - the batch as a whole: none known to arrive
+        _failed(messages[0], error)
+        return 0
+    return published
+
+
+def _failed(message: Outgoing, error: Exception) -> None:
+    log.warning("outbox_publish_failed", outbox_id=message.id, error=type(error).__name__)
+    metrics.PUBLISH_FAILURES.labels(message.task).inc()
 
 
 def sweep(session: DbSession, limit: int = 500, republish_after: float | None = None) -> int:

@@ -518,7 +518,9 @@ class Routed:
         tasks = [(self.notify_outbox_id, NOTIFY_TASK)]
         if self.language_outbox_id:
             tasks.append((self.language_outbox_id, LANGUAGE_NOTICE_TASK))
-        return [Outgoing(outbox_id, task, self.request_id) for outbox_id, task in tasks]
+        return [
+            Outgoing(outbox_id, task, self.request_id, self.trace_id) for outbox_id, task in tasks
+        ]
 
 
 def needed_language(language: str, interpreter_language: str | None) -> str:
