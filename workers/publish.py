@@ -67,9 +67,6 @@ class CeleryPublisher:
         """Send the tasks published in the block together, in one round trip to Redis, when
         the block ends. Raises then if the broker failed; which of them reached it is not
         known, so the caller treats them all as unpublished (workers are idempotent)."""
-        if getattr(self._local, "producer", None) is not None:  # already in a batch
-            yield
-            return
         try:
             with self.celery.producer_or_acquire() as producer, producer.batch():
                 self._local.producer = producer
@@ -77,8 +74,6 @@ class CeleryPublisher:
                     yield
                 finally:
                     self._local.producer = None
-        except BrokerUnavailable:
-            raise
         except Exception:
             self._broke()
             raise
