@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -535,9 +536,14 @@ class Speaker:
     open_requests: int
 
 
-def find_speaker(session: Any, team: str, language: str) -> Speaker | None:
+def find_speaker(
+    session: Any, team: str, language: str, assigned: Mapping[int, int] | None = None
+) -> Speaker | None:
     """The member of ``team`` who speaks ``language`` with the fewest open requests assigned
-    (ties: the username first in alphabetical order), or None. Disabled accounts never count."""
+    (ties: the username first in alphabetical order), or None. Disabled accounts never count.
+
+    ``assigned``: requests given to members in the caller's transaction and not yet written
+    (a routing batch writes them together at its end), counted as open work."""
     from sqlalchemy import func, select
 
     from intake.models import OPEN_STATUSES, Request, User, UserTeam
@@ -559,8 +565,9 @@ def find_speaker(session: Any, team: str, language: str) -> Speaker | None:
             User.role.in_(("staff", "supervisor")),
         )
     ).all()
+    pending = assigned or {}
     speakers = [
-        Speaker(m.id, m.username, int(m.open_requests))
+        Speaker(m.id, m.username, int(m.open_requests) + pending.get(m.id, 0))
         for m in members
         if language in (m.languages or "").split(",")
     ]
@@ -575,12 +582,19 @@ class LanguagePlan:
     via_fallback: bool = False
 
 
-def plan_language(session: Any, table: RoutingTable, rule: Rule, need: str) -> LanguagePlan:
+def plan_language(
+    session: Any,
+    table: RoutingTable,
+    rule: Rule,
+    need: str,
+    assigned: Mapping[int, int] | None = None,
+) -> LanguagePlan:
     """Make sure someone who speaks ``need`` works the request the rule gave to its team.
 
     The team itself if it serves the language; else the member of it who speaks the language
     and has the least open work; else, with ``language_fallback = "team:<id>"``, the same
     two steps in that team; else nobody: the request stays with the rule's team, flagged.
+    ``assigned``: as for :func:`find_speaker`.
     """
     if need == BASE_LANGUAGE:
         return LanguagePlan(rule.team, "none")
@@ -589,7 +603,7 @@ def plan_language(session: Any, table: RoutingTable, rule: Rule, need: str) -> L
         via_fallback = team != rule.team
         if table.teams[team].serves(need):
             return LanguagePlan(team, "team", via_fallback=via_fallback)
-        speaker = find_speaker(session, team, need)
+        speaker = find_speaker(session, team, need, assigned)
         if speaker is not None:
             return LanguagePlan(team, "assigned", speaker, via_fallback)
     return LanguagePlan(rule.team, "unmet")
@@ -711,12 +725,9 @@ def _route_batch(
             .with_for_update(key_share=True, skip_locked=True)
         ).all()
     deferred: list[dict[str, Any]] = []
-    planned = [
-        (row, change) for row in rows if (change := _route_row(session, table, row, now, deferred))
-    ]
-    if not planned:
-        session.rollback()
-        return []
+    # Requests given to a speaker so far in this batch: the next one's choice counts them.
+    assigned: Counter[int] = Counter()
+    planned = [(row, _route_row(session, table, row, now, deferred, assigned)) for row in rows]
     _update_deferred(session, deferred)
     routed_ids = [row.id for row, _planned in planned]
     outbox.mark_done_for(session, routed_ids, ROUTE_TASK)
@@ -830,23 +841,25 @@ def _routing_traces(session: Any, request_ids: list[str]) -> dict[str, str | Non
 
 
 def _route_row(
-    session: Any, table: RoutingTable, row: Any, now: datetime, deferred: list[dict[str, Any]]
-) -> tuple[dict[str, Any], LanguagePlan, Speaker | None] | None:
-    """Route one locked ``received`` row inside the caller's transaction: the decision and the
-    conditional update, or its values added to ``deferred`` for the caller's one UPDATE of the
-    batch. Returns the details of its ``request.routed`` event, its language plan and the
-    member it was given to, or None if the row was not changed."""
-    from sqlalchemy import update
-
-    from intake.models import Request
-
+    session: Any,
+    table: RoutingTable,
+    row: Any,
+    now: datetime,
+    deferred: list[dict[str, Any]],
+    assigned: Counter[int],
+) -> tuple[dict[str, Any], LanguagePlan, Speaker | None]:
+    """Decide the routing of one locked ``received`` row inside the caller's transaction and
+    add its new values to ``deferred``, for the caller's one UPDATE of the batch, and a member
+    it is given to to ``assigned``. Returns the details of its ``request.routed`` event, its
+    language plan and the member it was given to."""
     need = needed_language(row.language, row.interpreter_language)
     decision = table.decide(
         {"kind": row.kind, "topic": row.topic, "location": row.location, "language": need},
         now,
     )
-    plan = plan_language(session, table, decision.rule, need)
+    plan = plan_language(session, table, decision.rule, need, assigned)
     values: dict[str, Any] = {
+        "routed_id": row.id,
         "status": "queued",
         "team": plan.team,
         "priority": decision.priority,
@@ -861,18 +874,8 @@ def _route_row(
     speaker = plan.speaker if not table.teams[plan.team].assigns else None
     if speaker is not None:
         values.update(assignee_id=speaker.user_id, claimed_at=now, last_activity_at=now)
-    if speaker is None:
-        # Written with the rest of the batch, in one statement (the caller's).
-        deferred.append({"routed_id": row.id, **values})
-    else:
-        # At once: the next request's choice of speaker counts this one as open work.
-        changed = session.execute(
-            update(Request)
-            .where(Request.id == row.id, Request.status == "received")
-            .values(**values)
-        ).rowcount
-        if changed != 1:
-            return None
+        assigned[speaker.user_id] += 1
+    deferred.append(values)
     details: dict[str, Any] = {
         "team": plan.team,
         "priority": decision.priority,

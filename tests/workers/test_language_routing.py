@@ -8,7 +8,9 @@ says. Notices go to a real SMTP server; both databases.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,24 @@ def state(app, reference) -> dict:
             "language_need": row.language_need,
             "interpreter_language": row.interpreter_language,
         }
+
+
+@contextlib.contextmanager
+def request_updates(app) -> Iterator[list[str]]:
+    """The UPDATE statements of the requests table run in the block (an executemany: one)."""
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, _params, _context, _executemany):
+        if statement.lstrip().upper().startswith("UPDATE REQUESTS"):
+            statements.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
 
 
 def routed_details(app, reference) -> list[dict]:
@@ -418,9 +438,20 @@ def test_a_batch_shares_spanish_requests_between_speakers_as_one_at_a_time_would
     add_user(app, "lucia", ["benefits"], ["en", "es"])
     references = [submit(patient, "contact", topic="copay") for _ in range(4)]
     english = submit(patient, "contact", lang="en", topic="copay")
-    route(app, references[0])
+    with request_updates(app) as updates:
+        route(app, references[0])
     assignees = [state(app, reference)["assignee"] for reference in references]
     assert assignees == ["lucia", "pilar", "lucia", "pilar"]
+    reasons = [routed_details(app, reference)[0]["assignment_reason"] for reference in references]
+    assert [reason.split(", ")[1] for reason in reasons] == [
+        "0 open before this one",
+        "0 open before this one",
+        "1 open before this one",
+        "1 open before this one",
+    ]
+    # One UPDATE for the four given to a speaker, one for the English one (before: one per
+    # request given to a speaker, written as it was chosen).
+    assert len(updates) == 2
     # The English one, routed in the same batch, is with the team and nobody in particular.
     assert state(app, english)["status"] == "queued" and state(app, english)["assignee"] is None
     assert all(len(routed_details(app, reference)) == 1 for reference in [*references, english])
