@@ -16,7 +16,9 @@ users with the real account services, then bulk-loads ``--requests`` requests an
   ``record_event`` would, so ``intake audit verify`` holds the whole trail.
 
 Indexes and constraints of the loaded tables are dropped for the load and rebuilt from their
-own definitions afterwards (the schema is checked to be the same), then ANALYZE. Then it runs
+own definitions afterwards (the schema is checked to be the same), then VACUUM (ANALYZE): a
+bulk load leaves the visibility map unset (autovacuum would set it, some time later, on a
+live insert-mostly table), and without it every index-only scan reads the heap. Then it runs
 gunicorn with the production settings (as ``bench/pipeline.py`` does), logs in as the
 pharmacist (staff) and the compliance officer with password and TOTP, and times each page
 ``--samples`` times, one request at a time after a warm-up. The same is done first on a small
@@ -743,8 +745,8 @@ def without_indexes(url: str) -> Iterator[dict[str, Any]]:
             differ = set(now_constraints) ^ set(constraints) | set(now_indexes) ^ set(indexes)
             raise RuntimeError(f"the rebuilt indexes or constraints differ: {sorted(differ)}")
         started = time.perf_counter()
-        conn.execute("ANALYZE")
-        timing["analyze_s"] = round(time.perf_counter() - started, 1)
+        conn.execute("VACUUM (ANALYZE)")
+        timing["vacuum_s"] = round(time.perf_counter() - started, 1)
 
 
 def generate(
@@ -1374,6 +1376,18 @@ def check_generated(
                             problems.append(f"{p.reference}: note not shown")
                             continue
                         notes_shown += 1
+        with engine.connect() as conn:
+            # The share of each bulk table's pages marked all-visible (what index-only scans
+            # skip the heap for): set by the VACUUM after the load, not by the load itself.
+            all_visible = {
+                row.relname: round(row.relallvisible / row.relpages, 3) if row.relpages else None
+                for row in conn.execute(
+                    sa.text(
+                        "SELECT relname, relpages, relallvisible FROM pg_class "
+                        "WHERE relname IN ('requests', 'audit_events', 'audit_listings')"
+                    )
+                )
+            }
     finally:
         engine.dispose()
     return {
@@ -1382,6 +1396,7 @@ def check_generated(
         "pages": pages,
         "notes": notes_shown,
         "problems": problems[:20],
+        "all_visible": all_visible,
     }
 
 
@@ -1456,7 +1471,7 @@ def markdown(report: dict[str, Any]) -> str:
         "events_per_s",
         "rows_per_s",
         "rebuild_s",
-        "analyze_s",
+        "vacuum_s",
         "total_s",
     ):
         lines.append(
