@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 from flask_babel import Babel
@@ -12,7 +14,7 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import MetaData, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session
 
 NAMING_CONVENTION = {
@@ -73,5 +75,22 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 @event.listens_for(Engine, "begin")
 def _begin_immediate(connection: Any) -> None:
-    if connection.dialect.name == "sqlite":
+    if (
+        connection.dialect.name == "sqlite"
+        and connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT"
+    ):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextlib.contextmanager
+def reading(session: DbSession) -> Iterator[Connection]:
+    """A connection of ``session``'s database for reads outside any transaction, each
+    statement on its own: no BEGIN and ROLLBACK round trips on PostgreSQL, no write lock on
+    SQLite (whose transactions take it up front, see ``_begin_immediate``). For a read that
+    decides whether there is anything to do before a transaction that does it."""
+    bind = session.get_bind()
+    if isinstance(bind, Connection):  # a session bound to one connection: read in it
+        yield bind
+        return
+    with bind.connect() as connection:
+        yield connection.execution_options(isolation_level="AUTOCOMMIT")

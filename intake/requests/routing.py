@@ -649,33 +649,35 @@ def route_received(
     """
     from sqlalchemy import select
 
+    from intake.extensions import reading
     from intake.models import OutboxMessage, Request
     from intake.requests import outbox
 
-    # Unlocked first: a request leaves "received" once and never comes back, so a task whose
-    # request was routed by someone else's batch stops here without waiting for that batch,
-    # and without writing anything when its routing row was closed with the routing.
-    found = session.execute(
-        select(
-            Request.status,
-            select(OutboxMessage.id)
-            .where(
-                OutboxMessage.request_id == request_id,
-                OutboxMessage.task == ROUTE_TASK,
-                OutboxMessage.status.in_(outbox.OPEN),
-            )
-            .limit(1)
-            .exists(),
-        ).where(Request.id == request_id)
-    ).first()
+    # Unlocked first, outside any transaction: a request leaves "received" once and never
+    # comes back, so a task whose request was routed by someone else's batch (after a burst,
+    # most of them) stops here in one statement, without waiting for that batch, without
+    # SQLite's write lock, and without writing anything when its routing row was closed with
+    # the routing.
+    with reading(session) as connection:
+        found = connection.execute(
+            select(
+                Request.status,
+                select(OutboxMessage.id)
+                .where(
+                    OutboxMessage.request_id == request_id,
+                    OutboxMessage.task == ROUTE_TASK,
+                    OutboxMessage.status.in_(outbox.OPEN),
+                )
+                .limit(1)
+                .exists(),
+            ).where(Request.id == request_id)
+        ).first()
     if found is None or found[0] != "received":
         # Taken out of "received" by something that left its routing row open (cancelled
         # before routing): close the row, or the sweep would publish it again and again.
         if found is not None and found[1]:
             outbox.mark_done(session, request_id, ROUTE_TASK)
             session.commit()
-        else:
-            session.rollback()
         return []
     columns = _routing_columns()
     own = session.execute(

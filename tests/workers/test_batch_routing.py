@@ -3,6 +3,7 @@ each with its own audit event, notice and trace, and the tasks of the others the
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 
 import pytest
@@ -184,6 +185,36 @@ def test_a_batch_skips_rows_another_transaction_holds_instead_of_waiting(
     finally:
         engine.dispose()
     assert routed_events(app) == Counter({reference: 1 for reference, _id, _t in requests})
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_task_whose_request_a_batch_routed_stops_without_the_write_lock(
+    app, patient, database_url
+):
+    """SQLite: after a burst most routing tasks find their request routed by another task's
+    batch. That read takes no write lock, so those tasks do not queue behind the submissions
+    and the batches that hold it (the web and the worker processes share the one lock); before,
+    each took it (``BEGIN IMMEDIATE``) just to read, and failed here after the busy timeout."""
+    from workers.tasks import route_request
+
+    requests = submitted(app, patient, 3)
+    with app.app_context():
+        route_request.run(requests[0][1])  # routes all three
+    holder = sqlite3.connect(sa.make_url(database_url).database, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # a submission, say, holding the write lock
+        with app.app_context(), capture_logs() as logs:
+            for _reference, request_id, _trace in requests[1:]:
+                route_request.run(request_id)
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    assert [line["event"] for line in logs if line["event"].startswith("route")] == [
+        "route_skipped",
+        "route_skipped",
+    ]
+    assert routed_events(app) == Counter({reference: 1 for reference, _id, _t in requests})
+    assert {status for status, _trace in outbox_rows(app, "route_request").values()} == {"done"}
 
 
 def test_a_request_that_cannot_be_routed_holds_up_no_other(app, patient, monkeypatch):
