@@ -66,16 +66,23 @@ class CeleryPublisher:
     def batch(self) -> Iterator[None]:
         """Send the tasks published in the block together, in one round trip to Redis, when
         the block ends. Raises then if the broker failed; which of them reached it is not
-        known, so the caller treats them all as unpublished (workers are idempotent)."""
+        known, so the caller treats them all as unpublished (workers are idempotent). An error
+        of the block itself discards what it buffered and is no broker failure: no cool-off
+        (a failed publish in it has started one already)."""
+        raised_inside = False
         try:
             with self.celery.producer_or_acquire() as producer, producer.batch():
                 self._local.producer = producer
                 try:
                     yield
+                except BaseException:
+                    raised_inside = True
+                    raise
                 finally:
                     self._local.producer = None
         except Exception:
-            self._broke()
+            if not raised_inside:
+                self._broke()
             raise
 
     def _broke(self) -> None:

@@ -46,12 +46,14 @@ def reads(redis) -> int:
 
 
 def notice_rows(app) -> dict[str, tuple[str, bool]]:
+    """Each request's notify_team row: (status, published?)."""
     with app.app_context():
         rows = db.session.execute(
             sa.select(
                 OutboxMessage.request_id, OutboxMessage.status, OutboxMessage.published_at
             ).where(OutboxMessage.task == "notify_team")
         ).all()
+    assert len({row.request_id for row in rows}) == len(rows), "two notices for a request"
     return {row.request_id: (row.status, row.published_at is not None) for row in rows}
 
 
