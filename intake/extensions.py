@@ -73,11 +73,14 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# An execution option of the connections ``reading`` hands out on SQLite.
+_OUTSIDE_TRANSACTIONS = "intake_outside_transactions"
+
+
 @event.listens_for(Engine, "begin")
 def _begin_immediate(connection: Any) -> None:
-    if (
-        connection.dialect.name == "sqlite"
-        and connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT"
+    if connection.dialect.name == "sqlite" and not connection.get_execution_options().get(
+        _OUTSIDE_TRANSACTIONS
     ):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -87,10 +90,19 @@ def reading(session: DbSession) -> Iterator[Connection]:
     """A connection of ``session``'s database for reads outside any transaction, each
     statement on its own: no BEGIN and ROLLBACK round trips on PostgreSQL, no write lock on
     SQLite (whose transactions take it up front, see ``_begin_immediate``). For a read that
-    decides whether there is anything to do before a transaction that does it."""
+    decides whether there is anything to do before a transaction that does it.
+
+    On SQLite the driver opens no transaction of its own (``_configure_sqlite``), so skipping
+    ``BEGIN IMMEDIATE`` is all it takes, and nothing of it stays on the pooled connection
+    (SQLAlchemy's AUTOCOMMIT level would reset the driver to its own transactions when the
+    connection goes back to the pool). A session bound to one connection reads in its own
+    transaction, which it then ends as it would have."""
     bind = session.get_bind()
-    if isinstance(bind, Connection):  # a session bound to one connection: read in it
-        yield bind
+    if isinstance(bind, Connection):
+        yield session.connection()
         return
     with bind.connect() as connection:
-        yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        if connection.dialect.name == "sqlite":
+            yield connection.execution_options(**{_OUTSIDE_TRANSACTIONS: True})
+        else:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")

@@ -8,6 +8,7 @@ PostgreSQL tests are skipped, except under ``CI=true`` where a missing server is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -103,26 +104,36 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated, empty database for one test."""
+@contextlib.contextmanager
+def fresh_database(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, name: str = "intake"
+) -> Iterator[str]:
+    """The URL of a fresh, migrated, empty database (``name``: its SQLite file's), dropped
+    afterwards."""
     if backend == "sqlite":
         template: Path = request.getfixturevalue("sqlite_template")
-        path = tmp_path / "intake.sqlite3"
+        path = tmp_path / f"{name}.sqlite3"
         shutil.copyfile(template, path)
         yield f"sqlite:///{path}"
         return
     template_name: str = request.getfixturevalue("postgres_template")
-    name = f"intake_test_{uuid.uuid4().hex[:12]}"
+    database = f"intake_test_{uuid.uuid4().hex[:12]}"
     engine = _admin_engine()
     with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{database}" TEMPLATE "{template_name}"'))
     try:
-        yield _with_database(POSTGRES_URL, name)
+        yield _with_database(POSTGRES_URL, database)
     finally:
         with engine.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         engine.dispose()
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated, empty database for one test."""
+    with fresh_database(backend, request, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -678,6 +678,8 @@ def route_received(
         if found is not None and found[1]:
             outbox.mark_done(session, request_id, ROUTE_TASK)
             session.commit()
+        else:
+            session.rollback()  # nothing to roll back, unless the read ran in the session
         return []
     columns = _routing_columns()
     own = session.execute(
