@@ -436,7 +436,8 @@ def test_redis_frozen_during_the_flush_delivers_late_and_still_e_mails_each_team
     def freeze_after_the_last(count: int) -> None:
         if count == COUNT:
             os.kill(pid, signal.SIGSTOP)
-            threading.Timer(6.0, os.kill, (pid, signal.SIGCONT)).start()
+            # Well past the client's 5 s socket timeout, also on a loaded machine.
+            threading.Timer(9.0, os.kill, (pid, signal.SIGCONT)).start()
 
     interpose(app, monkeypatch, freeze_after_the_last)
     try:
