@@ -407,32 +407,22 @@ def test_a_backlog_drains_in_batches_of_at_most_the_batch_size(app, patient):
 def test_a_worker_killed_mid_batch_routes_every_request_once(
     app, patient, database_url, celery_processes, settings, smtp_server
 ):
-    """A worker is SIGKILLed while its batch is half written (its request rows updated, held
-    on a routing row the sweep has locked). Nothing of the batch commits; the redelivered
+    """A worker is SIGKILLed while its batches are half written (their request rows updated,
+    held on the routing rows the sweep has locked). Nothing of them commits; the redelivered
     tasks (acks_late) and the sweep then route every request exactly once, with one e-mail
     each, an audit chain and anchor that agree, and no PHI in any worker's log."""
     _url, mailbox = smtp_server
     references = [
         reference_from(patient.contact(topic="copay", **CONTACT_CANARIES)) for _ in range(6)
     ]
-    with app.app_context():
-        ids = list(
-            db.session.execute(
-                sa.select(Request.id).order_by(Request.created_at, Request.id)
-            ).scalars()
-        )
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as sweep:
-            sweep.execute(
-                sa.text(
-                    "SELECT id FROM outbox WHERE request_id = :id AND task = 'route_request' "
-                    "FOR UPDATE"
-                ),
-                {"id": ids[1]},
-            )
+            # Every routing row: the worker's two processes may split the requests between
+            # two batches, and a batch holding none of the locked rows would commit.
+            sweep.execute(sa.text("SELECT id FROM outbox WHERE task = 'route_request' FOR UPDATE"))
             first = celery_processes(settings).wait_ready()
-            # Every waiter waits on a batch held there (its own, or one holding its row).
+            # Every waiter waits on the sweep, or on a batch held there.
             wait_until(lambda: _waiters(engine) >= 1, 60, message="a batch held")
             first.kill()
             sweep.rollback()
