@@ -346,5 +346,8 @@ def test_the_embedded_broker_routes_with_a_real_worker(app, patient, celery_proc
     references = [submit(embedded_patient, "refill", {}, "en") for _ in range(5)]
     wait_until(lambda: all_queued(embedded_app, references), 30, message="embedded routing")
     assert Counter(routed_events(embedded_app)) == Counter({r: 1 for r in references})
-    assert b"team_notified" in worker.log_path.read_bytes()
+    # The notice is a task of its own, sent after the routing commits: wait for it.
+    wait_until(
+        lambda: b"team_notified" in worker.log_path.read_bytes(), 30, message="team notified"
+    )
     assert (Path(embedded.data_dir) / "broker" / "queue").is_dir()
