@@ -189,6 +189,11 @@ def running_smtp(handler: Any, **options: Any) -> Iterator[Any]:
     collector, which would warn about them during whichever test runs next. On Python 3.11 a
     warning raised inside ``ast.parse`` breaks that parse with a SystemError, so an unrelated
     test would fail. They are collected here, where they are known to be the server's own.
+
+    A connection accepted in the loop's last turn is worse off: its handshake task is
+    cancelled before it starts, and the accepted socket is dropped, with its warning, inside
+    ``stop()`` on the server's thread. Warning filters are process-wide, so ``stop()`` runs
+    under them too.
     """
     from aiosmtpd.controller import Controller
 
@@ -197,11 +202,11 @@ def running_smtp(handler: Any, **options: Any) -> Iterator[Any]:
     try:
         yield controller
     finally:
-        controller.stop()
-        controller.smtpd = None  # the last connection's protocol, holding its transport
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "unclosed transport", ResourceWarning)
             warnings.filterwarnings("ignore", "unclosed <socket.socket", ResourceWarning)
+            controller.stop()
+            controller.smtpd = None  # the last connection's protocol, holding its transport
             gc.collect()
 
 
