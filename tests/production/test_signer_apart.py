@@ -60,7 +60,8 @@ def _forms_of(skey: str) -> list[bytes]:
     seed = signer.private_key.private_bytes_raw()
     return [
         skey.encode(),
-        skey.rsplit("+", 1)[1].encode(),  # base64 of type || seed
+        # base64 of type || seed: everything after PRIVATE+KEY+name+hash (base64 holds "+")
+        skey.split("+", 4)[4].encode(),
         base64.b64encode(seed),
         seed.hex().encode(),
         seed,

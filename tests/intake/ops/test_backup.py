@@ -462,7 +462,7 @@ def _signing_key_forms(skey: str) -> list[bytes]:
     seed = signer.private_key.private_bytes_raw()
     return [
         skey.encode(),
-        skey.rsplit("+", 1)[1].encode(),
+        skey.split("+", 4)[4].encode(),  # after PRIVATE+KEY+name+hash; base64 holds "+"
         base64.b64encode(seed),
         seed.hex().encode(),
         seed,
