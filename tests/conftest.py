@@ -148,6 +148,9 @@ def app(settings: Settings) -> Iterator[Flask]:
     yield app
     from intake.extensions import db
 
+    publisher = app.extensions.get("intake.publisher")
+    if hasattr(publisher, "close"):  # revokes still being sent, before their pool closes
+        publisher.close()
     app.extensions["celery"].close()
     with app.app_context():
         db.session.remove()

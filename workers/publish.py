@@ -7,21 +7,35 @@ never imports this package.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import structlog
 from celery import Celery
 from flask import Flask
 from kombu.exceptions import OperationalError
 
 from intake.ops import tracing
 from intake.requests import outbox
+from workers import redis_broker
+
+log = structlog.get_logger(__name__)
 
 TASK_PREFIX = "workers.tasks."
 # After a failed publish, stop trying for this long: each attempt on a dead broker costs the
 # patient seconds of connection retries, and the outbox sweep publishes the rows anyway.
 COOL_OFF_SECONDS = 5.0
+# Revokes waiting for the background sender, at most; more are dropped (they only save work).
+REVOKE_BACKLOG = 64
+
+
+def task_id(task: str, subject: str, outbox_id: int) -> str:
+    """The Celery id of an outbox row's task: the same for every publish of the row, so that
+    whoever closes the row can revoke what is still queued of it. Ids only, no PHI; the
+    subject (a request or user id, random) keeps it unique across databases and restores."""
+    return f"{task}-{outbox_id}-{subject}"
 
 
 class BrokerUnavailable(OperationalError):
@@ -45,6 +59,13 @@ class CeleryPublisher:
         self._lock = threading.Lock()
         self._broken_until = 0.0
         self._local = threading.local()
+        # Revokes go over Redis's pub/sub; the embedded broker would write a file for each
+        # worker that ever listened, alive or not, and its workers poll for them anyway.
+        scheme = str(celery.conf.broker_url or "").partition("://")[0]
+        self.revokes = scheme in redis_broker.SCHEMES
+        self._pending: list[list[str]] = []  # revokes waiting for the sender thread
+        self._sender: threading.Thread | None = None
+        self._sender_pid = 0
 
     def __call__(self, task: str, request_id: str, outbox_id: int) -> None:
         if time.monotonic() < self._broken_until:
@@ -54,6 +75,7 @@ class CeleryPublisher:
                 TASK_PREFIX + task,
                 args=[request_id],
                 kwargs={"outbox_id": outbox_id},
+                task_id=task_id(task, request_id, outbox_id),
                 headers=tracing.task_headers(),
                 retry=False,
                 producer=getattr(self._local, "producer", None),
@@ -84,6 +106,58 @@ class CeleryPublisher:
             if not raised_inside:
                 self._broke()
             raise
+
+    def revoke(self, task_ids: Sequence[str]) -> bool:
+        """Ask every worker to drop these tasks unrun if they are still queued; return whether
+        the request was taken.
+
+        For tasks that can only find their work done (a routing batch routed their requests):
+        each still costs a delivery, a pool round trip and a read, and after a burst they are
+        most of the routing queue. A worker drops a revoked task when it receives it, before
+        any of that. Best effort: sent from a background thread, never waited on, because
+        kombu retries a control message without end while the broker is down. What is not
+        sent (broker down, backlog full, embedded broker) only means those tasks run and stop
+        at their first read, as they would without it."""
+        if not self.revokes or not task_ids or time.monotonic() < self._broken_until:
+            return False
+        with self._lock:
+            if self._sender_pid != os.getpid():  # a thread does not survive a fork
+                self._pending, self._sender, self._sender_pid = [], None, os.getpid()
+            if len(self._pending) >= REVOKE_BACKLOG:
+                return False
+            self._pending.append(list(task_ids))
+            if self._sender is None:
+                sender = threading.Thread(
+                    target=self._send_revokes, name="intake-revoke", daemon=True
+                )
+                try:
+                    sender.start()  # it waits for the lock, then finds what was just added
+                except RuntimeError:  # the process's thread limit: those tasks just run
+                    self._pending = []
+                    return False
+                self._sender = sender
+        return True
+
+    def _send_revokes(self) -> None:
+        """Send what is pending, in one message each time, then end: the thread lives only
+        while there is something to send (or the broker is down and it waits for it)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._sender = None
+                    return
+                ids = [task for batch in self._pending for task in batch]
+                self._pending = []
+            try:
+                self.celery.control.revoke(ids)
+            except Exception as error:  # noqa: BLE001 - they only save work; the tasks still run
+                log.info("revoke_not_sent", tasks=len(ids), error=type(error).__name__)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Give the revokes still to be sent up to ``timeout`` seconds, as a process ends."""
+        sender = self._sender
+        if sender is not None and self._sender_pid == os.getpid():
+            sender.join(timeout)
 
     def _broke(self) -> None:
         with self._lock:

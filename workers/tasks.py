@@ -15,6 +15,7 @@ from intake.extensions import db
 from intake.ops import metrics, tracing
 from intake.requests import assignment, casework, outbox, routing
 from intake.requests.notifications import RetryLater, send_account_alert, send_outbox_notice
+from workers.publish import CeleryPublisher, task_id
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +65,7 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
                 _routed(routed, batched=routed.request_id != request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         outbox.publish_outgoing(db.session, [m for routed in batch for m in routed.outgoing])
+        _revoke_routed(batch, request_id)
         for routed in batch:
             if routed.assignee is None and table.teams[routed.team].assigns:
                 structlog.contextvars.bind_contextvars(request_id=routed.request_id)
@@ -71,6 +73,21 @@ def route_request(request_id: str, outbox_id: int | None = None) -> None:
                     _assign_routed(table, routed)
     finally:
         structlog.contextvars.unbind_contextvars("task", "request_id")
+
+
+def _revoke_routed(batch: list[routing.Routed], request_id: str) -> None:
+    """The other requests of the batch were routed here: their own routing tasks, queued
+    behind this one, can only find that out. Revoke them, so workers drop them unrun."""
+    publisher = outbox.get_publisher()
+    if isinstance(publisher, CeleryPublisher):
+        publisher.revoke(
+            [
+                task_id(routing.ROUTE_TASK, routed.request_id, outbox_id)
+                for routed in batch
+                if routed.request_id != request_id
+                for outbox_id in routed.route_outbox_ids
+            ]
+        )
 
 
 def _routed(routed: routing.Routed, *, batched: bool) -> None:

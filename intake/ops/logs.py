@@ -20,6 +20,8 @@ _TASK_CHATTER = {
     "celery.worker.strategy": ("Task %(name)s[%(id)s] received",),
     "celery.app.trace": ("Task %(name)s[%(id)s] succeeded",),
     "celery.beat": ("Scheduler: Sending due task",),
+    "celery.worker.request": ("Discarding revoked task",),
+    "celery.worker.control": ("Tasks flagged as revoked",),
 }
 
 
@@ -29,6 +31,12 @@ def is_task_chatter(record: logging.LogRecord) -> bool:
     if prefixes is None or record.levelno != logging.INFO:
         return False
     return str(record.msg).startswith(prefixes)
+
+
+def _no_backend_to_mark(record: logging.LogRecord) -> bool:
+    """Celery's revoke tries to record each task's state in a result backend, and Intake runs
+    none (tasks return nothing): one warning per task, every time, that says only that."""
+    return not str(record.msg).startswith("Failed to mark task")
 
 
 def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
@@ -66,6 +74,7 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = None) -> None:
     # Quiet chatter that tells an operator nothing.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("kombu.connection").addFilter(_supplied_hostname)  # kept once, however often
+    logging.getLogger("celery.worker.control").addFilter(_no_backend_to_mark)
     if not any(_ours(h) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(console if sys.stderr.isatty() else formatter)

@@ -200,14 +200,18 @@ def _lock_in_id_order(session: DbSession, *conditions: Any) -> list[int]:
     sweep whose rows are published again. Every UPDATE of several outbox rows locks them in
     one order first. (SQLite runs one writer at a time.)
     """
-    return list(
-        session.execute(
-            select(OutboxMessage.id)
-            .where(*conditions)
-            .order_by(OutboxMessage.id)
-            .with_for_update(key_share=True)
-        ).scalars()
+    return [row_id for row_id, _subject in _lock_rows_in_id_order(session, *conditions)]
+
+
+def _lock_rows_in_id_order(session: DbSession, *conditions: Any) -> list[tuple[int, str | None]]:
+    """:func:`_lock_in_id_order`, returning (id, request id) pairs."""
+    rows = session.execute(
+        select(OutboxMessage.id, OutboxMessage.request_id)
+        .where(*conditions)
+        .order_by(OutboxMessage.id)
+        .with_for_update(key_share=True)
     )
+    return [(row_id, request_id) for row_id, request_id in rows]
 
 
 def publish_outgoing(session: DbSession, messages: Sequence[Outgoing]) -> int:
@@ -323,22 +327,27 @@ def mark_done(
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def mark_done_for(session: DbSession, request_ids: Sequence[str], task: str) -> int:
+def mark_done_for(
+    session: DbSession, request_ids: Sequence[str], task: str
+) -> dict[str, list[int]]:
     """Mark the open ``task`` rows of several requests done in one statement, in the consumer's
-    transaction; return how many were open."""
+    transaction; return the ids of the rows closed, by request."""
     if not request_ids:
-        return 0
-    locked = _lock_in_id_order(
+        return {}
+    locked = _lock_rows_in_id_order(
         session,
         OutboxMessage.request_id.in_(request_ids),
         OutboxMessage.task == task,
         OutboxMessage.status.in_(OPEN),
     )
     if not locked:
-        return 0
-    result = session.execute(
+        return {}
+    session.execute(
         update(OutboxMessage)
-        .where(OutboxMessage.id.in_(locked), OutboxMessage.status.in_(OPEN))
+        .where(OutboxMessage.id.in_([row_id for row_id, _ in locked]))
         .values(status="done", done_at=utcnow())
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    closed: dict[str, list[int]] = {}
+    for row_id, request_id in locked:
+        closed.setdefault(str(request_id), []).append(row_id)
+    return closed

@@ -510,6 +510,8 @@ class Routed:
     # The trace its submission was logged under (intake.ops.tracing), also when it was routed
     # in another request's batch: its notices are published, and its lines logged, under it.
     trace_id: str | None = None
+    # The routing rows the batch closed for it: the tasks still queued for them can be revoked.
+    route_outbox_ids: tuple[int, ...] = ()
 
     @property
     def outgoing(self) -> list[Any]:
@@ -734,7 +736,7 @@ def _route_batch(
     planned = [(row, _route_row(session, table, row, now, deferred, assigned)) for row in rows]
     _update_deferred(session, deferred)
     routed_ids = [row.id for row, _planned in planned]
-    outbox.mark_done_for(session, routed_ids, ROUTE_TASK)
+    closed = outbox.mark_done_for(session, routed_ids, ROUTE_TASK)
     # Each request's notices and log lines go under the trace of its own submission: the
     # task's own request under the trace it carried, the others' as their routing rows say.
     traces = _routing_traces(session, [i for i in routed_ids if i != request_id])
@@ -773,6 +775,7 @@ def _route_batch(
             row.id,
             row.created_at,
             traces.get(row.id),
+            tuple(closed.get(row.id, ())),
         )
         for (row, (details, plan, speaker)), (notice, language_notice) in zip(
             planned, notices, strict=True
