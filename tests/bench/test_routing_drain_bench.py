@@ -62,9 +62,11 @@ def test_the_routing_drain_benchmark_routes_every_request_once(postgres_template
         # Every notice went to the notifications queue, which nobody consumed in this run.
         assert result["notifications_queued"] == TASKS and result["routing_queued"] == 0
         assert result["worker_cpu_ms_per_task"] > 0 and len(result["worker_rss_mib"]) == 2
-        # The profiled solo worker ran the real task once per extra request.
+        # The profiled solo worker took every message; it ran the real task for some, and
+        # dropped unrun those a batch had revoked (workers.tasks._revoke_routed).
         spots = {row["what"]: row for row in result["profile"]["breakdown"]}
-        assert spots["workers.tasks.route_request"]["calls"] == PROFILED
+        assert spots["acks (kombu Message.ack)"]["calls"] == PROFILED
+        assert 1 <= spots["workers.tasks.route_request"]["calls"] <= PROFILED
         assert Path(result["profile"]["stats"]).is_file()
     for target in ("baseline", "postgresql", "sqlite"):
         assert results[target]["tasks"] == TASKS and results[target]["tasks_per_s"] > 0
