@@ -651,19 +651,35 @@ def test_a_process_killed_around_its_revoke_loses_nothing_and_tells_each_team_on
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
+def listening(app, nodes: int) -> set[str]:
+    """The worker nodes that answered a broadcast ping: they hear broadcasts (revokes)."""
+    with app.app_context():
+        replies = app.extensions["celery"].control.ping(timeout=2, limit=nodes) or []
+    return {node for reply in replies for node in reply}
+
+
 def test_two_worker_nodes_both_drop_the_revoked_tasks_and_route_each_request_once(
-    app, patient, celery_processes, settings, smtp_server
+    app, patient, celery_processes, settings, smtp_server, monkeypatch
 ):
-    """Forty requests wait when two worker nodes start (each with two pool processes): their
-    batches race. Every request is routed once and each team told once; both nodes hold the
-    same revoked ids, exactly the tasks of requests routed in another task's batch (never a
-    batch's own task, never one whose request some batch did not route)."""
+    """Forty routing tasks reach the broker at once while two worker nodes (each with two
+    pool processes) listen: their batches race. Every request is routed once and each team
+    told once; both nodes hold the same revoked ids, exactly the tasks of requests routed in
+    another task's batch (never a batch's own task, never one whose request some batch did
+    not route).
+
+    The nodes must hear broadcasts before the tasks go out: a revoke is a broadcast, and a
+    node that subscribes after it (as one started later does, with mingle off) never holds
+    it. That node would run such a task and find its request routed: harmless, but not what
+    this test is about, so it waits for both nodes to answer a ping first."""
     _url, mailbox = smtp_server
-    requests = burst(app, patient, 40)
+    requests = submitted_unpublished(app, patient, 40, monkeypatch)
     tasks = routing_task_ids(app, requests.values())
     first = celery_processes(settings)
     second = celery_processes(settings)
     first.wait_ready(), second.wait_ready()
+    wait_until(lambda: len(listening(app, 2)) == 2, 30, message="both nodes answer a ping")
+    with app.app_context():
+        outbox.sweep(db.session)  # the forty routing tasks, published at once
     assert_routed_and_told_once(app, mailbox, requests)
 
     batched = batched_in_log(first) | batched_in_log(second)
