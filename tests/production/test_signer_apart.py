@@ -8,12 +8,11 @@ checks that ``intake audit verify`` works with the public key alone.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
 
-from intake.audit import keys
+from tests.key_material import signing_key_forms
 from tests.production.conftest import SIGNER_SECONDS, ProductionStack
 from tests.workers.conftest import wait_until
 
@@ -55,19 +54,6 @@ def _named_files(environ: dict[str, str]) -> list[Path]:
     return found
 
 
-def _forms_of(skey: str) -> list[bytes]:
-    signer = keys.parse_skey(skey, "unused")
-    seed = signer.private_key.private_bytes_raw()
-    return [
-        skey.encode(),
-        # base64 of type || seed: everything after PRIVATE+KEY+name+hash (base64 holds "+")
-        skey.split("+", 4)[4].encode(),
-        base64.b64encode(seed),
-        seed.hex().encode(),
-        seed,
-    ]
-
-
 def test_web_and_workers_hold_no_private_key_and_verify_needs_only_the_public_one(
     production_stack: ProductionStack,
 ):
@@ -89,7 +75,7 @@ def test_web_and_workers_hold_no_private_key_and_verify_needs_only_the_public_on
         return int(json.loads(checkpoints.read_text().splitlines()[-1])["seq"])
 
     wait_until(lambda: signed_head() >= head, 10 * SIGNER_SECONDS, 0.5, "a checkpoint")
-    forms = _forms_of(stack.signing_key)
+    forms = signing_key_forms(stack.signing_key)
     checked: dict[str, int] = {}
     files: set[Path] = set()
     for name in ("web", "worker", "notifier", "beat"):

@@ -28,7 +28,6 @@ import sqlalchemy as sa
 from flask import Flask
 
 from config import Settings
-from intake.audit import keys
 from intake.audit.checkpoints import write_checkpoint
 from intake.crypto.phi import Keyring
 from intake.extensions import db
@@ -44,6 +43,7 @@ from tests.intake.staff.conftest import (
     login,
     submit_routed,
 )
+from tests.key_material import signing_key_forms
 
 INTAKE = str(Path(sys.executable).parent / "intake")
 SECRET_FILES = ("keyring.json", "secret_key")  # what the secret store gives a new machine
@@ -456,19 +456,6 @@ def test_a_restore_without_the_keyring_says_so(
     assert "Traceback" not in done.stderr
 
 
-def _signing_key_forms(skey: str) -> list[bytes]:
-    """The forms tests/production/test_signer_apart.py::_forms_of looks for."""
-    signer = keys.parse_skey(skey, "unused")
-    seed = signer.private_key.private_bytes_raw()
-    return [
-        skey.encode(),
-        skey.split("+", 4)[4].encode(),  # after PRIVATE+KEY+name+hash; base64 holds "+"
-        base64.b64encode(seed),
-        seed.hex().encode(),
-        seed,
-    ]
-
-
 def _keyring_forms(text: str) -> list[bytes]:
     keyring = Keyring.from_json(text)
     raw = [*keyring.keks.values(), keyring.index_key, keyring.ip_key]
@@ -484,7 +471,7 @@ def test_a_backup_holds_no_key_material(backed_up: tuple[Installation, Path]) ->
     skey = (data / "signer" / "signing-key").read_text().strip()
     secret = (data / "secret_key").read_text().strip()
     forms = [
-        *_signing_key_forms(skey),
+        *signing_key_forms(skey),
         *_keyring_forms((data / "keyring.json").read_text()),
         secret.encode(),
         b"PRIVATE+KEY",
