@@ -31,11 +31,17 @@ COOL_OFF_SECONDS = 5.0
 REVOKE_BACKLOG = 64
 
 
-def task_id(task: str, subject: str, outbox_id: int) -> str:
-    """The Celery id of an outbox row's task: the same for every publish of the row, so that
+def task_id(task: str, subject: str, outbox_id: int, attempt: int = 1) -> str:
+    """The Celery id of an outbox row's task: fixed for the row's first publish, so that
     whoever closes the row can revoke what is still queued of it. Ids only, no PHI; the
-    subject (a request or user id, random) keeps it unique across databases and restores."""
-    return f"{task}-{outbox_id}-{subject}"
+    subject (a request or user id, random) keeps it unique across databases.
+
+    A republish (``attempt`` 2 and on: the sweep sending a row that is still open) gets an
+    id of its own, which no batch ever revokes. A revoked first id then never strands a row
+    that is open again: one a database restore or failover brought back, or one whose id an
+    operator revoked by hand. The sweep's next publish reaches a worker."""
+    first = f"{task}-{outbox_id}-{subject}"
+    return first if attempt <= 1 else f"{first}-{attempt}"
 
 
 class BrokerUnavailable(OperationalError):
@@ -67,7 +73,7 @@ class CeleryPublisher:
         self._sender: threading.Thread | None = None
         self._sender_pid = 0
 
-    def __call__(self, task: str, request_id: str, outbox_id: int) -> None:
+    def __call__(self, task: str, request_id: str, outbox_id: int, attempt: int = 1) -> None:
         if time.monotonic() < self._broken_until:
             raise BrokerUnavailable("broker failed recently")
         try:
@@ -75,7 +81,7 @@ class CeleryPublisher:
                 TASK_PREFIX + task,
                 args=[request_id],
                 kwargs={"outbox_id": outbox_id},
-                task_id=task_id(task, request_id, outbox_id),
+                task_id=task_id(task, request_id, outbox_id, attempt),
                 headers=tracing.task_headers(),
                 retry=False,
                 producer=getattr(self._local, "producer", None),

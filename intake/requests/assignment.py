@@ -552,7 +552,7 @@ def _publish_after_commit(session: Session) -> None:
         return
     for task, subject, outbox_id in pending:
         try:
-            publisher(task, subject, outbox_id)
+            publisher(task, subject, outbox_id, 1)
         except Exception as error:  # noqa: BLE001 - any broker failure means "the sweep will"
             log.warning(
                 "assignment_publish_failed", outbox_id=outbox_id, error=type(error).__name__

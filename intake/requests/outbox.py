@@ -29,9 +29,10 @@ from intake.ops import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
-Publisher = Callable[[str, str, int], None]
-"""Publish task ``name`` for its subject (a request id, or a user id for an account alert) and
-outbox row id; raise if the broker fails. A publisher may also have a ``batch()`` context
+Publisher = Callable[[str, str, int, int], None]
+"""Publish task ``name`` for its subject (a request id, or a user id for an account alert),
+outbox row id and attempt (1 for the row's first publish, then one more for each republish);
+raise if the broker fails. A publisher may also have a ``batch()`` context
 manager: what is published in it goes to the broker together when it ends, or it raises then
 (see :func:`_batch`)."""
 
@@ -104,6 +105,8 @@ class Outgoing(NamedTuple):
     subject: str
     # The trace to publish it under; None: the current one.
     trace_id: str | None = None
+    # Which publish of the row this is: 1 the first, more when the sweep sends it again.
+    attempt: int = 1
 
 
 def _batch(publisher: Publisher, count: int) -> AbstractContextManager[Any]:
@@ -161,6 +164,7 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
             OutboxMessage.request_id,
             OutboxMessage.user_id,
             OutboxMessage.trace_id,
+            OutboxMessage.attempts,
         ).where(OutboxMessage.id.in_(message_ids), OutboxMessage.status.in_(OPEN))
     ).all()
     # Under the trace each row was written in, not the sweep's or the caller's.
@@ -172,6 +176,7 @@ def publish(session: DbSession, message_ids: list[int]) -> int:
                 row.task,
                 row.request_id if row.request_id is not None else str(row.user_id),
                 row.trace_id,
+                row.attempts + 1,
             )
             for row in rows
         ],
@@ -254,7 +259,7 @@ def _send(
                 bound = bind_every_trace or message.trace_id is not None
                 with tracing.bound(message.trace_id) if bound else contextlib.nullcontext():
                     try:
-                        publisher(message.task, message.subject, message.id)
+                        publisher(message.task, message.subject, message.id, message.attempt)
                     except Exception as error:  # noqa: BLE001 - any broker failure: try later
                         _failed(message, error)
                         break

@@ -196,8 +196,8 @@ class Interposed:
             finally:
                 self._local.count = None
 
-    def __call__(self, task: str, subject: str, outbox_id: int) -> None:
-        self.inner(task, subject, outbox_id)
+    def __call__(self, task: str, subject: str, outbox_id: int, attempt: int) -> None:
+        self.inner(task, subject, outbox_id, attempt)
         count = getattr(self._local, "count", None)
         if count is not None:
             self._local.count = count + 1

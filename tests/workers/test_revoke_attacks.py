@@ -650,7 +650,6 @@ def test_a_process_killed_around_its_revoke_loses_nothing_and_tells_each_team_on
 # --- 7. Two worker nodes
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
 def listening(app, nodes: int) -> set[str]:
     """The worker nodes that answered a broadcast ping: they hear broadcasts (revokes)."""
     with app.app_context():
@@ -658,6 +657,7 @@ def listening(app, nodes: int) -> set[str]:
     return {node for reply in replies for node in reply}
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_two_worker_nodes_both_drop_the_revoked_tasks_and_route_each_request_once(
     app, patient, celery_processes, settings, smtp_server, monkeypatch
 ):
@@ -696,6 +696,103 @@ def test_two_worker_nodes_both_drop_the_revoked_tasks_and_route_each_request_onc
         message="both nodes flagged the revokes",
     )
     assert list(nodes.values()) == [expected, expected]
+
+
+# --- 7b. A revoked id never strands a row that is open again
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_requests_a_restore_brought_back_after_their_revoke_are_routed_by_the_sweep(
+    app, patient, celery_processes, settings, smtp_server, monkeypatch
+):
+    """A batch routed six requests and revoked the other five tasks; then the database failed
+    over to a replica that had not seen that commit (or was restored from a backup taken
+    before it), while the worker kept running. The five are back in ``received`` with their
+    routing rows open. Before: the sweep republished them under the ids the worker had
+    revoked, and the worker dropped them, for hours, until a new submission's batch happened
+    to take them. Now a republish goes out under an id of its own, and they are routed."""
+    _url, mailbox = smtp_server
+    worker = celery_processes(settings).wait_ready()
+    requests = submitted_unpublished(app, patient, 6, monkeypatch)
+    with app.app_context():
+        outbox.sweep(db.session)  # the six routing tasks at once: the first batches the rest
+    assert_routed_and_told_once(app, mailbox, requests)
+    stranded = batched_in_log(worker)
+    assert stranded, "nothing was routed in a batch"
+    tasks = routing_task_ids(app, requests.values())
+    wanted = {tasks[requests[reference]] for reference in stranded}
+    wait_until(
+        lambda: any(wanted <= ids for ids in revoked_on(app).values()),
+        20,
+        message="the worker flagged the revokes",
+    )
+
+    with app.app_context():
+        ids = [requests[reference] for reference in stranded]
+        db.session.execute(sa.update(Request).where(Request.id.in_(ids)).values(status="received"))
+        db.session.execute(
+            sa.update(OutboxMessage)
+            .where(OutboxMessage.request_id.in_(ids), OutboxMessage.task == ROUTE)
+            .values(status="pending", done_at=None)
+        )
+        db.session.commit()
+        assert outbox.sweep(db.session, republish_after=0) == len(ids)
+    wait_until(
+        lambda: set(statuses(app).values()) == {"queued"},
+        30,
+        message="the restored requests routed again",
+        explain=lambda: f"{statuses(app)}\n{worker.tail()}",
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_notice_whose_task_an_operator_revoked_is_sent_by_the_next_sweep(
+    app, patient, celery_processes, settings, smtp_server, redis_server, monkeypatch
+):
+    """An operator revoked a team notice's task by hand (``celery control revoke``), or a
+    stray script did. Before: every sweep republished the open row under that same id, every
+    worker dropped it, and the team was never told. Now the republish has an id of its own:
+    the notice goes out once."""
+    _url, mailbox = smtp_server
+    worker = celery_processes(settings).wait_ready()
+    requests = submitted_unpublished(app, patient, 1, monkeypatch)
+    (request_id,) = requests.values()
+    publisher = app.extensions["intake.publisher"]
+    app.extensions["intake.publisher"] = None
+    try:
+        run_task(app, request_id)  # routed here; its notice row waits unpublished
+    finally:
+        app.extensions["intake.publisher"] = publisher
+    with app.app_context():
+        row = db.session.execute(
+            sa.select(OutboxMessage.id).where(
+                OutboxMessage.request_id == request_id, OutboxMessage.task == "notify_team"
+            )
+        ).scalar_one()
+        revoked = task_id("notify_team", request_id, row)
+        app.extensions["celery"].control.revoke(revoked)
+    wait_until(
+        lambda: any(revoked in ids for ids in revoked_on(app).values()),
+        20,
+        message="the worker holds the operator's revoke",
+    )
+    with app.app_context():
+        assert outbox.sweep(db.session) == 1  # the first publish: dropped, as the operator asked
+    redis = redis_server.client()
+    wait_until(
+        lambda: redis.llen("notifications") == 0 and not redis.hlen("unacked"),
+        30,
+        message="the revoked notice taken off the queue",
+    )
+    assert e_mails_per_reference(mailbox) == Counter()
+    with app.app_context():
+        assert outbox.sweep(db.session, republish_after=0) == 1
+    wait_until(
+        lambda: e_mails_per_reference(mailbox) == Counter(requests.keys()),
+        30,
+        message="the team told, once",
+        explain=worker.tail,
+    )
 
 
 # --- 8. PHI during a burst: Redis's traffic, its keys, the workers' logs

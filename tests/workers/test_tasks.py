@@ -111,7 +111,9 @@ def test_sweep_publishes_pending_rows_when_the_broker_is_back(app, patient, monk
     from workers.tasks import sweep_outbox
 
     published = []
-    app.extensions["intake.publisher"] = lambda task, rid, oid: published.append((task, oid))
+    app.extensions["intake.publisher"] = lambda task, rid, oid, _attempt: published.append(
+        (task, oid)
+    )
     reference_from(patient.refill())
     reference_from(patient.refill())
     assert len(published) == 2

@@ -43,8 +43,8 @@ def test_the_sweep_republishes_an_abandoned_claim_but_not_a_live_one(app, patien
     row_id = _notify_row(app, patient)
     published: list[int] = []
     with app.app_context():
-        app.extensions["intake.publisher"] = lambda _task, _subject, outbox_id: published.append(
-            outbox_id
+        app.extensions["intake.publisher"] = lambda _task, _subject, outbox_id, _attempt: (
+            published.append(outbox_id)
         )
         assert outbox.claim(db.session, row_id)
         outbox.sweep(db.session, republish_after=3600)

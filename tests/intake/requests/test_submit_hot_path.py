@@ -32,7 +32,7 @@ def _watch(app: Any) -> list[tuple[str, Any]]:
 
     event.listen(engine, "before_cursor_execute", statement)
     event.listen(engine, "commit", commit)
-    app.extensions["intake.publisher"] = lambda task, subject, outbox_id: seen.append(
+    app.extensions["intake.publisher"] = lambda task, subject, outbox_id, _attempt: seen.append(
         ("publish", (task, subject, outbox_id))
     )
     return seen
@@ -66,7 +66,7 @@ def test_an_accepted_refill_is_published_without_another_query(app, patient):
 
 
 def test_a_refused_publish_leaves_the_request_for_the_next_sweep(app, patient):
-    def broker_down(task: str, subject: str, outbox_id: int) -> None:
+    def broker_down(task: str, subject: str, outbox_id: int, attempt: int) -> None:
         raise ConnectionError("broker down")
 
     app.extensions["intake.publisher"] = broker_down
@@ -76,12 +76,13 @@ def test_a_refused_publish_leaves_the_request_for_the_next_sweep(app, patient):
         # Marked unpublished at once, so the sweep does not wait out the republish delay.
         assert (row.published_at, row.attempts, row.status) == (None, 0, "pending")
 
-        published: list[tuple[str, int]] = []
-        app.extensions["intake.publisher"] = lambda task, subject, oid: published.append(
-            (task, oid)
+        published: list[tuple[str, int, int]] = []
+        app.extensions["intake.publisher"] = lambda task, subject, oid, attempt: published.append(
+            (task, oid, attempt)
         )
         assert outbox.sweep(db.session) == 1
-        assert published == [("route_request", row.id)]
+        # The row's first publish to reach the broker: the id a routing batch may revoke.
+        assert published == [("route_request", row.id, 1)]
         request = db.session.execute(
             select(Request).where(Request.reference == reference)
         ).scalar_one()
@@ -99,13 +100,17 @@ def test_without_a_broker_the_row_waits_for_the_sweep(app, patient):
 def test_a_row_published_by_a_process_that_died_is_swept_after_the_delay(app, patient):
     # The web process committed and published (or died before publishing): the row says
     # published; if no worker marks it done within the delay, the sweep publishes it again.
-    published: list[int] = []
-    app.extensions["intake.publisher"] = lambda task, subject, oid: published.append(oid)
+    published: list[tuple[int, int]] = []
+    app.extensions["intake.publisher"] = lambda task, subject, oid, attempt: published.append(
+        (oid, attempt)
+    )
     reference_from(patient.refill())
     with app.app_context():
         assert outbox.sweep(db.session) == 0  # too soon: the first publish is still fresh
         assert outbox.sweep(db.session, republish_after=0) == 1
-    assert len(published) == 2 and published[0] == published[1]
+    # The same row, published again as its second attempt (under an id no batch revokes).
+    assert len(published) == 2 and published[0][0] == published[1][0]
+    assert [attempt for _oid, attempt in published] == [1, 2]
 
 
 def test_a_reference_drawn_twice_is_drawn_again(app, patient, monkeypatch):
