@@ -197,11 +197,15 @@ def running_smtp(handler: Any, **options: Any) -> Iterator[Any]:
     """
     from aiosmtpd.controller import Controller
 
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **options)
+    from intake.requests.notifications import close_smtp_sessions
+
+    port = options.pop("port", None) or free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, **options)
     controller.start()
     try:
         yield controller
     finally:
+        close_smtp_sessions()  # this process's session to it, kept for the next message
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "unclosed transport", ResourceWarning)
             warnings.filterwarnings("ignore", "unclosed <socket.socket", ResourceWarning)
