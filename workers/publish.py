@@ -10,6 +10,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import structlog
@@ -57,11 +58,29 @@ def init_publisher(flask_app: Flask) -> outbox.Publisher:
     return publisher
 
 
+# Every publisher of this process, for the fork hook below.
+_publishers: weakref.WeakSet[CeleryPublisher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A fork copies a lock as it is: held, if another thread (the revoke sender) held it at
+    that moment, and that thread does not exist in the child to let it go. The child starts
+    each publisher's lock and revoke queue afresh, or its first publish failure or revoke
+    would wait forever."""
+    for publisher in list(_publishers):
+        publisher._lock = threading.Lock()
+        publisher._pending, publisher._sender, publisher._sender_pid = [], None, os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class CeleryPublisher:
     """Sends outbox rows' tasks through Celery, one by one or in a batch."""
 
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
+        _publishers.add(self)
         self._lock = threading.Lock()
         self._broken_until = 0.0
         self._local = threading.local()
