@@ -463,18 +463,33 @@ def send_outbox_notice(
     from intake.models import AuditEvent, OutboxMessage, Request
     from intake.requests import outbox
 
-    pending = select(OutboxMessage.id).where(
-        OutboxMessage.request_id == request_id,
-        OutboxMessage.task == task,
-        OutboxMessage.status.in_(outbox.OPEN),
+    # The open row and what the notice says, in one read; the sealed PHI columns are not read.
+    pending = (
+        select(
+            OutboxMessage.id,
+            Request.id.label("request_found"),
+            Request.reference,
+            Request.kind,
+            Request.topic,
+            Request.priority,
+            Request.team,
+            Request.sla_due_at,
+            Request.language_need,
+        )
+        .outerjoin(Request, Request.id == OutboxMessage.request_id)
+        .where(
+            OutboxMessage.request_id == request_id,
+            OutboxMessage.task == task,
+            OutboxMessage.status.in_(outbox.OPEN),
+        )
     )
     if outbox_id is not None:
         pending = pending.where(OutboxMessage.id == outbox_id)
-    row_id = session.scalar(pending.order_by(OutboxMessage.id).limit(1))
-    if row_id is None:
+    open_row = session.execute(pending.order_by(OutboxMessage.id).limit(1)).first()
+    if open_row is None:
         return "skipped"
-    outbox_id = int(row_id)
-    request = session.get(Request, request_id)
+    outbox_id = int(open_row.id)
+    request = open_row if open_row.request_found is not None else None
     overdue = task == "notify_supervisors"
     language_need = task == LANGUAGE_NOTICE_TASK
     glass = task == BREAK_GLASS_TASK

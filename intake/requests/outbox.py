@@ -73,6 +73,7 @@ def claim(session: DbSession, outbox_id: int, lease: timedelta | None = None) ->
             ),
         )
         .values(status="sending", claimed_at=moment)
+        .execution_options(synchronize_session=False)
     )
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -327,7 +328,10 @@ def mark_done(
     if outbox_id is not None:
         condition.append(OutboxMessage.id == outbox_id)
     result = session.execute(
-        update(OutboxMessage).where(*condition).values(status=status, done_at=utcnow())
+        update(OutboxMessage)
+        .where(*condition)
+        .values(status=status, done_at=utcnow())
+        .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
