@@ -38,7 +38,8 @@ class SessionMailbox:
 
     messages: list[Any] = field(default_factory=list)
     peers: list[int] = field(default_factory=list)
-    # Refuse with 421 ("closing") every MAIL after this many in one session; 0: never.
+    # Refuse with 421 ("closing") every MAIL after this many in one session; 0: never, -1:
+    # every one.
     per_session: int = 0
     mails: Counter[int] = field(default_factory=Counter)
     sessions: int = 0
@@ -53,7 +54,9 @@ class SessionMailbox:
 
     async def handle_MAIL(self, _server, session, envelope, address, options):  # noqa: N802
         self.mails[self.number(session)] += 1
-        if self.per_session and self.mails[self.number(session)] > self.per_session:
+        if self.per_session < 0 or (
+            self.per_session and self.mails[self.number(session)] > self.per_session
+        ):
             return "421 4.7.0 Too many messages in this session, closing"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -251,3 +254,18 @@ def test_a_worker_tells_every_team_once_over_at_most_one_session_per_process(
     assert told == Counter({reference: 1 for reference in references})
     assert len(set(mailbox.peers)) <= 2, f"{len(set(mailbox.peers))} sessions for 12"
     assert worker.process.poll() is None, worker.tail()
+
+
+def test_a_server_that_refuses_every_message_with_421_fails_the_notice_without_looping(
+    mail_server,
+):
+    """A relay that answers every MAIL with 421 (overloaded): the kept session is replaced
+    once, the new one is refused too, and the notice fails (its task retries with backoff)
+    instead of opening session after session."""
+    url, mailbox = mail_server
+    send(url, 1)
+    mailbox.per_session = -1  # from now on, every MAIL gets 421
+    with pytest.raises(NotificationError, match="SMTPSenderRefused"):
+        send(url, 2)
+    assert mailbox.subjects() == [subject(1)]
+    assert mailbox.sessions == 2, "the kept session and one new one, no more"
