@@ -215,16 +215,16 @@ def message_id(sender: str, outbox_id: int) -> str:
 
 
 # A worker keeps its SMTP session open between notices, so a burst does not pay a TCP and TLS
-# handshake, EHLO and login for each e-mail. An idle session is closed and a new one opened well
-# within the five minutes RFC 5321 lets a server wait (Postfix waits 10 s under stress: a session
-# it dropped is noticed at the next MAIL and replaced at once).
+# handshake, EHLO and login for each e-mail. A session idle longer than this is not used again
+# (the next notice ends it with QUIT), well within the five minutes RFC 5321 lets a server wait;
+# Postfix waits 10 s under stress: a session it dropped is noticed before DATA and replaced.
 SMTP_IDLE_SECONDS = 30.0
 SMTP_MESSAGES_PER_SESSION = 100
 
 
 @dataclass
 class _Session:
-    client: smtplib.SMTP
+    client: _SMTP | _SMTPS
     pid: int
     opened_for: tuple[str, str]
     last_used: float
@@ -238,17 +238,36 @@ class _KeptSessions(threading.local):
 _kept = _KeptSessions()
 
 
-def _open_smtp(smtp_url: str, ca_file: Path | None) -> smtplib.SMTP:
+class _BodyTracked:
+    """Records when a session started on the message itself (DATA): a failure before it
+    left nothing of the message at the server, and the message may go on a new session."""
+
+    body_started = False
+
+    def data(self, msg: Any) -> tuple[int, bytes]:
+        self.body_started = True
+        return super().data(msg)  # type: ignore[misc, no-any-return]
+
+
+class _SMTP(_BodyTracked, smtplib.SMTP):
+    pass
+
+
+class _SMTPS(_BodyTracked, smtplib.SMTP_SSL):
+    pass
+
+
+def _open_smtp(smtp_url: str, ca_file: Path | None) -> _SMTP | _SMTPS:
     """A new SMTP session, with TLS verified and logged in, ready for MAIL."""
     parts = urlsplit(smtp_url)
     host, port = parts.hostname or "", parts.port or SMTP_DEFAULT_PORTS[parts.scheme]
-    client: smtplib.SMTP
+    client: _SMTP | _SMTPS
     if parts.scheme == "smtps":
-        client = smtplib.SMTP_SSL(
+        client = _SMTPS(
             host, port, timeout=NOTIFY_TIMEOUT_SECONDS, context=tls_client_context(ca_file)
         )
     else:
-        client = smtplib.SMTP(host, port, timeout=NOTIFY_TIMEOUT_SECONDS)
+        client = _SMTP(host, port, timeout=NOTIFY_TIMEOUT_SECONDS)
     try:
         if parts.scheme == "smtp+starttls":
             client.starttls(context=tls_client_context(ca_file))
@@ -260,10 +279,16 @@ def _open_smtp(smtp_url: str, ca_file: Path | None) -> smtplib.SMTP:
     return client
 
 
+# How long a QUIT to a session being let go may wait: a connection the network dropped
+# silently would otherwise hold the next notice for a whole timeout.
+SMTP_QUIT_SECONDS = 1.0
+
+
 def _close(client: smtplib.SMTP, *, polite: bool = True) -> None:
     """End a session: QUIT if it may still be talking, else just drop the socket."""
     try:
-        if polite:
+        if polite and client.sock is not None:
+            client.sock.settimeout(SMTP_QUIT_SECONDS)
             client.quit()
     except (OSError, smtplib.SMTPException):
         pass
@@ -293,9 +318,13 @@ def close_smtp_sessions() -> None:
         _close(kept.client)
 
 
-def _dropped(error: BaseException) -> bool:
+def _dropped(client: _SMTP | _SMTPS, error: BaseException) -> bool:
     """Whether a kept session failed because the server had let it go (idle timeout, restart,
-    "421 closing"), before it took the message: the message then goes on a new session."""
+    "421 closing", a session that no longer answers) before the message's DATA: nothing of the
+    message reached the server, and it goes on a new session. After DATA began the server may
+    hold the message, so the failure is the task's to retry, once per attempt as before."""
+    if client.body_started:
+        return False
     if isinstance(error, smtplib.SMTPServerDisconnected | ConnectionError):
         return True
     return isinstance(error, smtplib.SMTPResponseException) and error.smtp_code == 421
@@ -317,8 +346,9 @@ def send_email(
     against the system's trust store (or ``ca_file``) stops the message before it is sent.
 
     The session stays open for the thread's next message (``SMTP_IDLE_SECONDS``,
-    ``SMTP_MESSAGES_PER_SESSION``). A kept session the server has dropped is replaced once, at
-    once; any other failure closes it and raises, and the task retries as before.
+    ``SMTP_MESSAGES_PER_SESSION``). A kept session the server dropped before the message's
+    DATA is replaced once, at once; any other failure closes it and raises, and the task
+    retries as before.
     """
     parts = urlsplit(smtp_url)
     if parts.scheme not in SMTP_DEFAULT_PORTS or not parts.hostname:
@@ -332,12 +362,13 @@ def send_email(
     kept = _take_session(key)
     try:
         if kept is not None:
+            kept.client.body_started = False
             try:
                 kept.client.send_message(message)
             except BaseException as error:
                 # Whatever stopped it (a refusal, a time limit) left the session mid-message.
                 _close(kept.client, polite=False)
-                if not _dropped(error):
+                if not _dropped(kept.client, error):
                     raise
                 kept = None
         if kept is None:
